@@ -1,0 +1,1 @@
+"""The Celery patterns demo app: models, tasks, services, API and admin."""

@@ -1,0 +1,206 @@
+"""The JSON API (django-ninja): validated bodies, OpenAPI 3 at /api/openapi.json, docs at /api/docs.
+
+Views are thin: validate, call app.workflows or app.selectors, shape the answer.
+"""
+
+import logging
+
+from celery.result import AsyncResult, GroupResult
+from django.http import HttpRequest
+from kombu.exceptions import OperationalError
+from ninja import NinjaAPI
+from ninja.security import HttpBearer
+
+import project
+from app import health, schemas, selectors, workflows
+from project.celery import app as celery_app
+
+logger = logging.getLogger(__name__)
+
+
+class BearerToken(HttpBearer):
+    def authenticate(self, request: HttpRequest, token: str):
+        return selectors.active_api_token(secret=token)
+
+
+api = NinjaAPI(
+    title="Celery patterns API",
+    version=project.__version__,
+    description="Start Celery tasks of every pattern and watch them run. "
+    "Mutating endpoints need `Authorization: Bearer <token>` (see `manage.py create_api_token`).",
+    docs_url="/docs",
+    openapi_url="/openapi.json",
+    urls_namespace="api",
+)
+
+ENQUEUED = {202: schemas.EnqueuedOut, 401: schemas.ErrorOut, 422: schemas.ErrorOut, 503: schemas.ErrorOut}
+auth = BearerToken()
+
+
+@api.exception_handler(OperationalError)
+def broker_unavailable(request, exc):
+    logger.warning("broker unavailable: %s", exc)
+    return api.create_response(
+        request, {"detail": "The message broker is unavailable; nothing was queued. Retry later."}, status=503
+    )
+
+
+def _enqueued(started: workflows.Started) -> tuple[int, dict]:
+    return 202, {
+        "task_id": started.task_id,
+        "status_url": f"/api/task-status/{started.task_id}/",
+        "progress_url": f"/api/task-progress/{started.task_id}/",
+        "task_ids": started.task_ids,
+        "group_id": started.group_id,
+        "report_id": started.report_id,
+    }
+
+
+@api.post("/simple-task/", response=ENQUEUED, auth=auth, tags=["patterns"], summary="add or multiply")
+def simple_task(request, body: schemas.SimpleTaskIn):
+    return _enqueued(workflows.start_simple(operation=body.operation, x=body.x, y=body.y))
+
+
+@api.post("/chain-tasks/", response=ENQUEUED, auth=auth, tags=["patterns"], summary="step_1 -> step_2 -> step_3")
+def chain_tasks(request, body: schemas.ChainIn):
+    return _enqueued(workflows.start_chain(value=body.value))
+
+
+@api.post("/group-tasks/", response=ENQUEUED, auth=auth, tags=["patterns"], summary="tasks in parallel")
+def group_tasks(request, body: schemas.GroupIn):
+    pairs = [(pair.x, pair.y) for pair in body.pairs]
+    return _enqueued(workflows.start_group(operation=body.operation, pairs=pairs))
+
+
+@api.post("/chord-tasks/", response=ENQUEUED, auth=auth, tags=["patterns"], summary="parallel chunks + callback")
+def chord_tasks(request, body: schemas.ChordIn):
+    return _enqueued(workflows.start_chord(chunks=body.chunks))
+
+
+@api.post("/long-task/", response=ENQUEUED, auth=auth, tags=["patterns"], summary="progress or time limits")
+def long_task(request, body: schemas.LongTaskIn):
+    if body.kind == "time_limited":
+        started = workflows.start_time_limited(
+            duration=body.duration, soft_time_limit=body.soft_time_limit, time_limit=body.time_limit
+        )
+    else:
+        started = workflows.start_long_running(total_steps=body.total_steps, step_seconds=body.step_seconds)
+    return _enqueued(started)
+
+
+@api.post("/retry-task/", response=ENQUEUED, auth=auth, tags=["patterns"], summary="retries with backoff")
+def retry_task(request, body: schemas.RetryTaskIn):
+    return _enqueued(workflows.start_retry(fail_probability=body.fail_probability, fail_times=body.fail_times))
+
+
+@api.post("/create-users/", response=ENQUEUED, auth=auth, tags=["database"], summary="bulk, idempotent")
+def create_users(request, body: schemas.CreateUsersIn):
+    return _enqueued(workflows.start_create_users(count=body.count, prefix=body.prefix))
+
+
+@api.post("/generate-report/", response=ENQUEUED, auth=auth, tags=["reports"], summary="a Report row")
+def generate_report(request, body: schemas.GenerateReportIn):
+    filters = body.filters.model_dump(mode="json", exclude_none=True)
+    return _enqueued(workflows.start_report(report_type=body.report_type, filters=filters))
+
+
+def _not_found(task_id: str) -> tuple[int, dict]:
+    return 404, {"detail": f"Unknown task id {task_id!r}: no task with this id was ever queued here."}
+
+
+@api.get("/task-status/{task_id}/", response={200: schemas.TaskStatusOut, 404: schemas.ErrorOut}, tags=["monitoring"])
+def task_status(request, task_id: str):
+    log = selectors.task_log(task_id=task_id)
+    result = AsyncResult(task_id, app=celery_app)
+    if log is None and result.state == "PENDING":
+        group = GroupResult.restore(task_id, app=celery_app)
+        if group is None:
+            return _not_found(task_id)
+        return 200, _group_status(group)
+    state = result.state
+    if state == "PENDING" and log is not None:
+        # The backend stores nothing for a queued task; TaskLog knows revoked-before-start too.
+        state = log.state
+    body = {"task_id": task_id, "task_name": log.task_name if log else result.name, "state": state}
+    body["ready"] = state in ("SUCCESS", "FAILURE", "REVOKED")
+    if state == "SUCCESS":
+        body["result"] = result.result
+    elif state == "FAILURE":
+        body["error"] = repr(result.result) if result.result is not None else log.exception if log else None
+    elif state == "PROGRESS":
+        body["result"] = result.info
+    if log is not None:
+        body.update(
+            worker=log.worker or None,
+            queue=log.queue or None,
+            retries=log.retries,
+            created_at=log.created_at,
+            started_at=log.started_at,
+            finished_at=log.finished_at,
+            duration_seconds=log.duration.total_seconds() if log.duration is not None else None,
+        )
+    return 200, body
+
+
+def _group_status(group: GroupResult) -> dict:
+    states = [child.state for child in group.results]
+    if all(s == "SUCCESS" for s in states):
+        state = "SUCCESS"
+    elif any(s == "FAILURE" for s in states):
+        state = "FAILURE"
+    elif any(s != "PENDING" for s in states):
+        state = "STARTED"
+    else:
+        state = "PENDING"
+    return {
+        "task_id": group.id,
+        "task_name": "group",
+        "state": state,
+        "ready": group.ready(),
+        "result": [child.result if child.successful() else None for child in group.results] if group.ready() else None,
+        "children": [child.id for child in group.results],
+    }
+
+
+@api.get(
+    "/task-progress/{task_id}/", response={200: schemas.TaskProgressOut, 404: schemas.ErrorOut}, tags=["monitoring"]
+)
+def task_progress(request, task_id: str):
+    result = AsyncResult(task_id, app=celery_app)
+    state = result.state
+    if state == "PENDING" and not selectors.is_known_task_id(task_id=task_id):
+        return _not_found(task_id)
+    info = result.info if isinstance(result.info, dict) else {}
+    if state == "SUCCESS":
+        current, total = info.get("current"), info.get("total")
+        percent = 100.0
+    else:
+        current, total, percent = info.get("current"), info.get("total"), info.get("percent")
+        if state == "PENDING":
+            current, percent = 0, 0.0
+    return 200, {"task_id": task_id, "state": state, "current": current, "total": total, "percent": percent}
+
+
+@api.post(
+    "/revoke-task/{task_id}/",
+    response={202: schemas.RevokeOut, 401: schemas.ErrorOut, 404: schemas.ErrorOut, 503: schemas.ErrorOut},
+    auth=auth,
+    tags=["monitoring"],
+)
+def revoke_task(request, task_id: str, body: schemas.RevokeIn | None = None):
+    terminate = body.terminate if body else False
+    if not selectors.is_known_task_id(task_id=task_id):
+        return _not_found(task_id)
+    celery_app.control.revoke(task_id, terminate=terminate, signal="SIGTERM")
+    return 202, {"task_id": task_id, "revoke_requested": True, "terminate": terminate}
+
+
+@api.get("/health/", response={200: dict, 503: dict}, tags=["monitoring"], summary="dependency checks")
+def health_view(request):
+    report = health.run_checks()
+    return (200 if report["healthy"] else 503), report
+
+
+@api.get("/task-overview/", response=dict, tags=["monitoring"], summary="counts and durations from TaskLog")
+def task_overview(request):
+    return selectors.task_overview()

@@ -1,0 +1,11 @@
+from django.apps import AppConfig
+
+
+class CeleryDemoConfig(AppConfig):
+    name = "app"
+    verbose_name = "Celery demo"
+    default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        # Imported for their side effects: Celery signal handlers and system checks.
+        from app import checks, signals  # noqa: F401

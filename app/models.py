@@ -1,0 +1,219 @@
+"""The app's tables: task history, generated reports, schedules and API tokens."""
+
+import hashlib
+import secrets
+
+from django.db import models
+from django.utils import timezone
+from django_celery_beat.models import PeriodicTask
+
+TRACEBACK_MAX_CHARS = 10_000
+
+
+class TaskState(models.TextChoices):
+    PENDING = "PENDING"
+    STARTED = "STARTED"
+    RETRY = "RETRY"
+    SUCCESS = "SUCCESS"
+    FAILURE = "FAILURE"
+    REVOKED = "REVOKED"
+
+
+FINISHED_STATES = {TaskState.SUCCESS, TaskState.FAILURE, TaskState.REVOKED}
+
+
+class TaskLog(models.Model):
+    """One row per task id: what ran, where, for how long and how it ended.
+
+    Kept by the Celery signal handlers in app/signals.py with at most one write per
+    state change; the result backend (django-celery-results) keeps the full result.
+    """
+
+    task_id = models.CharField(max_length=255, unique=True)
+    task_name = models.CharField(max_length=255, db_index=True)
+    state = models.CharField(max_length=16, choices=TaskState.choices, default=TaskState.PENDING, db_index=True)
+    args = models.JSONField(default=list, blank=True)
+    kwargs = models.JSONField(default=dict, blank=True)
+    result = models.JSONField(null=True, blank=True)
+    exception = models.TextField(blank=True)
+    traceback = models.TextField(blank=True)
+    worker = models.CharField(max_length=255, blank=True)
+    queue = models.CharField(max_length=255, blank=True, db_index=True)
+    retries = models.PositiveIntegerField(default=0)
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    duration = models.DurationField(null=True, blank=True, help_text="Run time of the last attempt.")
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["task_name", "state"])]
+
+    def __str__(self) -> str:
+        return f"{self.task_name}[{self.task_id}] {self.state}"
+
+    @property
+    def is_finished(self) -> bool:
+        return self.state in FINISHED_STATES
+
+    def mark_started(self, *, worker: str = "", queue: str = "", retries: int = 0) -> None:
+        self.state = TaskState.STARTED
+        self.worker, self.queue, self.retries = worker, queue, retries
+        self.started_at, self.finished_at, self.duration = timezone.now(), None, None
+        self.save(update_fields=["state", "worker", "queue", "retries", "started_at", "finished_at", "duration"])
+
+    def mark_success(self, result=None) -> None:
+        self._finish(TaskState.SUCCESS, result=result)
+
+    def mark_failure(self, exception: BaseException | str, traceback: str = "") -> None:
+        self._finish(TaskState.FAILURE, exception=format_exception(exception), traceback=truncate_traceback(traceback))
+
+    def _finish(self, state: str, *, result=None, exception: str = "", traceback: str = "") -> None:
+        self.state, self.result, self.exception, self.traceback = state, result, exception, traceback
+        self.finished_at = timezone.now()
+        if self.started_at:
+            self.duration = self.finished_at - self.started_at
+        self.save(update_fields=["state", "result", "exception", "traceback", "finished_at", "duration"])
+
+
+def format_exception(exception: BaseException | str) -> str:
+    if isinstance(exception, BaseException):
+        return f"{type(exception).__name__}: {exception}"
+    return str(exception)
+
+
+def truncate_traceback(traceback: str) -> str:
+    """Keep the end of a long traceback: the frames nearest the error say the most."""
+    if len(traceback) <= TRACEBACK_MAX_CHARS:
+        return traceback
+    return "...(truncated)\n" + traceback[-TRACEBACK_MAX_CHARS:]
+
+
+class ReportType(models.TextChoices):
+    TASK_SUMMARY = "task_summary", "Task summary"
+    USER_SUMMARY = "user_summary", "User summary"
+
+
+class ReportStatus(models.TextChoices):
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+class Report(models.Model):
+    """A report computed from the database by the generate_report task."""
+
+    report_type = models.CharField(max_length=32, choices=ReportType.choices, db_index=True)
+    status = models.CharField(max_length=16, choices=ReportStatus.choices, default=ReportStatus.PENDING, db_index=True)
+    filters = models.JSONField(default=dict, blank=True)
+    data = models.JSONField(null=True, blank=True)
+    error = models.TextField(blank=True)
+    task_id = models.CharField(max_length=255, blank=True, db_index=True)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    completed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.get_report_type_display()} #{self.pk} ({self.status})"
+
+    def mark_running(self) -> None:
+        self.status, self.started_at, self.error = ReportStatus.RUNNING, timezone.now(), ""
+        self.save(update_fields=["status", "started_at", "error"])
+
+    def mark_completed(self, data: dict) -> None:
+        self.status, self.data, self.completed_at = ReportStatus.COMPLETED, data, timezone.now()
+        self.save(update_fields=["status", "data", "completed_at"])
+
+    def mark_failed(self, error: str) -> None:
+        self.status, self.error, self.completed_at = ReportStatus.FAILED, error, timezone.now()
+        self.save(update_fields=["status", "error", "completed_at"])
+
+
+class ScheduleType(models.TextChoices):
+    INTERVAL = "interval"
+    CRONTAB = "crontab"
+
+
+class ScheduledTask(models.Model):
+    """A periodic task as users think of it; it drives a django-celery-beat PeriodicTask.
+
+    Always saved through app.services (save_scheduled_task and friends), which keep the
+    PeriodicTask that beat reads in step, in the same transaction.
+    """
+
+    name = models.CharField(max_length=200, unique=True)
+    task = models.CharField(max_length=255, help_text="Registered task name, e.g. app.tasks.health_check.")
+    schedule_type = models.CharField(max_length=16, choices=ScheduleType.choices, default=ScheduleType.INTERVAL)
+    interval_seconds = models.PositiveIntegerField(null=True, blank=True)
+    crontab_minute = models.CharField(max_length=64, default="*")
+    crontab_hour = models.CharField(max_length=64, default="*")
+    crontab_day_of_week = models.CharField(max_length=64, default="*")
+    crontab_day_of_month = models.CharField(max_length=64, default="*")
+    crontab_month_of_year = models.CharField(max_length=64, default="*")
+    args = models.JSONField(default=list, blank=True)
+    kwargs = models.JSONField(default=dict, blank=True)
+    queue = models.CharField(max_length=255, blank=True, help_text="Empty: the task's own route.")
+    enabled = models.BooleanField(default=True, db_index=True)
+    description = models.TextField(blank=True)
+    periodic_task = models.OneToOneField(
+        PeriodicTask, null=True, blank=True, editable=False, on_delete=models.SET_NULL, related_name="scheduled_task"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def schedule_display(self) -> str:
+        if self.schedule_type == ScheduleType.INTERVAL:
+            return f"every {self.interval_seconds} s"
+        fields = (
+            self.crontab_minute,
+            self.crontab_hour,
+            self.crontab_day_of_month,
+            self.crontab_month_of_year,
+            self.crontab_day_of_week,
+        )
+        return "cron " + " ".join(fields)
+
+    # Beat keeps these on the PeriodicTask; reading them there avoids a second copy.
+    @property
+    def last_run_at(self):
+        return self.periodic_task.last_run_at if self.periodic_task else None
+
+    @property
+    def run_count(self) -> int:
+        return self.periodic_task.total_run_count if self.periodic_task else 0
+
+
+class ApiToken(models.Model):
+    """A bearer token for the mutating API endpoints. Only its SHA-256 digest is stored."""
+
+    name = models.CharField(max_length=100, unique=True)
+    prefix = models.CharField(max_length=8, help_text="First characters of the token, to recognise it.")
+    digest = models.CharField(max_length=64, unique=True, editable=False)
+    is_active = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}...)"
+
+    @staticmethod
+    def new_secret() -> str:
+        return secrets.token_urlsafe(32)
+
+    @staticmethod
+    def digest_of(secret: str) -> str:
+        # Tokens are 256 random bits, so a fast hash is enough: there is nothing to brute-force.
+        return hashlib.sha256(secret.encode()).hexdigest()

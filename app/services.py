@@ -1,0 +1,356 @@
+"""Writes: every change the app makes to the database goes through a function here.
+
+Tasks, signal handlers, API views and the admin stay thin and call these.
+"""
+
+import datetime as dt
+import json
+import logging
+import statistics
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from django.contrib.auth import get_user_model
+from django.core.exceptions import ValidationError
+from django.core.mail import send_mail
+from django.db import transaction
+from django.db.models import DurationField, ExpressionWrapper, F, Q
+from django.db.models.functions import Now
+from django.utils import timezone
+from django_celery_beat.models import CrontabSchedule, IntervalSchedule, PeriodicTask
+
+from app import selectors
+from app.models import (
+    ApiToken,
+    Report,
+    ReportStatus,
+    ScheduledTask,
+    ScheduleType,
+    TaskLog,
+    TaskState,
+    format_exception,
+    truncate_traceback,
+)
+
+logger = logging.getLogger(__name__)
+
+RESULT_MAX_JSON_CHARS = 64_000
+
+
+# --- Task bookkeeping (called from app/signals.py and the API) -----------------
+
+
+@dataclass(frozen=True)
+class QueuedTask:
+    task_id: str
+    task_name: str
+    args: list
+    kwargs: dict
+    queue: str = ""
+
+
+def record_tasks_queued(*, tasks: Iterable[QueuedTask]) -> None:
+    """Remember ids handed out to a client, so their status reads "queued", not "unknown".
+
+    One INSERT for the whole batch; rows a fast worker already wrote are left alone.
+    """
+    rows = [
+        TaskLog(task_id=t.task_id, task_name=t.task_name, args=t.args, kwargs=t.kwargs, queue=t.queue) for t in tasks
+    ]
+    TaskLog.objects.bulk_create(rows, ignore_conflicts=True)
+
+
+def record_task_started(
+    *, task_id: str, task_name: str, args: list, kwargs: dict, worker: str, queue: str, retries: int
+) -> None:
+    """One upsert: the row may or may not exist (the API writes one, beat and chains do not)."""
+    now = timezone.now()
+    row = TaskLog(
+        task_id=task_id,
+        task_name=task_name,
+        state=TaskState.STARTED,
+        args=args,
+        kwargs=kwargs,
+        worker=worker,
+        queue=queue,
+        retries=retries,
+        created_at=now,
+        started_at=now,
+    )
+    TaskLog.objects.bulk_create(
+        [row],
+        update_conflicts=True,
+        unique_fields=["task_id"],
+        update_fields=["state", "worker", "queue", "retries", "started_at", "exception", "traceback"],
+    )
+
+
+def record_task_succeeded(*, task_id: str, result, duration: dt.timedelta | None) -> None:
+    TaskLog.objects.filter(task_id=task_id).update(
+        state=TaskState.SUCCESS,
+        result=_storable_result(result),
+        finished_at=timezone.now(),
+        duration=duration,
+    )
+
+
+def record_task_retried(*, task_id: str, reason: BaseException | str) -> None:
+    TaskLog.objects.filter(task_id=task_id).update(state=TaskState.RETRY, exception=format_exception(reason))
+
+
+def record_task_failed(
+    *, task_id: str, exception: BaseException, traceback: str, duration: dt.timedelta | None
+) -> None:
+    """Also called by the worker's main process for a task killed at its hard time limit:
+    then the run time is not known in process, so the database works it out."""
+    if duration is None:
+        duration = ExpressionWrapper(Now() - F("started_at"), output_field=DurationField())
+    TaskLog.objects.filter(task_id=task_id).update(
+        state=TaskState.FAILURE,
+        exception=format_exception(exception),
+        traceback=truncate_traceback(traceback),
+        finished_at=timezone.now(),
+        duration=duration,
+    )
+
+
+def record_task_revoked(*, task_id: str, task_name: str) -> None:
+    now = timezone.now()
+    TaskLog.objects.bulk_create(
+        [TaskLog(task_id=task_id, task_name=task_name, state=TaskState.REVOKED, created_at=now, finished_at=now)],
+        update_conflicts=True,
+        unique_fields=["task_id"],
+        update_fields=["state", "finished_at"],
+    )
+
+
+def _storable_result(result):
+    """Results are JSON already (JSON-only serializer); very large ones are summarised."""
+    try:
+        size = len(json.dumps(result))
+    except (TypeError, ValueError):
+        return {"unserializable": repr(result)[:200]}
+    if size > RESULT_MAX_JSON_CHARS:
+        return {"truncated": True, "json_chars": size}
+    return result
+
+
+def cleanup_task_logs(*, days: int) -> int:
+    """Delete finished task history older than `days`; unfinished rows are kept."""
+    cutoff = timezone.now() - dt.timedelta(days=days)
+    finished = Q(state__in=[TaskState.SUCCESS, TaskState.FAILURE, TaskState.REVOKED])
+    deleted, _ = TaskLog.objects.filter(finished, created_at__lt=cutoff).delete()
+    return deleted
+
+
+# --- Users --------------------------------------------------------------------
+
+
+def batch_usernames(*, prefix: str, count: int) -> list[str]:
+    return [f"{prefix}_{i:05d}" for i in range(1, count + 1)]
+
+
+@transaction.atomic
+def create_users_batch(*, count: int, prefix: str) -> dict:
+    """Create users prefix_00001..prefix_<count>. Idempotent: existing names are skipped,
+    so a redelivered task creates no duplicates."""
+    user_model = get_user_model()
+    usernames = batch_usernames(prefix=prefix, count=count)
+    existing = set(user_model.objects.filter(username__in=usernames).values_list("username", flat=True))
+    new_users = [
+        # Demo accounts cannot log in until someone sets a password.
+        user_model(username=name, email=f"{name}@example.com", password="!")
+        for name in usernames
+        if name not in existing
+    ]
+    user_model.objects.bulk_create(new_users, ignore_conflicts=True, batch_size=1000)
+    return {"requested": count, "created": len(new_users), "existing": len(existing), "prefix": prefix}
+
+
+def cleanup_old_users(*, days: int) -> int:
+    """Delete ordinary users inactive for `days` (last login, or joining if never logged in)."""
+    cutoff = timezone.now() - dt.timedelta(days=days)
+    inactive = Q(last_login__lt=cutoff) | Q(last_login__isnull=True, date_joined__lt=cutoff)
+    stale = get_user_model().objects.filter(inactive, is_staff=False, is_superuser=False)
+    deleted, _ = stale.delete()
+    return deleted
+
+
+# --- Email ----------------------------------------------------------------------
+
+
+def send_email(*, subject: str, message: str, recipients: list[str]) -> int:
+    return send_mail(subject, message, None, recipients, fail_silently=False)
+
+
+# --- Data processing (chord parts) ----------------------------------------------
+
+
+def summarise_chunk(*, chunk_id: int, data: list[float]) -> dict:
+    return {
+        "chunk_id": chunk_id,
+        "count": len(data),
+        "sum": sum(data),
+        "min": min(data) if data else None,
+        "max": max(data) if data else None,
+    }
+
+
+def combine_chunk_summaries(*, summaries: list[dict]) -> dict:
+    counted = [s for s in summaries if s["count"]]
+    total_count = sum(s["count"] for s in summaries)
+    total_sum = sum(s["sum"] for s in summaries)
+    return {
+        "chunks": len(summaries),
+        "count": total_count,
+        "sum": total_sum,
+        "mean": total_sum / total_count if total_count else None,
+        "min": min((s["min"] for s in counted), default=None),
+        "max": max((s["max"] for s in counted), default=None),
+        "chunk_sums_stdev": statistics.pstdev([s["sum"] for s in summaries]) if summaries else None,
+    }
+
+
+# --- Reports --------------------------------------------------------------------
+
+
+def create_report(*, report_type: str, filters: dict, task_id: str = "") -> Report:
+    return Report.objects.create(report_type=report_type, filters=filters, task_id=task_id)
+
+
+def generate_report(*, report_id: int) -> Report:
+    """Compute a report's content from the database and store it on the row."""
+    report = Report.objects.get(pk=report_id)
+    report.mark_running()
+    try:
+        data = selectors.report_data(report_type=report.report_type, filters=report.filters)
+    except Exception as exc:
+        report.mark_failed(format_exception(exc))
+        raise
+    report.mark_completed(data)
+    return report
+
+
+def fail_report(*, report_id: int, error: str) -> None:
+    Report.objects.filter(pk=report_id).update(status=ReportStatus.FAILED, error=error, completed_at=timezone.now())
+
+
+# --- Schedules (ScheduledTask drives django-celery-beat) ------------------------
+
+
+DEFAULT_SCHEDULES = [
+    {
+        "name": "health-check-every-minute",
+        "task": "app.tasks.health_check",
+        "schedule_type": ScheduleType.INTERVAL,
+        "interval_seconds": 60,
+        "description": "Checks database, cache, broker and result backend from a worker.",
+    },
+    {
+        "name": "cleanup-task-logs-daily",
+        "task": "app.tasks.cleanup_task_logs",
+        "schedule_type": ScheduleType.CRONTAB,
+        "crontab_minute": "30",
+        "crontab_hour": "3",
+        "kwargs": {"days": 30},
+        "description": "Deletes finished task history older than 30 days.",
+    },
+    {
+        "name": "cleanup-old-users-daily",
+        "task": "app.tasks.cleanup_old_users",
+        "schedule_type": ScheduleType.CRONTAB,
+        "crontab_minute": "45",
+        "crontab_hour": "3",
+        "kwargs": {"days": 365},
+        "description": "Deletes ordinary users inactive for a year.",
+    },
+]
+
+
+def validate_scheduled_task(scheduled: ScheduledTask) -> None:
+    from project.celery import app as celery_app
+
+    errors = {}
+    if scheduled.task not in celery_app.tasks:
+        errors["task"] = f"Unknown task {scheduled.task!r}; registered: app.tasks.*"
+    if scheduled.schedule_type == ScheduleType.INTERVAL and not scheduled.interval_seconds:
+        errors["interval_seconds"] = "An interval schedule needs interval_seconds > 0."
+    if not isinstance(scheduled.args, list):
+        errors["args"] = "args must be a JSON list."
+    if not isinstance(scheduled.kwargs, dict):
+        errors["kwargs"] = "kwargs must be a JSON object."
+    if errors:
+        raise ValidationError(errors)
+
+
+@transaction.atomic
+def save_scheduled_task(scheduled: ScheduledTask) -> ScheduledTask:
+    """Save a ScheduledTask and its beat PeriodicTask together; beat sees the change on its next tick."""
+    validate_scheduled_task(scheduled)
+    periodic = scheduled.periodic_task or PeriodicTask()
+    periodic.name = scheduled.name
+    periodic.task = scheduled.task
+    periodic.args = json.dumps(scheduled.args)
+    periodic.kwargs = json.dumps(scheduled.kwargs)
+    periodic.queue = scheduled.queue or None
+    periodic.enabled = scheduled.enabled
+    periodic.description = scheduled.description
+    if scheduled.schedule_type == ScheduleType.INTERVAL:
+        periodic.interval, _ = IntervalSchedule.objects.get_or_create(
+            every=scheduled.interval_seconds, period=IntervalSchedule.SECONDS
+        )
+        periodic.crontab = None
+    else:
+        periodic.crontab, _ = CrontabSchedule.objects.get_or_create(
+            minute=scheduled.crontab_minute,
+            hour=scheduled.crontab_hour,
+            day_of_week=scheduled.crontab_day_of_week,
+            day_of_month=scheduled.crontab_day_of_month,
+            month_of_year=scheduled.crontab_month_of_year,
+            timezone="UTC",
+        )
+        periodic.interval = None
+    periodic.full_clean()
+    periodic.save()
+    scheduled.periodic_task = periodic
+    scheduled.save()
+    return scheduled
+
+
+@transaction.atomic
+def set_scheduled_tasks_enabled(*, scheduled_tasks: Iterable[ScheduledTask], enabled: bool) -> int:
+    changed = 0
+    for scheduled in scheduled_tasks:
+        if scheduled.enabled != enabled:
+            scheduled.enabled = enabled
+            save_scheduled_task(scheduled)
+            changed += 1
+    return changed
+
+
+@transaction.atomic
+def delete_scheduled_task(scheduled: ScheduledTask) -> None:
+    if scheduled.periodic_task:
+        scheduled.periodic_task.delete()
+    scheduled.delete()
+
+
+def ensure_default_schedules() -> list[str]:
+    """Create the default schedules that do not exist yet; never touches edited ones."""
+    created = []
+    for spec in DEFAULT_SCHEDULES:
+        if ScheduledTask.objects.filter(name=spec["name"]).exists():
+            continue
+        save_scheduled_task(ScheduledTask(**spec))
+        created.append(spec["name"])
+    return created
+
+
+# --- API tokens ------------------------------------------------------------------
+
+
+def create_api_token(*, name: str) -> tuple[ApiToken, str]:
+    """Return the token row and its secret; the secret is shown once and never stored."""
+    secret = ApiToken.new_secret()
+    token = ApiToken.objects.create(name=name, prefix=secret[:8], digest=ApiToken.digest_of(secret))
+    return token, secret

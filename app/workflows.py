@@ -1,0 +1,129 @@
+"""Start tasks and canvases (chain, group, chord) and record every id handed to a client.
+
+A publish that fails (broker down) raises kombu's OperationalError within the
+connection timeout and retry policy set in settings; nothing is recorded then.
+"""
+
+from dataclasses import dataclass, field
+
+from celery import chain, chord, group
+from celery.result import AsyncResult, GroupResult
+from celery.utils import uuid
+from django.conf import settings
+from django.db import transaction
+from kombu.exceptions import OperationalError
+
+from app import services, tasks
+from app.services import QueuedTask
+
+
+@dataclass
+class Started:
+    task_id: str
+    task_ids: list[str] = field(default_factory=list)
+    group_id: str | None = None
+    report_id: int | None = None
+
+
+def _queue_for(task) -> str:
+    route = settings.CELERY_TASK_ROUTES.get(task.name)
+    return route["queue"] if route else settings.CELERY_TASK_DEFAULT_QUEUE
+
+
+def _record(*pairs: tuple) -> None:
+    """pairs: (task_id, signature or task, args, kwargs)."""
+    services.record_tasks_queued(
+        tasks=[
+            QueuedTask(task_id=task_id, task_name=task.name, args=list(args), kwargs=dict(kwargs), queue=_queue_for(task))
+            for task_id, task, args, kwargs in pairs
+        ]
+    )
+
+
+def start_simple(*, operation: str, x: float, y: float) -> Started:
+    task = {"add": tasks.add, "multiply": tasks.multiply}[operation]
+    result = task.delay(x, y)
+    _record((result.id, task, [x, y], {}))
+    return Started(task_id=result.id, task_ids=[result.id])
+
+
+def start_chain(*, value: int) -> Started:
+    """step_1(value) -> step_2 -> step_3; the chain's id is its last step's."""
+    result = chain(tasks.workflow_step_1.s(value), tasks.workflow_step_2.s(), tasks.workflow_step_3.s())()
+    ids = [result.parent.parent.id, result.parent.id, result.id]
+    _record(
+        (ids[0], tasks.workflow_step_1, [value], {}),
+        (ids[1], tasks.workflow_step_2, [], {}),
+        (ids[2], tasks.workflow_step_3, [], {}),
+    )
+    return Started(task_id=result.id, task_ids=ids)
+
+
+def start_group(*, operation: str, pairs: list[tuple[float, float]]) -> Started:
+    task = {"add": tasks.add, "multiply": tasks.multiply}[operation]
+    result: GroupResult = group(task.s(x, y) for x, y in pairs).apply_async()
+    # Saved so GET /api/task-status/<group id>/ can find the group's members later.
+    result.save()
+    ids = [child.id for child in result.results]
+    _record(*[(task_id, task, [x, y], {}) for task_id, (x, y) in zip(ids, pairs, strict=True)])
+    return Started(task_id=result.id, task_ids=ids, group_id=result.id)
+
+
+def start_chord(*, chunks: list[list[float]]) -> Started:
+    """process_data_chunk for every chunk in parallel, then aggregate_results once."""
+    result: AsyncResult = chord(tasks.process_data_chunk.s(i, chunk) for i, chunk in enumerate(chunks))(
+        tasks.aggregate_results.s()
+    )
+    header_ids = [child.id for child in result.parent.results]
+    _record(
+        *[(task_id, tasks.process_data_chunk, [i, chunk], {}) for i, (task_id, chunk) in enumerate(zip(header_ids, chunks, strict=True))],
+        (result.id, tasks.aggregate_results, [], {}),
+    )
+    return Started(task_id=result.id, task_ids=[*header_ids, result.id], group_id=result.parent.id)
+
+
+def start_long_running(*, total_steps: int, step_seconds: float) -> Started:
+    result = tasks.long_running_task.delay(total_steps, step_seconds)
+    _record((result.id, tasks.long_running_task, [total_steps, step_seconds], {}))
+    return Started(task_id=result.id, task_ids=[result.id])
+
+
+def start_time_limited(*, duration: float, soft_time_limit: float | None, time_limit: float | None) -> Started:
+    options = {}
+    if soft_time_limit is not None:
+        options["soft_time_limit"] = soft_time_limit
+    if time_limit is not None:
+        options["time_limit"] = time_limit
+    result = tasks.time_limited_task.apply_async(args=[duration], **options)
+    _record((result.id, tasks.time_limited_task, [duration], {}))
+    return Started(task_id=result.id, task_ids=[result.id])
+
+
+def start_retry(*, fail_probability: float, fail_times: int | None) -> Started:
+    kwargs = {"fail_probability": fail_probability, "fail_times": fail_times}
+    result = tasks.task_with_retry.apply_async(kwargs=kwargs)
+    _record((result.id, tasks.task_with_retry, [], kwargs))
+    return Started(task_id=result.id, task_ids=[result.id])
+
+
+def start_create_users(*, count: int, prefix: str) -> Started:
+    result = tasks.create_users_batch.delay(count, prefix)
+    _record((result.id, tasks.create_users_batch, [count, prefix], {}))
+    return Started(task_id=result.id, task_ids=[result.id])
+
+
+def start_report(*, report_type: str, filters: dict) -> Started:
+    """Create the Report row and enqueue its task once the row is committed, so the worker
+    always finds it. If the broker refuses, the row is kept, marked failed, and the error raised."""
+    task_id = uuid()
+    report = None
+    try:
+        with transaction.atomic():
+            report = services.create_report(report_type=report_type, filters=filters, task_id=task_id)
+            tasks.generate_report.apply_async_on_commit(args=[report.pk], task_id=task_id)
+    except OperationalError as exc:
+        if report is not None:
+            services.fail_report(report_id=report.pk, error=f"could not enqueue: {exc}")
+        raise
+    _record((task_id, tasks.generate_report, [report.pk], {}))
+    return Started(task_id=task_id, task_ids=[task_id], report_id=report.pk)

@@ -1,0 +1,13 @@
+"""Top-level URLs: the JSON API under /api/ and the admin."""
+
+from django.contrib import admin
+from django.urls import path
+from django.views.generic import RedirectView
+
+from app.api import api
+
+urlpatterns = [
+    path("", RedirectView.as_view(url="/api/docs", permanent=False)),
+    path("admin/", admin.site.urls),
+    path("api/", api.urls),
+]
