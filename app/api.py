@@ -8,7 +8,7 @@ import logging
 from celery.result import AsyncResult, GroupResult
 from django.http import HttpRequest
 from kombu.exceptions import OperationalError
-from ninja import NinjaAPI
+from ninja import NinjaAPI, Status
 from ninja.security import HttpBearer
 
 import project
@@ -45,15 +45,18 @@ def broker_unavailable(request, exc):
     )
 
 
-def _enqueued(started: workflows.Started) -> tuple[int, dict]:
-    return 202, {
-        "task_id": started.task_id,
-        "status_url": f"/api/task-status/{started.task_id}/",
-        "progress_url": f"/api/task-progress/{started.task_id}/",
-        "task_ids": started.task_ids,
-        "group_id": started.group_id,
-        "report_id": started.report_id,
-    }
+def _enqueued(started: workflows.Started) -> Status:
+    return Status(
+        202,
+        {
+            "task_id": started.task_id,
+            "status_url": f"/api/task-status/{started.task_id}/",
+            "progress_url": f"/api/task-progress/{started.task_id}/",
+            "task_ids": started.task_ids,
+            "group_id": started.group_id,
+            "report_id": started.report_id,
+        },
+    )
 
 
 @api.post("/simple-task/", response=ENQUEUED, auth=auth, tags=["patterns"], summary="add or multiply")
@@ -104,8 +107,8 @@ def generate_report(request, body: schemas.GenerateReportIn):
     return _enqueued(workflows.start_report(report_type=body.report_type, filters=filters))
 
 
-def _not_found(task_id: str) -> tuple[int, dict]:
-    return 404, {"detail": f"Unknown task id {task_id!r}: no task with this id was ever queued here."}
+def _not_found(task_id: str) -> Status:
+    return Status(404, {"detail": f"Unknown task id {task_id!r}: no task with this id was ever queued here."})
 
 
 @api.get("/task-status/{task_id}/", response={200: schemas.TaskStatusOut, 404: schemas.ErrorOut}, tags=["monitoring"])
@@ -116,7 +119,7 @@ def task_status(request, task_id: str):
         group = GroupResult.restore(task_id, app=celery_app)
         if group is None:
             return _not_found(task_id)
-        return 200, _group_status(group)
+        return Status(200, _group_status(group))
     state = result.state
     if state == "PENDING" and log is not None:
         # The backend stores nothing for a queued task; TaskLog knows revoked-before-start too.
@@ -139,7 +142,7 @@ def task_status(request, task_id: str):
             finished_at=log.finished_at,
             duration_seconds=log.duration.total_seconds() if log.duration is not None else None,
         )
-    return 200, body
+    return Status(200, body)
 
 
 def _group_status(group: GroupResult) -> dict:
@@ -178,7 +181,7 @@ def task_progress(request, task_id: str):
         current, total, percent = info.get("current"), info.get("total"), info.get("percent")
         if state == "PENDING":
             current, percent = 0, 0.0
-    return 200, {"task_id": task_id, "state": state, "current": current, "total": total, "percent": percent}
+    return Status(200, {"task_id": task_id, "state": state, "current": current, "total": total, "percent": percent})
 
 
 @api.post(
@@ -192,13 +195,13 @@ def revoke_task(request, task_id: str, body: schemas.RevokeIn | None = None):
     if not selectors.is_known_task_id(task_id=task_id):
         return _not_found(task_id)
     celery_app.control.revoke(task_id, terminate=terminate, signal="SIGTERM")
-    return 202, {"task_id": task_id, "revoke_requested": True, "terminate": terminate}
+    return Status(202, {"task_id": task_id, "revoke_requested": True, "terminate": terminate})
 
 
 @api.get("/health/", response={200: dict, 503: dict}, tags=["monitoring"], summary="dependency checks")
 def health_view(request):
     report = health.run_checks()
-    return (200 if report["healthy"] else 503), report
+    return Status(200 if report["healthy"] else 503, report)
 
 
 @api.get("/task-overview/", response=dict, tags=["monitoring"], summary="counts and durations from TaskLog")

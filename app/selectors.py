@@ -21,9 +21,7 @@ def task_result(*, task_id: str) -> TaskResult | None:
 
 def is_known_task_id(*, task_id: str) -> bool:
     """Celery answers PENDING for any id; only ids in TaskLog or TaskResult really exist."""
-    return (
-        TaskLog.objects.filter(task_id=task_id).exists() or TaskResult.objects.filter(task_id=task_id).exists()
-    )
+    return TaskLog.objects.filter(task_id=task_id).exists() or TaskResult.objects.filter(task_id=task_id).exists()
 
 
 def active_api_token(*, secret: str) -> ApiToken | None:

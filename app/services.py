@@ -159,7 +159,7 @@ def create_users_batch(*, count: int, prefix: str) -> dict:
     existing = set(user_model.objects.filter(username__in=usernames).values_list("username", flat=True))
     new_users = [
         # Demo accounts cannot log in until someone sets a password.
-        user_model(username=name, email=f"{name}@example.com", password="!")
+        user_model(username=name, email=f"{name}@example.com", password="!")  # noqa: S106 - Django's unusable-password marker
         for name in usernames
         if name not in existing
     ]

