@@ -154,8 +154,9 @@ CELERY_TASK_ROUTES = {
 # One message at a time per process: a long task never sits on prefetched short ones.
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_WORKER_CONCURRENCY = env.int("CELERY_WORKER_CONCURRENCY", default=None)
+# Task events feed Flower. (No task-sent events: they would double the broker writes of
+# every enqueue, and the publishing side is observed through signal handlers instead.)
 CELERY_WORKER_SEND_TASK_EVENTS = True
-CELERY_TASK_SEND_SENT_EVENT = True
 # Keep Django's logging configuration: Celery must not replace the root logger.
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 
