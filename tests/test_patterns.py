@@ -187,3 +187,35 @@ def test_beat_picks_up_schedule_changes(redis_worker, start_beat):
     assert runs() == settled, "a disabled schedule kept running"
     scheduled.refresh_from_db()
     assert scheduled.periodic_task.total_run_count >= 2
+
+
+def test_bulk_emails_fan_out_as_a_group_of_email_tasks(broker):
+    from django.contrib.auth import get_user_model
+
+    from app.tasks import send_bulk_emails
+
+    users = [get_user_model().objects.create(username=f"mail{i}", email=f"mail{i}@example.com") for i in range(3)]
+    no_address = get_user_model().objects.create(username="silent", email="")
+
+    outcome = send_bulk_emails.delay([u.pk for u in [*users, no_address]], "Hello", "Body").get(timeout=30)
+
+    assert outcome["recipients"] == 3
+    for task_id in outcome["task_ids"]:
+        assert AsyncResult(task_id, app=broker.app).get(timeout=30) == {"sent": 1}
+
+
+def test_health_check_task_reports_every_dependency_healthy(redis_worker):
+    from app.tasks import health_check
+
+    report = health_check.delay().get(timeout=30)
+
+    assert report["healthy"] is True
+    assert set(report["checks"]) == {"database", "cache", "broker", "result_backend"}
+
+
+def test_debug_task_sees_its_worker_and_queue(redis_worker):
+    from app.tasks import debug_task
+
+    info = debug_task.delay().get(timeout=30)
+
+    assert (info["hostname"], info["queue"], info["retries"]) == (redis_worker.hostname, "default", 0)
