@@ -1,0 +1,410 @@
+"""The Django admin: task history with re-run and revoke, reports, schedules and API tokens.
+
+Task history and reports are written by workers, so they are read-only here; schedules and
+tokens are saved through app.services so beat's PeriodicTask and token digests stay right.
+"""
+
+import datetime as dt
+import json
+
+from django import forms
+from django.conf import settings
+from django.contrib import admin, messages
+from django.contrib.admin.utils import flatten_fieldsets
+from django.contrib.admin.views.main import ChangeList
+from django.contrib.auth import get_permission_codename
+from django.core.exceptions import ValidationError
+from django.db import transaction
+from django.utils.html import format_html
+from kombu.exceptions import OperationalError
+
+from app import services
+from app.models import ApiToken, Report, ReportStatus, ScheduledTask, TaskLog, TaskState
+from app.services import QueuedTask
+from project.celery import app as celery_app
+
+STATE_COLOURS = {
+    TaskState.SUCCESS: "#2e7d32",
+    TaskState.FAILURE: "#c62828",
+    TaskState.RETRY: "#ef6c00",
+    TaskState.STARTED: "#1565c0",
+    TaskState.PENDING: "#757575",
+    TaskState.REVOKED: "#6a1b9a",
+}
+REPORT_STATUS_COLOURS = {
+    ReportStatus.PENDING: "#757575",
+    ReportStatus.RUNNING: "#1565c0",
+    ReportStatus.COMPLETED: "#2e7d32",
+    ReportStatus.FAILED: "#c62828",
+}
+RUNNING_STATES = (TaskState.PENDING, TaskState.STARTED, TaskState.RETRY)
+
+
+def badge(label: str, colour: str):
+    return format_html(
+        '<span style="background:{};color:#fff;padding:2px 8px;border-radius:10px;'
+        'font-size:11px;font-weight:bold;white-space:nowrap">{}</span>',
+        colour,
+        label,
+    )
+
+
+def pretty_json(value):
+    if value is None:
+        return None
+    return format_html("<pre>{}</pre>", json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False))
+
+
+def human_duration(value: dt.timedelta | None) -> str | None:
+    """850 ms, 2.4 s, 3 min 5 s, 2 h 10 min."""
+    if value is None:
+        return None
+    seconds = value.total_seconds()
+    # Thresholds compare rounded values, so 0.9996 s reads "1.0 s", not "1000 ms".
+    if round(seconds * 1000) < 1000:
+        return f"{round(seconds * 1000)} ms"
+    if round(seconds, 1) < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min"
+
+
+def routed_queue(task_name: str) -> str:
+    # The same routing send_task applies, so the queued row names the queue the message went to.
+    route = settings.CELERY_TASK_ROUTES.get(task_name)
+    return route["queue"] if route else settings.CELERY_TASK_DEFAULT_QUEUE
+
+
+# --- Task history -----------------------------------------------------------------------------
+
+
+class TaskLogChangeList(ChangeList):
+    def get_queryset(self, request, exclude_parameters=None):
+        # The list shows none of these, and a result or traceback can be tens of kB per row.
+        return super().get_queryset(request, exclude_parameters).defer("args", "kwargs", "result", "traceback")
+
+
+@admin.register(TaskLog)
+class TaskLogAdmin(admin.ModelAdmin):
+    list_display = (
+        "short_task_id",
+        "task_name",
+        "state_badge",
+        "queue",
+        "worker",
+        "retries",
+        "created_at",
+        "duration_display",
+    )
+    list_filter = ("state", "task_name", "queue")
+    # ^task_id: the list shows the first 8 characters, and pasting them finds the row.
+    search_fields = ("^task_id", "task_name", "worker")
+    date_hierarchy = "created_at"
+    ordering = ("-created_at",)
+    list_per_page = 50
+    # The unfiltered COUNT(*) over the whole history is the slowest query on a big table.
+    show_full_result_count = False
+    actions = ("rerun_failed", "revoke_running")
+    fieldsets = (
+        (None, {"fields": ("task_id", "task_name", "state_badge")}),
+        (
+            "Run",
+            {"fields": ("worker", "queue", "retries", "created_at", "started_at", "finished_at", "duration_display")},
+        ),
+        ("Call", {"fields": ("args_json", "kwargs_json")}),
+        ("Outcome", {"fields": ("result_json", "exception", "traceback_text")}),
+    )
+
+    def get_changelist(self, request, **kwargs):
+        return TaskLogChangeList
+
+    def get_readonly_fields(self, request, obj=None):
+        return flatten_fieldsets(self.fieldsets)
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        # Rows record what workers reported; an edited row would be a false history.
+        return False
+
+    def has_control_permission(self, request):
+        # Re-run and revoke act on Celery, not on the row, so they ask for the model's change
+        # permission, which this admin otherwise never uses.
+        return request.user.has_perm(f"{self.opts.app_label}.{get_permission_codename('change', self.opts)}")
+
+    @admin.display(description="Task id", ordering="task_id")
+    def short_task_id(self, obj):
+        return format_html('<code title="{}">{}</code>', obj.task_id, obj.task_id[:8])
+
+    @admin.display(description="State", ordering="state")
+    def state_badge(self, obj):
+        return badge(obj.state, STATE_COLOURS.get(obj.state, "#757575"))
+
+    @admin.display(description="Duration", ordering="duration")
+    def duration_display(self, obj):
+        return human_duration(obj.duration)
+
+    @admin.display(description="Args")
+    def args_json(self, obj):
+        return pretty_json(obj.args)
+
+    @admin.display(description="Kwargs")
+    def kwargs_json(self, obj):
+        return pretty_json(obj.kwargs)
+
+    @admin.display(description="Result")
+    def result_json(self, obj):
+        return pretty_json(obj.result)
+
+    @admin.display(description="Traceback")
+    def traceback_text(self, obj):
+        # <pre> keeps the indentation that makes a traceback readable.
+        return format_html("<pre>{}</pre>", obj.traceback) if obj.traceback else None
+
+    @admin.action(description="Re-run selected failed tasks", permissions=["control"])
+    def rerun_failed(self, request, queryset):
+        failed = list(queryset.filter(state=TaskState.FAILURE).only("task_name", "args", "kwargs"))
+        skipped = queryset.exclude(state=TaskState.FAILURE).count()
+        queued, broker_error = [], None
+        for row in failed:
+            try:
+                result = celery_app.send_task(row.task_name, args=row.args, kwargs=row.kwargs)
+            except OperationalError as exc:
+                broker_error = exc
+                break
+            queued.append(
+                QueuedTask(
+                    task_id=result.id,
+                    task_name=row.task_name,
+                    args=row.args,
+                    kwargs=row.kwargs,
+                    queue=routed_queue(row.task_name),
+                )
+            )
+        # Recorded even after a broker error: the tasks sent before it are on their way.
+        services.record_tasks_queued(tasks=queued)
+        if broker_error is not None:
+            self.message_user(
+                request,
+                f"Broker unavailable: re-sent {len(queued)} of {len(failed)} failed task(s) before the error "
+                f"({broker_error}).",
+                messages.ERROR,
+            )
+            return
+        level = messages.SUCCESS if queued else messages.WARNING
+        self.message_user(
+            request, f"Re-sent {len(queued)} failed task(s); skipped {skipped} not in state FAILURE.", level
+        )
+
+    @admin.action(description="Revoke selected running tasks", permissions=["control"])
+    def revoke_running(self, request, queryset):
+        task_ids = list(queryset.filter(state__in=RUNNING_STATES).values_list("task_id", flat=True))
+        skipped = queryset.exclude(state__in=RUNNING_STATES).count()
+        if task_ids:
+            try:
+                # One broadcast for all ids; workers mark the rows REVOKED when they act on it.
+                celery_app.control.revoke(task_ids, terminate=True, signal="SIGTERM")
+            except OperationalError as exc:
+                self.message_user(request, f"Broker unavailable: nothing revoked ({exc}).", messages.ERROR)
+                return
+        level = messages.SUCCESS if task_ids else messages.WARNING
+        self.message_user(
+            request,
+            f"Revoke sent for {len(task_ids)} task(s); skipped {skipped} not pending, started or retrying.",
+            level,
+        )
+
+
+# --- Reports ------------------------------------------------------------------------------------
+
+
+@admin.register(Report)
+class ReportAdmin(admin.ModelAdmin):
+    list_display = ("id", "report_type", "status_badge", "task_id", "created_at", "completed_at")
+    list_filter = ("report_type", "status")
+    search_fields = ("^task_id", "error")
+    date_hierarchy = "created_at"
+    ordering = ("-created_at",)
+    list_per_page = 50
+    fieldsets = (
+        ("What", {"fields": ("report_type", "filters_json")}),
+        ("Status", {"fields": ("status_badge", "task_id", "error")}),
+        ("Content", {"fields": ("data_json",)}),
+        ("Timestamps", {"fields": ("created_at", "started_at", "completed_at")}),
+    )
+
+    def get_readonly_fields(self, request, obj=None):
+        return flatten_fieldsets(self.fieldsets)
+
+    def has_add_permission(self, request):
+        # A report is created together with the task that computes it (POST /api/reports/).
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    @admin.display(description="Status", ordering="status")
+    def status_badge(self, obj):
+        return badge(obj.get_status_display(), REPORT_STATUS_COLOURS.get(obj.status, "#757575"))
+
+    @admin.display(description="Filters")
+    def filters_json(self, obj):
+        return pretty_json(obj.filters)
+
+    @admin.display(description="Data")
+    def data_json(self, obj):
+        return pretty_json(obj.data)
+
+
+# --- Schedules ------------------------------------------------------------------------------------
+
+
+class ScheduledTaskForm(forms.ModelForm):
+    class Meta:
+        model = ScheduledTask
+        fields = (
+            "name",
+            "task",
+            "description",
+            "enabled",
+            "args",
+            "kwargs",
+            "queue",
+            "schedule_type",
+            "interval_seconds",
+            "crontab_minute",
+            "crontab_hour",
+            "crontab_day_of_week",
+            "crontab_day_of_month",
+            "crontab_month_of_year",
+        )
+
+    def clean(self):
+        cleaned_data = super().clean()
+        # Field errors first: validating a half-cleaned row would repeat them in other words.
+        if not self.errors:
+            candidate = ScheduledTask(**cleaned_data)
+            # Raised as {field: message}, so each error lands on its field.
+            services.validate_scheduled_task(candidate)
+        return cleaned_data
+
+
+@admin.register(ScheduledTask)
+class ScheduledTaskAdmin(admin.ModelAdmin):
+    form = ScheduledTaskForm
+    list_display = ("name", "task", "schedule", "enabled_badge", "last_run", "runs", "updated_at")
+    list_filter = ("enabled", "schedule_type", "task")
+    search_fields = ("name", "task", "description")
+    # last_run and runs read the linked PeriodicTask: one join instead of a query per row.
+    list_select_related = ("periodic_task",)
+    ordering = ("name",)
+    list_per_page = 100
+    actions = ("enable_selected", "disable_selected")
+    readonly_fields = ("last_run", "runs", "created_at", "updated_at")
+    fieldsets = (
+        (None, {"fields": ("name", "task", "description", "enabled")}),
+        ("Call", {"fields": ("args", "kwargs", "queue")}),
+        ("Schedule", {"fields": ("schedule_type",)}),
+        ("Interval schedule", {"fields": ("interval_seconds",), "description": "Used when the type is interval."}),
+        (
+            "Crontab schedule",
+            {
+                "fields": (
+                    "crontab_minute",
+                    "crontab_hour",
+                    "crontab_day_of_week",
+                    "crontab_day_of_month",
+                    "crontab_month_of_year",
+                ),
+                "description": "Used when the type is crontab; times are UTC.",
+            },
+        ),
+        ("Runs", {"fields": ("last_run", "runs", "created_at", "updated_at")}),
+    )
+
+    @admin.display(description="Schedule")
+    def schedule(self, obj):
+        return obj.schedule_display
+
+    @admin.display(description="Enabled", ordering="enabled")
+    def enabled_badge(self, obj):
+        return badge("Yes", "#2e7d32") if obj.enabled else badge("No", "#757575")
+
+    @admin.display(description="Last run", ordering="periodic_task__last_run_at")
+    def last_run(self, obj):
+        return obj.last_run_at
+
+    @admin.display(description="Runs", ordering="periodic_task__total_run_count")
+    def runs(self, obj):
+        return obj.run_count
+
+    def save_model(self, request, obj, form, change):
+        services.save_scheduled_task(obj)
+
+    def delete_model(self, request, obj):
+        services.delete_scheduled_task(obj)
+
+    def delete_queryset(self, request, queryset):
+        with transaction.atomic():
+            for scheduled in queryset.select_related("periodic_task"):
+                services.delete_scheduled_task(scheduled)
+
+    @admin.action(description="Enable selected scheduled tasks", permissions=["change"])
+    def enable_selected(self, request, queryset):
+        self._set_enabled(request, queryset, enabled=True)
+
+    @admin.action(description="Disable selected scheduled tasks", permissions=["change"])
+    def disable_selected(self, request, queryset):
+        self._set_enabled(request, queryset, enabled=False)
+
+    def _set_enabled(self, request, queryset, *, enabled: bool) -> None:
+        verb = "Enabled" if enabled else "Disabled"
+        try:
+            changed = services.set_scheduled_tasks_enabled(
+                scheduled_tasks=queryset.select_related("periodic_task"), enabled=enabled
+            )
+        except ValidationError as exc:
+            # All or nothing: the service runs in one transaction.
+            self.message_user(request, f"Nothing changed: {'; '.join(exc.messages)}", messages.ERROR)
+            return
+        self.message_user(request, f"{verb} {changed} scheduled task(s).", messages.SUCCESS)
+
+
+# --- API tokens -------------------------------------------------------------------------------------
+
+
+@admin.register(ApiToken)
+class ApiTokenAdmin(admin.ModelAdmin):
+    list_display = ("name", "prefix", "is_active", "created_at")
+    list_filter = ("is_active",)
+    search_fields = ("name", "prefix")
+    ordering = ("name",)
+    list_per_page = 100
+    readonly_fields = ("prefix", "created_at")
+
+    def get_fields(self, request, obj=None):
+        # The prefix exists only once the secret does, when the token is saved.
+        return ("name", "is_active") if obj is None else ("name", "prefix", "is_active", "created_at")
+
+    def save_model(self, request, obj, form, change):
+        if change:
+            super().save_model(request, obj, form, change)
+            return
+        secret = ApiToken.new_secret()
+        obj.prefix, obj.digest = secret[:8], ApiToken.digest_of(secret)
+        obj.save()
+        # Only the digest is stored: this message is the one time anyone sees the secret.
+        self.message_user(
+            request,
+            format_html(
+                "Token “{}” created. Copy its secret now; it is not stored and will not be shown again: "
+                "<code>{}</code>",
+                obj.name,
+                secret,
+            ),
+            messages.SUCCESS,
+        )
