@@ -1,0 +1,59 @@
+"""Prepare a local development database in one Django start-up (used by `make run`)."""
+
+import secrets
+
+from django.contrib.auth import get_user_model
+from django.core.management import call_command
+from django.core.management.base import BaseCommand
+from django.db import transaction
+
+from app import services
+from app import tasks as _tasks  # noqa: F401 (registers the tasks the default schedules name)
+from app.models import ApiToken
+
+ADMIN_USERNAME = "admin"
+TOKEN_NAME = "local"  # noqa: S105 (a label, not a secret)
+
+
+class Command(BaseCommand):
+    help = (
+        "Migrate, add the missing default schedules and, only when no user 'admin' exists, create that "
+        "superuser with a random password and an API token, printing both once (neither is stored in clear)."
+    )
+
+    def handle(self, *args, **options):
+        call_command("migrate", interactive=False, verbosity=options["verbosity"])
+        created = services.ensure_default_schedules()
+        self.stdout.write(f"Default schedules: {'created ' + ', '.join(created) if created else 'present'}.")
+
+        user_model = get_user_model()
+        if user_model.objects.filter(username=ADMIN_USERNAME).exists():
+            self.stdout.write(
+                f"User '{ADMIN_USERNAME}' exists (forgot its password? manage.py changepassword {ADMIN_USERNAME}). "
+                "A new API token: manage.py create_api_token NAME"
+            )
+            return
+
+        password = secrets.token_urlsafe(12)
+        token_name = TOKEN_NAME
+        if ApiToken.objects.filter(name=token_name).exists():
+            token_name = f"{TOKEN_NAME}-{secrets.token_hex(3)}"
+        with transaction.atomic():
+            user_model.objects.create_superuser(ADMIN_USERNAME, f"{ADMIN_USERNAME}@localhost", password)
+            _token, secret = services.create_api_token(name=token_name)
+
+        self.stdout.write(
+            "\n".join(
+                [
+                    "",
+                    "=" * 72,
+                    "First run: created a local superuser and an API token.",
+                    "They are shown this once and stored only as hashes; copy them now.",
+                    f"  Admin username  {ADMIN_USERNAME}",
+                    f"  Admin password  {password}",
+                    f"  API token       {secret}   (name '{token_name}'; send 'Authorization: Bearer <token>')",
+                    "=" * 72,
+                    "",
+                ]
+            )
+        )
