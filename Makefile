@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv run test lint fmt check
+.PHONY: help venv run test bench lint fmt check
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -28,6 +28,9 @@ test: $(STAMP) ## Run the test suite (embedded PostgreSQL/Redis unless DATABASE_
 
 check: $(STAMP) ## Django system checks (includes the broker visibility-timeout check)
 	DJANGO_DEBUG=true $(PY) manage.py check
+
+bench: $(STAMP) ## Worker throughput: bare Celery vs this project's bookkeeping (ratios, one run)
+	$(PY) -m tests.benchmarks.worker_throughput
 
 lint: $(STAMP) ## ruff lint and format check
 	$(VENV)/bin/ruff check .

@@ -270,9 +270,16 @@ DEFAULT_SCHEDULES = [
 def validate_scheduled_task(scheduled: ScheduledTask) -> None:
     from project.celery import app as celery_app
 
+    # Task modules are imported lazily (autodiscovery); make sure they are registered.
+    celery_app.loader.import_default_modules()
     errors = {}
     if scheduled.task not in celery_app.tasks:
         errors["task"] = f"Unknown task {scheduled.task!r}; registered: app.tasks.*"
+    clash = PeriodicTask.objects.filter(name=scheduled.name)
+    if scheduled.periodic_task_id:
+        clash = clash.exclude(pk=scheduled.periodic_task_id)
+    if clash.exists():
+        errors["name"] = f"A beat PeriodicTask named {scheduled.name!r} exists already; choose another name."
     if scheduled.schedule_type == ScheduleType.INTERVAL and not scheduled.interval_seconds:
         errors["interval_seconds"] = "An interval schedule needs interval_seconds > 0."
     if not isinstance(scheduled.args, list):

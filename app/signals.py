@@ -12,6 +12,7 @@ import logging
 import time
 
 from celery import signals
+from django.db import close_old_connections
 
 from app import services
 
@@ -39,6 +40,13 @@ def _queue_of(request) -> str:
 def _runtime(task_id: str) -> dt.timedelta | None:
     started = _started_at.pop(task_id, None)
     return dt.timedelta(seconds=time.perf_counter() - started) if started is not None else None
+
+
+@signals.task_prerun.connect
+def release_stale_connections(**_):
+    """What Django does at the start of each request: drop connections past CONN_MAX_AGE or
+    broken by an error, and health-check the others before their next use."""
+    close_old_connections()
 
 
 @signals.task_prerun.connect

@@ -78,6 +78,10 @@ DATABASES = {"default": env.db_url("DATABASE_URL", default=f"sqlite:///{BASE_DIR
 # https://docs.djangoproject.com/en/5.2/ref/databases/#persistent-connections
 DATABASES["default"]["CONN_MAX_AGE"] = env.int("DATABASE_CONN_MAX_AGE", default=600)
 DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+# Celery's Django fixup closes every database connection before and after each task unless
+# this is set; it then closes them only every N tasks. Between those, app/signals.py applies
+# CONN_MAX_AGE and the health checks before each task, as Django does before each request.
+CELERY_DB_REUSE_MAX = env.int("CELERY_DB_REUSE_MAX", default=10_000)
 _db_engine = DATABASES["default"]["ENGINE"]
 if _db_engine.endswith("sqlite3"):
     # web, worker and beat share one file locally: WAL lets readers run beside a writer,
@@ -125,7 +129,8 @@ if DEBUG:
 # https://docs.celeryq.dev/en/stable/userguide/configuration.html
 
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="redis://127.0.0.1:6379/0")
-CELERY_RESULT_BACKEND = "django-db"
+# django-celery-results' table, written with one upsert per state (app/result_backend.py).
+CELERY_RESULT_BACKEND = "app.result_backend:UpsertDatabaseBackend"
 CELERY_CACHE_BACKEND = "django-cache"
 CELERY_RESULT_EXTENDED = True
 CELERY_RESULT_EXPIRES = env.int("CELERY_RESULT_EXPIRES", default=86400)

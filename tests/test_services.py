@@ -284,3 +284,25 @@ def test_known_task_ids_come_from_task_log_or_task_result():
     assert selectors.is_known_task_id(task_id="in-log")
     assert selectors.is_known_task_id(task_id="in-results")
     assert not selectors.is_known_task_id(task_id="nowhere")
+
+
+# --- Result backend -------------------------------------------------------------------
+
+
+def test_result_backend_keeps_one_row_per_task_and_the_start_time():
+    from celery import states
+    from django_celery_results.models import TaskResult
+
+    from project.celery import app
+
+    backend = app.backend
+    backend.store_result("rb-1", None, states.STARTED)
+    started_at = TaskResult.objects.get(task_id="rb-1").date_started
+    backend.store_result("rb-1", {"answer": 42}, states.SUCCESS)
+
+    row = TaskResult.objects.get(task_id="rb-1")
+    assert (row.status, row.date_started) == ("SUCCESS", started_at)
+    assert started_at is not None
+    assert row.date_done >= started_at
+    assert backend.get_task_meta("rb-1")["result"] == {"answer": 42}
+    assert type(backend).__name__ == "UpsertDatabaseBackend"
