@@ -8,7 +8,6 @@ import datetime as dt
 import json
 
 from django import forms
-from django.conf import settings
 from django.contrib import admin, messages
 from django.contrib.admin.utils import flatten_fieldsets
 from django.contrib.admin.views.main import ChangeList
@@ -18,7 +17,7 @@ from django.db import transaction
 from django.utils.html import format_html
 from kombu.exceptions import OperationalError
 
-from app import services
+from app import services, workflows
 from app.models import ApiToken, Report, ReportStatus, ScheduledTask, TaskLog, TaskState
 from app.services import QueuedTask
 from project.celery import app as celery_app
@@ -70,12 +69,6 @@ def human_duration(value: dt.timedelta | None) -> str | None:
         return f"{minutes} min {secs} s"
     hours, minutes = divmod(minutes, 60)
     return f"{hours} h {minutes} min"
-
-
-def routed_queue(task_name: str) -> str:
-    # The same routing send_task applies, so the queued row names the queue the message went to.
-    route = settings.CELERY_TASK_ROUTES.get(task_name)
-    return route["queue"] if route else settings.CELERY_TASK_DEFAULT_QUEUE
 
 
 # --- Task history -----------------------------------------------------------------------------
@@ -182,7 +175,7 @@ class TaskLogAdmin(admin.ModelAdmin):
                     task_name=row.task_name,
                     args=row.args,
                     kwargs=row.kwargs,
-                    queue=routed_queue(row.task_name),
+                    queue=workflows.routed_queue(row.task_name),
                 )
             )
         # Recorded even after a broker error: the tasks sent before it are on their way.
@@ -287,7 +280,8 @@ class ScheduledTaskForm(forms.ModelForm):
         cleaned_data = super().clean()
         # Field errors first: validating a half-cleaned row would repeat them in other words.
         if not self.errors:
-            candidate = ScheduledTask(**cleaned_data)
+            # The instance's own PeriodicTask is not a form field; keep it, so its name is no clash.
+            candidate = ScheduledTask(**cleaned_data, periodic_task_id=self.instance.periodic_task_id)
             # Raised as {field: message}, so each error lands on its field.
             services.validate_scheduled_task(candidate)
         return cleaned_data
@@ -394,9 +388,7 @@ class ApiTokenAdmin(admin.ModelAdmin):
         if change:
             super().save_model(request, obj, form, change)
             return
-        secret = ApiToken.new_secret()
-        obj.prefix, obj.digest = secret[:8], ApiToken.digest_of(secret)
-        obj.save()
+        secret = services.issue_api_token(obj)
         # Only the digest is stored: this message is the one time anyone sees the secret.
         self.message_user(
             request,

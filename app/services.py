@@ -356,8 +356,15 @@ def ensure_default_schedules() -> list[str]:
 # --- API tokens ------------------------------------------------------------------
 
 
-def create_api_token(*, name: str) -> tuple[ApiToken, str]:
-    """Return the token row and its secret; the secret is shown once and never stored."""
+def issue_api_token(token: ApiToken) -> str:
+    """Give a new (unsaved) token its secret and save it; returns the secret, which is shown
+    once and never stored: only its digest and first characters are."""
     secret = ApiToken.new_secret()
-    token = ApiToken.objects.create(name=name, prefix=secret[:8], digest=ApiToken.digest_of(secret))
-    return token, secret
+    token.prefix, token.digest = secret[:8], ApiToken.digest_of(secret)
+    token.save()
+    return secret
+
+
+def create_api_token(*, name: str) -> tuple[ApiToken, str]:
+    token = ApiToken(name=name)
+    return token, issue_api_token(token)

@@ -43,10 +43,12 @@ def _runtime(task_id: str) -> dt.timedelta | None:
 
 
 @signals.task_prerun.connect
-def release_stale_connections(**_):
+def release_stale_connections(task, **_):
     """What Django does at the start of each request: drop connections past CONN_MAX_AGE or
-    broken by an error, and health-check the others before their next use."""
-    close_old_connections()
+    broken by an error, and health-check the others before their next use. Not for eager
+    calls: they run inside the caller's process, perhaps inside its transaction."""
+    if not task.request.is_eager:
+        close_old_connections()
 
 
 @signals.task_prerun.connect

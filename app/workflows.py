@@ -25,8 +25,9 @@ class Started:
     report_id: int | None = None
 
 
-def _queue_for(task) -> str:
-    route = settings.CELERY_TASK_ROUTES.get(task.name)
+def routed_queue(task_name: str) -> str:
+    """The queue Celery's routing sends this task to (no per-call override)."""
+    route = settings.CELERY_TASK_ROUTES.get(task_name)
     return route["queue"] if route else settings.CELERY_TASK_DEFAULT_QUEUE
 
 
@@ -35,7 +36,11 @@ def _record(*pairs: tuple) -> None:
     services.record_tasks_queued(
         tasks=[
             QueuedTask(
-                task_id=task_id, task_name=task.name, args=list(args), kwargs=dict(kwargs), queue=_queue_for(task)
+                task_id=task_id,
+                task_name=task.name,
+                args=list(args),
+                kwargs=dict(kwargs),
+                queue=routed_queue(task.name),
             )
             for task_id, task, args, kwargs in pairs
         ]

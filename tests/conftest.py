@@ -141,15 +141,18 @@ def amqp_app():
 
     app = Celery("project")
     app.config_from_object("django.conf:settings", namespace="CELERY")
-    app.conf.broker_url = url
+    # Celery reads broker_url from the CELERY_BROKER_URL variable before any setting, and
+    # that variable names Redis here; the read and write URLs are taken from settings first.
+    app.conf.broker_read_url = app.conf.broker_write_url = url
     app.conf.broker_transport_options = {}
+    app.rabbitmq_url = url
     return app
 
 
 @pytest.fixture(scope="session")
 def amqp_worker(amqp_app, django_db_setup, django_db_blocker, service_log_dir):
     with django_db_blocker.unblock():
-        service = start_worker(amqp_app, broker_url=amqp_app.conf.broker_url, log_dir=service_log_dir)
+        service = start_worker(amqp_app, broker_url=amqp_app.rabbitmq_url, log_dir=service_log_dir)
     yield service
     service.stop()
 

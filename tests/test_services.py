@@ -306,3 +306,16 @@ def test_result_backend_keeps_one_row_per_task_and_the_start_time():
     assert row.date_done >= started_at
     assert backend.get_task_meta("rb-1")["result"] == {"answer": 42}
     assert type(backend).__name__ == "UpsertDatabaseBackend"
+
+
+def test_a_scheduled_task_cannot_take_the_name_of_another_beat_task():
+    from django_celery_beat.models import IntervalSchedule
+
+    every = IntervalSchedule.objects.create(every=5, period=IntervalSchedule.SECONDS)
+    PeriodicTask.objects.create(name="made-in-beat-admin", task="app.tasks.add", interval=every)
+
+    with pytest.raises(ValidationError) as error:
+        services.save_scheduled_task(ScheduledTask(name="made-in-beat-admin", task="app.tasks.add", interval_seconds=5))
+
+    assert "name" in error.value.message_dict
+    assert not ScheduledTask.objects.exists()

@@ -8,7 +8,6 @@ from django.core.management.base import BaseCommand
 from django.db import transaction
 
 from app import services
-from app import tasks as _tasks  # noqa: F401 (registers the tasks the default schedules name)
 from app.models import ApiToken
 
 ADMIN_USERNAME = "admin"
