@@ -93,6 +93,8 @@ class TaskLogAdmin(admin.ModelAdmin):
         "duration_display",
     )
     list_filter = ("state", "task_name", "queue")
+    # Sorting only by indexed columns: the history table is the big one.
+    sortable_by = ("short_task_id", "task_name", "state_badge", "queue", "created_at")
     # ^task_id: the list shows the first 8 characters, and pasting them finds the row.
     search_fields = ("^task_id", "task_name", "worker")
     date_hierarchy = "created_at"
@@ -219,6 +221,7 @@ class TaskLogAdmin(admin.ModelAdmin):
 class ReportAdmin(admin.ModelAdmin):
     list_display = ("id", "report_type", "status_badge", "task_id", "created_at", "completed_at")
     list_filter = ("report_type", "status")
+    sortable_by = ("id", "report_type", "status_badge", "task_id", "created_at")
     search_fields = ("^task_id", "error")
     date_hierarchy = "created_at"
     ordering = ("-created_at",)

@@ -146,8 +146,12 @@ class ScheduledTask(models.Model):
     """
 
     name = models.CharField(max_length=200, unique=True)
-    task = models.CharField(max_length=255, help_text="Registered task name, e.g. app.tasks.health_check.")
-    schedule_type = models.CharField(max_length=16, choices=ScheduleType.choices, default=ScheduleType.INTERVAL)
+    task = models.CharField(
+        max_length=255, db_index=True, help_text="Registered task name, e.g. app.tasks.health_check."
+    )
+    schedule_type = models.CharField(
+        max_length=16, choices=ScheduleType.choices, default=ScheduleType.INTERVAL, db_index=True
+    )
     interval_seconds = models.PositiveIntegerField(null=True, blank=True)
     crontab_minute = models.CharField(max_length=64, default="*")
     crontab_hour = models.CharField(max_length=64, default="*")
@@ -200,7 +204,7 @@ class ApiToken(models.Model):
     name = models.CharField(max_length=100, unique=True)
     prefix = models.CharField(max_length=8, help_text="First characters of the token, to recognise it.")
     digest = models.CharField(max_length=64, unique=True, editable=False)
-    is_active = models.BooleanField(default=True)
+    is_active = models.BooleanField(default=True, db_index=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

@@ -36,3 +36,9 @@ def test_the_check_does_not_apply_to_rabbitmq(settings):
     settings.CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 1}
 
     assert check_visibility_timeout() == []
+
+
+@pytest.mark.django_db
+def test_models_and_migrations_agree():
+    # Exits non-zero (SystemExit) when a model change has no migration.
+    call_command("makemigrations", "--check", "--dry-run", verbosity=0)
