@@ -18,14 +18,24 @@ def task_log_state(task_id: str, *states: str) -> TaskLog | None:
     return TaskLog.objects.filter(task_id=task_id, state__in=states).first()
 
 
+def succeeded_logs(task_ids: list[str]) -> dict[str, TaskLog]:
+    """TaskLog rows once all are SUCCESS. The result backend stores a result before the
+    task_postrun handler writes TaskLog, so a caller's .get() can return a moment earlier."""
+
+    def all_succeeded():
+        logs = {log.task_id: log for log in TaskLog.objects.filter(task_id__in=task_ids, state=TaskState.SUCCESS)}
+        return logs if len(logs) == len(task_ids) else None
+
+    return wait_until(all_succeeded, timeout=10, message=f"TaskLog SUCCESS for {len(task_ids)} tasks")
+
+
 def test_chain_passes_each_result_to_the_next_step(broker):
     started = workflows.start_chain(value=3)
 
     result = AsyncResult(started.task_id, app=broker.app).get(timeout=30)
 
     assert result == {"input": 16, "result": 256}  # (3 * 2 + 10) ** 2
-    logs = {log.task_id: log for log in TaskLog.objects.filter(task_id__in=started.task_ids)}
-    assert [logs[task_id].state for task_id in started.task_ids] == [TaskState.SUCCESS] * 3
+    logs = succeeded_logs(started.task_ids)
     assert {log.worker for log in logs.values()} == {broker.worker_hostname}
     assert [logs[task_id].task_name for task_id in started.task_ids] == [
         "app.tasks.workflow_step_1",
@@ -39,10 +49,7 @@ def test_group_runs_every_member(broker):
 
     for task_id, expected in zip(started.task_ids, [6, 20, 42], strict=True):
         assert AsyncResult(task_id, app=broker.app).get(timeout=30) == expected
-    assert TaskLog.objects.filter(task_id__in=started.task_ids, state=TaskState.SUCCESS).count() == 3
-    assert set(TaskLog.objects.filter(task_id__in=started.task_ids).values_list("worker", flat=True)) == {
-        broker.worker_hostname
-    }
+    assert {log.worker for log in succeeded_logs(started.task_ids).values()} == {broker.worker_hostname}
 
 
 def test_chord_aggregates_every_chunk_once_all_are_done(broker):
@@ -55,10 +62,7 @@ def test_chord_aggregates_every_chunk_once_all_are_done(broker):
     assert summary["count"] == 6
     assert summary["sum"] == 21
     assert (summary["min"], summary["max"]) == (1, 6)
-    assert TaskLog.objects.filter(task_id__in=started.task_ids, state=TaskState.SUCCESS).count() == 5
-    assert set(TaskLog.objects.filter(task_id__in=started.task_ids).values_list("worker", flat=True)) == {
-        broker.worker_hostname
-    }
+    assert {log.worker for log in succeeded_logs(started.task_ids).values()} == {broker.worker_hostname}
 
 
 def test_long_running_task_reports_progress_then_completes(broker):
@@ -73,7 +77,7 @@ def test_long_running_task_reports_progress_then_completes(broker):
     assert progress["percent"] == round(100 * progress["current"] / 6, 1)
 
     assert result.get(timeout=30)["percent"] == 100.0
-    log = TaskLog.objects.get(task_id=started.task_id)
+    log = succeeded_logs([started.task_id])[started.task_id]
     assert log.queue == "long"
     assert log.duration.total_seconds() >= 6 * 0.4
 
@@ -84,8 +88,7 @@ def test_retry_backs_off_then_succeeds(broker):
     result = AsyncResult(started.task_id, app=broker.app).get(timeout=60)
 
     assert result == {"status": "ok", "attempts": 3}
-    log = TaskLog.objects.get(task_id=started.task_id)
-    assert (log.state, log.retries) == (TaskState.SUCCESS, 2)
+    assert succeeded_logs([started.task_id])[started.task_id].retries == 2
 
 
 def test_retry_gives_up_after_max_retries(broker):
@@ -108,7 +111,7 @@ def test_soft_time_limit_saves_partial_work_and_exits_cleanly(broker):
 
     assert result["status"] == "partial"
     assert 1 <= result["steps_done"] < 300
-    assert TaskLog.objects.get(task_id=started.task_id).state == TaskState.SUCCESS
+    assert succeeded_logs([started.task_id])
 
 
 def test_hard_time_limit_kills_the_task(broker):
