@@ -159,6 +159,13 @@ CELERY_TASK_ROUTES = {
 # One message at a time per process: a long task never sits on prefetched short ones.
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_WORKER_CONCURRENCY = env.int("CELERY_WORKER_CONCURRENCY", default=None)
+# Replace a pool process after this many tasks or once it holds this much memory (KiB):
+# a leak in one task cannot grow a worker without bound.
+CELERY_WORKER_MAX_TASKS_PER_CHILD = env.int("CELERY_WORKER_MAX_TASKS_PER_CHILD", default=1000)
+CELERY_WORKER_MAX_MEMORY_PER_CHILD = env.int("CELERY_WORKER_MAX_MEMORY_PER_CHILD", default=512_000)
+# SIGTERM is a warm shutdown: consuming stops and running tasks finish. If a cold shutdown
+# follows (a second signal), running tasks still get this many seconds.
+CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT = env.float("CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT", default=0.0)
 # Task events feed Flower. (No task-sent events: they would double the broker writes of
 # every enqueue, and the publishing side is observed through signal handlers instead.)
 CELERY_WORKER_SEND_TASK_EVENTS = True

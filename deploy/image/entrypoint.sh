@@ -1,0 +1,49 @@
+#!/bin/sh
+# One image, several roles: web | worker | beat | flower | migrate | manage ARGS...
+# Each role execs its server, which becomes PID 1 and receives SIGTERM directly:
+# gunicorn finishes requests in flight, the Celery worker finishes running tasks.
+set -eu
+
+role="${1:-web}"
+[ "$#" -gt 0 ] && shift
+
+runtime_dir="${APP_RUNTIME_DIR:-/tmp}"
+
+case "$role" in
+  web)
+    exec gunicorn -c python:project.gunicorn_conf project.wsgi "$@"
+    ;;
+  worker)
+    # Warm shutdown on SIGTERM: stop consuming, let running tasks finish.
+    exec celery -A project worker \
+      --queues "${CELERY_WORKER_QUEUES:-default,long}" \
+      --hostname "${CELERY_WORKER_NAME:-worker}@%h" \
+      --without-mingle --without-gossip --task-events \
+      --loglevel "${CELERY_LOG_LEVEL:-INFO}" "$@"
+    ;;
+  beat)
+    # The schedule lives in the database; the file only keeps beat's own state.
+    exec celery -A project beat \
+      --schedule "${CELERY_BEAT_SCHEDULE_FILE:-$runtime_dir/celerybeat-schedule}" \
+      --loglevel "${CELERY_LOG_LEVEL:-INFO}" "$@"
+    ;;
+  flower)
+    if [ -z "${FLOWER_BASIC_AUTH:-}" ] && [ -z "${FLOWER_AUTH_PROVIDER:-}" ]; then
+      echo "flower: refusing to start without authentication. Set FLOWER_BASIC_AUTH=user:password," >&2
+      echo "or FLOWER_AUTH_PROVIDER with FLOWER_AUTH and FLOWER_OAUTH2_KEY/SECRET/REDIRECT_URI (OAuth)." >&2
+      exit 64
+    fi
+    # Flower reads its other FLOWER_* variables itself (FLOWER_URL_PREFIX, FLOWER_PORT...).
+    exec celery -A project flower --address="${FLOWER_ADDRESS:-0.0.0.0}" --port="${FLOWER_PORT:-5555}" "$@"
+    ;;
+  migrate)
+    exec python manage.py migrate_with_lock "$@"
+    ;;
+  manage)
+    exec python manage.py "$@"
+    ;;
+  *)
+    echo "unknown role '$role': use web, worker, beat, flower, migrate or manage ARGS..." >&2
+    exit 64
+    ;;
+esac
