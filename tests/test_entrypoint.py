@@ -1,0 +1,125 @@
+"""The image's entrypoint roles, run as local processes (the container runs are in
+test_image.py): migrate under a lock, flower's refusal without auth, the JSON access log."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+
+from project.embedded import free_port, wait_for_port
+from tests.conftest import REPO_ROOT, http
+
+ENTRYPOINT = REPO_ROOT / "deploy" / "image" / "entrypoint.sh"
+
+
+def role_env(**overrides) -> dict:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONUNBUFFERED": "1"}
+    env.update({key: str(value) for key, value in overrides.items()})
+    return env
+
+
+@pytest.fixture
+def fresh_database_url():
+    """An empty PostgreSQL database next to the test one, dropped afterwards."""
+    import psycopg
+
+    parts = urlsplit(os.environ["DATABASE_URL"])
+    query = dict(pair.split("=", 1) for pair in parts.query.split("&") if pair)
+    params = {
+        "host": parts.hostname or query.get("host"),
+        "port": parts.port or 5432,
+        "user": parts.username or "postgres",
+        "password": parts.password or None,
+        "dbname": parts.path.lstrip("/") or "postgres",
+        "autocommit": True,
+    }
+    name = f"migrate_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(**params) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    yield urlunsplit(parts._replace(path=f"/{name}"))
+    with psycopg.connect(**params) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_two_migrate_roles_started_at_once_both_succeed(fresh_database_url):
+    env = role_env(DATABASE_URL=fresh_database_url)
+    runs = [
+        subprocess.Popen(
+            [str(ENTRYPOINT), "migrate"], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        for _ in range(2)
+    ]
+    outputs = [run.communicate(timeout=180)[0].decode() for run in runs]
+
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    assert all("Migrated." in output for output in outputs)
+    # Exactly one of them created the default schedules; the other found them.
+    assert sum("created: none needed" in output for output in outputs) == 1
+
+
+def test_migrate_gives_up_on_an_unreachable_database_within_its_wait():
+    env = role_env(DATABASE_URL=f"postgres://postgres@127.0.0.1:{free_port()}/nothing")
+    started = time.monotonic()
+
+    run = subprocess.run(
+        [str(ENTRYPOINT), "migrate", "--wait", "2"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+
+    assert run.returncode != 0
+    assert "database not reachable after 2 s" in run.stderr
+    assert time.monotonic() - started < 30
+
+
+def test_flower_refuses_to_start_without_authentication():
+    env = role_env()
+    env.pop("FLOWER_BASIC_AUTH", None)
+    env.pop("FLOWER_AUTH_PROVIDER", None)
+
+    run = subprocess.run(
+        [str(ENTRYPOINT), "flower"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+
+    assert run.returncode == 64
+    assert "refusing to start without authentication" in run.stderr
+
+
+def test_an_unknown_role_is_refused():
+    run = subprocess.run([str(ENTRYPOINT), "wizard"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30)
+
+    assert run.returncode == 64
+    assert "unknown role 'wizard'" in run.stderr
+
+
+@pytest.mark.django_db(transaction=True)
+def test_web_role_writes_one_json_access_log_line_per_request(tmp_path):
+    from tests.conftest import subprocess_env
+
+    port = free_port()
+    log_path = tmp_path / "web.log"
+    env = subprocess_env(PORT=port, WEB_CONCURRENCY=1, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    with open(log_path, "wb") as log:
+        web = subprocess.Popen([str(ENTRYPOINT), "web"], cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_for_port(port, timeout=30, process=web)
+            status, _ = http(
+                "GET", f"http://127.0.0.1:{port}/api/task-overview/?x=%22quoted%22", headers={"X-Request-ID": "req-1"}
+            )
+            assert status == 200
+        finally:
+            web.terminate()
+            web.wait(timeout=30)
+
+    access = [json.loads(line) for line in log_path.read_text().splitlines() if '"gunicorn.access"' in line]
+    assert len(access) == 1
+    assert access[0]["method"] == "GET"
+    assert access[0]["path"] == "/api/task-overview/"
+    assert access[0]["query"] == "x=%22quoted%22"
+    assert access[0]["status"] == 200
+    assert access[0]["request_id"] == "req-1"
+    assert access[0]["duration_ms"] > 0
