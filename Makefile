@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv run test bench lint fmt check
+.PHONY: help venv run test bench image lint fmt check
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -31,6 +31,13 @@ check: $(STAMP) ## Django system checks (includes the broker visibility-timeout 
 
 bench: $(STAMP) ## Worker throughput: bare Celery vs this project's bookkeeping (ratios, one run)
 	$(PY) -m tests.benchmarks.worker_throughput
+
+IMAGE ?= django-celery-k8s
+VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' project/__init__.py)
+CONTAINER_ENGINE ?= $(shell docker info >/dev/null 2>&1 && echo docker || echo podman)
+
+image: ## Build the container image (docker, or podman where no Docker engine runs)
+	$(CONTAINER_ENGINE) build --build-arg VERSION=$(VERSION) --build-arg REVISION=$$(git rev-parse HEAD) -t $(IMAGE):$(VERSION) .
 
 lint: $(STAMP) ## ruff lint and format check
 	$(VENV)/bin/ruff check .

@@ -132,27 +132,33 @@ def redis_worker(django_db_setup, django_db_blocker, service_log_dir):
     service.stop()
 
 
+def celery_app_for(broker_url: str, **conf):
+    """A second Celery app with the project's settings but another broker.
+
+    Celery reads broker_url from the CELERY_BROKER_URL variable before any setting, and that
+    variable names the suite's Redis; the read and write URLs are taken from settings first."""
+    from celery import Celery
+
+    app = Celery("project")
+    app.config_from_object("django.conf:settings", namespace="CELERY")
+    app.conf.broker_read_url = app.conf.broker_write_url = broker_url
+    app.conf.update(conf)
+    app.broker_url_for_workers = broker_url
+    return app
+
+
 @pytest.fixture(scope="session")
 def amqp_app():
     url = os.environ.get("RABBITMQ_URL")
     if not url:
         pytest.skip("RABBITMQ_URL not set: the RabbitMQ broker tests need a running RabbitMQ")
-    from celery import Celery
-
-    app = Celery("project")
-    app.config_from_object("django.conf:settings", namespace="CELERY")
-    # Celery reads broker_url from the CELERY_BROKER_URL variable before any setting, and
-    # that variable names Redis here; the read and write URLs are taken from settings first.
-    app.conf.broker_read_url = app.conf.broker_write_url = url
-    app.conf.broker_transport_options = {}
-    app.rabbitmq_url = url
-    return app
+    return celery_app_for(url, broker_transport_options={})
 
 
 @pytest.fixture(scope="session")
 def amqp_worker(amqp_app, django_db_setup, django_db_blocker, service_log_dir):
     with django_db_blocker.unblock():
-        service = start_worker(amqp_app, broker_url=amqp_app.rabbitmq_url, log_dir=service_log_dir)
+        service = start_worker(amqp_app, broker_url=amqp_app.broker_url_for_workers, log_dir=service_log_dir)
     yield service
     service.stop()
 
@@ -238,3 +244,37 @@ def wait_until(predicate, *, timeout: float = 30, interval: float = 0.1, message
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {message}")
+
+
+@pytest.fixture
+def fresh_database_url():
+    """An empty PostgreSQL database next to the test one, dropped afterwards."""
+    import psycopg
+
+    parts = urlsplit(os.environ["DATABASE_URL"])
+    query = dict(pair.split("=", 1) for pair in parts.query.split("&") if pair)
+    params = {
+        "host": parts.hostname or query.get("host"),
+        "port": parts.port or 5432,
+        "user": parts.username or "postgres",
+        "password": parts.password or None,
+        "dbname": parts.path.lstrip("/") or "postgres",
+        "autocommit": True,
+    }
+    name = f"fresh_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(**params) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    yield urlunsplit(parts._replace(path=f"/{name}"))
+    with psycopg.connect(**params) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+# Figures measured during the run (image size, build and start-up times), printed at the end.
+FIGURES: dict[str, str] = {}
+
+
+def pytest_terminal_summary(terminalreporter):
+    if FIGURES:
+        terminalreporter.section("measured")
+        for name, value in FIGURES.items():
+            terminalreporter.write_line(f"{name}: {value}")

@@ -6,9 +6,7 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
@@ -22,29 +20,6 @@ def role_env(**overrides) -> dict:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONUNBUFFERED": "1"}
     env.update({key: str(value) for key, value in overrides.items()})
     return env
-
-
-@pytest.fixture
-def fresh_database_url():
-    """An empty PostgreSQL database next to the test one, dropped afterwards."""
-    import psycopg
-
-    parts = urlsplit(os.environ["DATABASE_URL"])
-    query = dict(pair.split("=", 1) for pair in parts.query.split("&") if pair)
-    params = {
-        "host": parts.hostname or query.get("host"),
-        "port": parts.port or 5432,
-        "user": parts.username or "postgres",
-        "password": parts.password or None,
-        "dbname": parts.path.lstrip("/") or "postgres",
-        "autocommit": True,
-    }
-    name = f"migrate_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(**params) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    yield urlunsplit(parts._replace(path=f"/{name}"))
-    with psycopg.connect(**params) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def test_two_migrate_roles_started_at_once_both_succeed(fresh_database_url):
