@@ -210,6 +210,15 @@ def test_flower_answers_with_credentials_and_refuses_without(image, containers, 
     assert http("GET", url)[0] == 401
     assert http("GET", url, headers={"Authorization": "Basic b3BzOnMzY3JldA=="})[0] == 200  # ops:s3cret
 
+    # Behind an ingress path: FLOWER_URL_PREFIX (read by Flower itself).
+    prefixed_port = free_port()
+    containers(
+        "flower", env=role_env(FLOWER_BASIC_AUTH="ops:s3cret", FLOWER_PORT=prefixed_port, FLOWER_URL_PREFIX="flower")
+    )
+    wait_for_port(prefixed_port, timeout=60)
+    prefixed = f"http://127.0.0.1:{prefixed_port}/flower/"
+    assert http("GET", prefixed, headers={"Authorization": "Basic b3BzOnMzY3JldA=="})[0] == 200
+
     unauthenticated = containers("flower", env=role_env(FLOWER_PORT=free_port()))
     assert podman.wait(unauthenticated, timeout=60) == 64
     assert "refusing to start without authentication" in podman.logs(unauthenticated)
