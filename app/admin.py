@@ -80,8 +80,22 @@ class TaskLogChangeList(ChangeList):
         return super().get_queryset(request, exclude_parameters).defer("args", "kwargs", "result", "traceback")
 
 
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """For rows that record what workers did: an edited row would be a false history, and a
+    row added here would have no task behind it (reports come from POST /api/generate-report/)."""
+
+    def get_readonly_fields(self, request, obj=None):
+        return flatten_fieldsets(self.fieldsets)
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+
 @admin.register(TaskLog)
-class TaskLogAdmin(admin.ModelAdmin):
+class TaskLogAdmin(ReadOnlyAdmin):
     list_display = (
         "short_task_id",
         "task_name",
@@ -115,16 +129,6 @@ class TaskLogAdmin(admin.ModelAdmin):
 
     def get_changelist(self, request, **kwargs):
         return TaskLogChangeList
-
-    def get_readonly_fields(self, request, obj=None):
-        return flatten_fieldsets(self.fieldsets)
-
-    def has_add_permission(self, request):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        # Rows record what workers reported; an edited row would be a false history.
-        return False
 
     def has_control_permission(self, request):
         # Re-run and revoke act on Celery, not on the row, so they ask for the model's change
@@ -218,7 +222,7 @@ class TaskLogAdmin(admin.ModelAdmin):
 
 
 @admin.register(Report)
-class ReportAdmin(admin.ModelAdmin):
+class ReportAdmin(ReadOnlyAdmin):
     list_display = ("id", "report_type", "status_badge", "task_id", "created_at", "completed_at")
     list_filter = ("report_type", "status")
     sortable_by = ("id", "report_type", "status_badge", "task_id", "created_at")
@@ -232,16 +236,6 @@ class ReportAdmin(admin.ModelAdmin):
         ("Content", {"fields": ("data_json",)}),
         ("Timestamps", {"fields": ("created_at", "started_at", "completed_at")}),
     )
-
-    def get_readonly_fields(self, request, obj=None):
-        return flatten_fieldsets(self.fieldsets)
-
-    def has_add_permission(self, request):
-        # A report is created together with the task that computes it (POST /api/reports/).
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
 
     @admin.display(description="Status", ordering="status")
     def status_badge(self, obj):
