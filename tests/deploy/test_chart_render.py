@@ -1,0 +1,316 @@
+"""The chart renders with Helm's own engine for every values file, its built-in objects pass the strict
+Kubernetes schemas of 1.30 and 1.34, and its custom resources carry the fields their operators read."""
+
+import json
+
+import helm_python
+import kubernetes_validate
+import pytest
+
+from tests.deploy.conftest import (
+    CHART_DIR,
+    CI_DIR,
+    CI_FILES,
+    EXPECTED_CI_FILES,
+    containers,
+    labels,
+    load_values,
+    merged_values,
+    name,
+    of_kind,
+    pod_labels,
+    pod_spec,
+    render_chart,
+    selector_matches,
+    workloads,
+)
+
+KUBE_VERSIONS = ("1.30", "1.34")
+CUSTOM_KINDS = {
+    "ServiceMonitor": "monitoring.coreos.com/v1",
+    "PodMonitor": "monitoring.coreos.com/v1",
+    "PrometheusRule": "monitoring.coreos.com/v1",
+    "ScaledObject": "keda.sh/v1alpha1",
+}
+
+
+def test_the_five_values_files_exist():
+    missing = [ci_file for ci_file in EXPECTED_CI_FILES if not (CI_DIR / ci_file).is_file()]
+
+    assert not missing, f"missing values files in {CI_DIR}: {missing}"
+
+
+@pytest.mark.parametrize("ci_file", CI_FILES)
+def test_values_file_renders_workloads_for_every_role(render_ci, ci_file):
+    docs = render_ci(ci_file)
+
+    roles = {labels(doc).get("app.kubernetes.io/component") for doc in workloads(docs)}
+    assert {"web", "worker", "beat", "migrate"} <= roles, f"{ci_file} renders workloads only for {roles}"
+
+
+def test_default_values_without_urls_fail_naming_the_missing_value():
+    with pytest.raises(helm_python.HelmError) as raised:
+        render_chart({})
+
+    message = str(raised.value)
+    assert "required" in message.lower() or "secrets." in message, message
+    assert any(key in message for key in ("databaseUrl", "brokerUrl", "existingSecret")), message
+
+
+@pytest.mark.parametrize("missing", ["databaseUrl", "brokerUrl"])
+def test_each_missing_url_is_named_in_the_render_error(minimal_values, missing):
+    values = json.loads(json.dumps(minimal_values))
+    values.setdefault("secrets", {}).pop("existingSecret", None)
+    assert values["secrets"].get(missing), f"minimal-values.yaml is expected to set secrets.{missing}"
+    values["secrets"][missing] = ""
+
+    with pytest.raises(helm_python.HelmError) as raised:
+        render_chart(values)
+
+    assert missing in str(raised.value), str(raised.value)
+
+
+def test_chart_app_version_is_the_project_version():
+    import project
+
+    with helm_python.Chart.load(CHART_DIR) as chart:
+        assert chart.metadata["name"] == "django-celery-k8s"
+        assert chart.metadata["appVersion"] == project.__version__
+
+
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+@pytest.mark.parametrize("ci_file", CI_FILES)
+def test_every_builtin_object_passes_the_strict_kubernetes_schema(render_ci, ci_file, kube_version):
+    docs = [doc for doc in render_ci(ci_file) if doc["kind"] not in CUSTOM_KINDS]
+    assert docs
+
+    errors = []
+    for doc in docs:
+        try:
+            kubernetes_validate.validate(doc, kube_version, strict=True)
+        except kubernetes_validate.SchemaNotFoundError:
+            errors.append(f"{doc['kind']} {name(doc)}: no schema for {doc['apiVersion']} in {kube_version}")
+        except kubernetes_validate.ValidationError as error:
+            errors.append(f"{doc['kind']} {name(doc)}: {error.message}")
+    assert not errors, "\n".join(errors)
+
+
+@pytest.mark.parametrize("ci_file", CI_FILES)
+def test_only_known_custom_resources_are_rendered(render_ci, ci_file):
+    unknown = []
+    for doc in render_ci(ci_file):
+        try:
+            kubernetes_validate.validate(doc, "1.30", strict=False)
+        except kubernetes_validate.SchemaNotFoundError:
+            if CUSTOM_KINDS.get(doc["kind"]) != doc["apiVersion"]:
+                unknown.append(f"{doc['apiVersion']} {doc['kind']}")
+        except kubernetes_validate.ValidationError:
+            pass  # reported by the strict test
+    assert not unknown, unknown
+
+
+# --- Custom resources, checked against the fields their operators read ----------------------
+
+
+@pytest.fixture(scope="module")
+def production(render_ci):
+    return render_ci("production-values.yaml")
+
+
+def services_by_name(docs):
+    return {name(doc): doc for doc in of_kind(docs, "Service")}
+
+
+def test_production_renders_every_custom_resource(production):
+    kinds = {doc["kind"] for doc in production}
+
+    assert set(CUSTOM_KINDS) <= kinds, f"production-values.yaml does not render {set(CUSTOM_KINDS) - kinds}"
+    for doc in production:
+        if doc["kind"] in CUSTOM_KINDS:
+            assert doc["apiVersion"] == CUSTOM_KINDS[doc["kind"]], doc["apiVersion"]
+
+
+def test_service_monitors_select_a_rendered_service_and_name_its_ports(production):
+    services = of_kind(production, "Service")
+    monitors = of_kind(production, "ServiceMonitor")
+    assert monitors
+
+    for monitor in monitors:
+        spec = monitor["spec"]
+        assert spec["endpoints"], f"{name(monitor)} has no endpoints"
+        selected = [svc for svc in services if selector_matches(spec["selector"], labels(svc))]
+        assert spec["selector"].get("matchLabels"), f"{name(monitor)} selects every Service in the namespace"
+        assert selected, f"{name(monitor)} selects no rendered Service"
+        port_names = {port.get("name") for svc in selected for port in svc["spec"]["ports"]}
+        for endpoint in spec["endpoints"]:
+            assert endpoint.get("port") in port_names, (
+                f"{name(monitor)}: port {endpoint.get('port')} not in {port_names}"
+            )
+            assert endpoint.get("path", "/metrics").startswith("/")
+
+
+def test_pod_monitors_select_rendered_pods_and_name_their_ports(production):
+    monitors = of_kind(production, "PodMonitor")
+    assert monitors
+
+    for monitor in monitors:
+        spec = monitor["spec"]
+        assert spec["podMetricsEndpoints"], f"{name(monitor)} has no podMetricsEndpoints"
+        assert spec["selector"].get("matchLabels") or spec["selector"].get("matchExpressions")
+        selected = [w for w in workloads(production) if selector_matches(spec["selector"], pod_labels(w))]
+        assert selected, f"{name(monitor)} selects no rendered pod"
+        port_names = {
+            port.get("name") for w in selected for c in containers(w, init=False) for port in c.get("ports") or []
+        }
+        for endpoint in spec["podMetricsEndpoints"]:
+            assert endpoint.get("port") in port_names, (
+                f"{name(monitor)}: port {endpoint.get('port')} not in {port_names}"
+            )
+
+
+def test_prometheus_rules_have_groups_of_alerts_with_expressions(production):
+    rules = of_kind(production, "PrometheusRule")
+    assert rules
+
+    for rule_doc in rules:
+        groups = rule_doc["spec"]["groups"]
+        assert groups, f"{name(rule_doc)} has no groups"
+        for group in groups:
+            assert group.get("name")
+            assert group.get("rules"), f"group {group.get('name')} has no rules"
+            for rule in group["rules"]:
+                assert rule.get("alert") or rule.get("record"), rule
+                assert str(rule.get("expr") or "").strip(), rule
+                if "alert" in rule:
+                    assert rule.get("labels", {}).get("severity"), f"alert {rule['alert']} has no severity"
+                assert set(rule) <= {"alert", "record", "expr", "for", "labels", "annotations", "keep_firing_for"}, rule
+
+
+def test_scaled_objects_target_a_worker_deployment_on_the_redis_list_of_its_queues(production):
+    values = merged_values(load_values("production-values.yaml"))
+    pools = {pool["name"]: pool for pool in values["workerPools"]}
+    deployments = {name(doc): doc for doc in of_kind(production, "Deployment")}
+    scaled_objects = of_kind(production, "ScaledObject")
+    assert scaled_objects
+
+    for scaled in scaled_objects:
+        spec = scaled["spec"]
+        target = spec["scaleTargetRef"]["name"]
+        assert target in deployments, f"{name(scaled)} targets {target}, not a rendered Deployment"
+        deployment = deployments[target]
+        assert labels(deployment).get("app.kubernetes.io/component") == "worker", f"{name(scaled)} scales {target}"
+        pool = pools[labels(deployment)["app.kubernetes.io/worker-pool"]]
+        queues = pool["queues"].split(",") if isinstance(pool["queues"], str) else pool["queues"]
+        assert spec["triggers"], f"{name(scaled)} has no triggers"
+        for trigger in spec["triggers"]:
+            assert trigger["type"] == "redis", trigger
+            metadata = trigger["metadata"]
+            assert metadata.get("listName") in queues, (
+                f"{name(scaled)} watches {metadata.get('listName')}, pool queues {queues}"
+            )
+            assert metadata.get("listLength") is not None, trigger
+            assert metadata.get("address") or metadata.get("addressFromEnv") or trigger.get("authenticationRef"), (
+                f"{name(scaled)}: the trigger does not say where Redis is"
+            )
+        assert {t["metadata"]["listName"] for t in spec["triggers"]} == set(queues), (
+            f"{name(scaled)} does not watch every queue of pool {pool['name']}"
+        )
+
+
+def test_no_horizontal_pod_autoscaler_fights_a_scaled_object(production):
+    keda_targets = {doc["spec"]["scaleTargetRef"]["name"] for doc in of_kind(production, "ScaledObject")}
+    hpa_targets = {doc["spec"]["scaleTargetRef"]["name"] for doc in of_kind(production, "HorizontalPodAutoscaler")}
+
+    assert not keda_targets & hpa_targets, f"both KEDA and an HPA scale {keda_targets & hpa_targets}"
+
+
+def test_autoscalers_and_disruption_budgets_target_rendered_workloads(production):
+    deployments = {name(doc): doc for doc in of_kind(production, "Deployment")}
+    hpas = of_kind(production, "HorizontalPodAutoscaler")
+    pdbs = of_kind(production, "PodDisruptionBudget")
+    assert hpas
+    assert pdbs
+
+    for hpa in hpas:
+        target = hpa["spec"]["scaleTargetRef"]
+        assert target["kind"] == "Deployment", target
+        assert target["name"] in deployments, target
+        assert labels(deployments[target["name"]]).get("app.kubernetes.io/component") != "beat"
+    for pdb in pdbs:
+        selected = [w for w in deployments.values() if selector_matches(pdb["spec"]["selector"], pod_labels(w))]
+        assert selected, f"PodDisruptionBudget {name(pdb)} selects no pod"
+        for deployment in selected:
+            if deployment["spec"].get("replicas") == 1 and "beat" in labels(deployment).get(
+                "app.kubernetes.io/component", ""
+            ):
+                blocks = pdb["spec"].get("minAvailable") in (1, "100%") or pdb["spec"].get("maxUnavailable") in (
+                    0,
+                    "0%",
+                )
+                assert not blocks, f"{name(pdb)} would block every node drain of the single beat pod"
+
+
+def test_services_and_ingress_route_to_rendered_ports(production):
+    services = services_by_name(production)
+    pods = workloads(production)
+    for service in services.values():
+        selected = [w for w in pods if selector_matches(service["spec"]["selector"], pod_labels(w))]
+        assert selected, f"Service {name(service)} selects no pod"
+        for port in service["spec"]["ports"]:
+            target = port.get("targetPort", port["port"])
+            container_ports = {
+                value
+                for w in selected
+                for c in containers(w, init=False)
+                for p in c.get("ports") or []
+                for value in (p.get("name"), p["containerPort"])
+            }
+            assert target in container_ports, f"Service {name(service)} targets {target}, pods expose {container_ports}"
+
+    ingresses = of_kind(production, "Ingress")
+    assert ingresses
+    for ingress in ingresses:
+        assert ingress["spec"].get("tls"), f"Ingress {name(ingress)} has no TLS in production-values.yaml"
+        for rule in ingress["spec"]["rules"]:
+            for path in rule["http"]["paths"]:
+                backend = path["backend"]["service"]
+                assert backend["name"] in services, backend
+                ports = services[backend["name"]]["spec"]["ports"]
+                assert backend["port"].get("name") in {p.get("name") for p in ports} or backend["port"].get(
+                    "number"
+                ) in {p["port"] for p in ports}, backend
+
+
+def test_grafana_dashboards_are_json_in_a_sidecar_labelled_config_map(production):
+    dashboards = [
+        doc
+        for doc in of_kind(production, "ConfigMap")
+        if any("dashboard" in key.lower() for key in labels(doc)) or "dashboard" in name(doc)
+    ]
+    assert dashboards, "production-values.yaml renders no Grafana dashboard ConfigMap"
+
+    for config_map in dashboards:
+        assert any("grafana" in key.lower() or "dashboard" in key.lower() for key in labels(config_map))
+        assert config_map["data"]
+        for key, text in config_map["data"].items():
+            assert key.endswith(".json"), key
+            dashboard = json.loads(text)
+            assert dashboard.get("panels") or dashboard.get("rows"), f"{key} has no panels"
+
+
+def test_pod_specs_reference_only_rendered_or_declared_config(render_ci):
+    docs = render_ci("production-values.yaml")
+    config_maps = {name(doc) for doc in of_kind(docs, "ConfigMap")}
+    secrets = {name(doc) for doc in of_kind(docs, "Secret")}
+    accounts = {name(doc) for doc in of_kind(docs, "ServiceAccount")}
+
+    for workload in workloads(docs):
+        spec = pod_spec(workload)
+        if spec.get("serviceAccountName"):
+            assert spec["serviceAccountName"] in accounts, spec["serviceAccountName"]
+        for container in containers(workload):
+            for source in container.get("envFrom") or []:
+                if "configMapRef" in source:
+                    assert source["configMapRef"]["name"] in config_maps, source
+                if "secretRef" in source:
+                    assert source["secretRef"]["name"] in secrets, source
