@@ -1,0 +1,281 @@
+{{/* Names, labels and the pieces every pod of the app image shares. */}}
+
+{{- define "django-celery-k8s.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "django-celery-k8s.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "django-celery-k8s.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels of every resource. */}}
+{{- define "django-celery-k8s.labels" -}}
+helm.sh/chart: {{ include "django-celery-k8s.chart" . }}
+{{ include "django-celery-k8s.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Values.image.tag | default .Chart.AppVersion | trunc 63 | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: {{ include "django-celery-k8s.name" . }}
+{{- end }}
+
+{{/* Selector labels of the whole release: name and instance only, stable across upgrades. */}}
+{{- define "django-celery-k8s.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "django-celery-k8s.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/*
+Selector labels of one component: dict "root" $ "component" "web" [ "pool" "default" ].
+Only name, instance, component (and a worker's pool): never the version or chart labels.
+*/}}
+{{- define "django-celery-k8s.componentSelectorLabels" -}}
+{{ include "django-celery-k8s.selectorLabels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- with .pool }}
+app.kubernetes.io/worker-pool: {{ . }}
+{{- end }}
+{{- end }}
+
+{{/* All labels of one component: dict "root" $ "component" "web" [ "pool" "default" ]. */}}
+{{- define "django-celery-k8s.componentLabels" -}}
+{{ include "django-celery-k8s.labels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- with .pool }}
+app.kubernetes.io/worker-pool: {{ . }}
+{{- end }}
+{{- end }}
+
+{{/* The one image of every app role; a digest pins it when set. */}}
+{{- define "django-celery-k8s.image" -}}
+{{- $tag := .Values.image.tag | default .Chart.AppVersion | toString }}
+{{- if .Values.image.digest }}
+{{- printf "%s:%s@%s" .Values.image.repository $tag .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository $tag }}
+{{- end }}
+{{- end }}
+
+{{- define "django-celery-k8s.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "django-celery-k8s.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "django-celery-k8s.configMapName" -}}
+{{- include "django-celery-k8s.fullname" . }}
+{{- end }}
+
+{{/* The Secret the app reads: the user's existingSecret or the chart's own. */}}
+{{- define "django-celery-k8s.secretName" -}}
+{{- .Values.secrets.existingSecret | default (include "django-celery-k8s.fullname" .) }}
+{{- end }}
+
+{{/* The Secret holding the generated passwords of the bundled Redis and PostgreSQL. */}}
+{{- define "django-celery-k8s.bundledSecretName" -}}
+{{- printf "%s-bundled" (include "django-celery-k8s.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "django-celery-k8s.redisName" -}}
+{{- printf "%s-redis" (include "django-celery-k8s.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "django-celery-k8s.postgresqlName" -}}
+{{- printf "%s-postgresql" (include "django-celery-k8s.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* FLOWER_URL_PREFIX: flower.urlPrefix, else the ingress path when Flower is routed there. */}}
+{{- define "django-celery-k8s.flowerUrlPrefix" -}}
+{{- if .Values.flower.urlPrefix }}
+{{- .Values.flower.urlPrefix | trimAll "/" }}
+{{- else if and .Values.ingress.enabled .Values.ingress.flower.enabled }}
+{{- .Values.ingress.flower.path | trimAll "/" }}
+{{- end }}
+{{- end }}
+
+{{/* Pod annotations that roll pods when the settings change. */}}
+{{- define "django-celery-k8s.checksumAnnotations" -}}
+checksum/config: {{ include (print .Template.BasePath "/configmap.yaml") . | sha256sum }}
+checksum/secret: {{ include (print .Template.BasePath "/secret.yaml") . | sha256sum }}
+{{- end }}
+
+{{/*
+Pod annotations and labels: dict "root" $ "comp" <component values>. The component's own
+are merged over defaults.*.
+*/}}
+{{- define "django-celery-k8s.podAnnotations" -}}
+{{- $annotations := merge (deepCopy (.comp.podAnnotations | default dict)) (deepCopy .root.Values.defaults.podAnnotations) }}
+{{- include "django-celery-k8s.checksumAnnotations" .root }}
+{{- with $annotations }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "django-celery-k8s.podLabels" -}}
+{{- $labels := merge (deepCopy (.comp.podLabels | default dict)) (deepCopy .root.Values.defaults.podLabels) }}
+{{- with $labels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* envFrom of every app container: the settings and the secrets. */}}
+{{- define "django-celery-k8s.envFrom" -}}
+- configMapRef:
+    name: {{ include "django-celery-k8s.configMapName" . }}
+- secretRef:
+    name: {{ include "django-celery-k8s.secretName" . }}
+{{- end }}
+
+{{/* Extra env of a container: dict "root" $ "comp" <component values> "extra" <map>. */}}
+{{- define "django-celery-k8s.extraEnv" -}}
+{{- $env := merge (deepCopy (.extra | default dict)) (deepCopy (.comp.env | default dict)) (deepCopy .root.Values.defaults.env) }}
+{{- range $name := keys $env | sortAlpha }}
+- name: {{ $name }}
+  value: {{ index $env $name | toString | quote }}
+{{- end }}
+{{- end }}
+
+{{/* Resources: the component's own, else defaults.resources. */}}
+{{- define "django-celery-k8s.resources" -}}
+{{- toYaml (.comp.resources | default .root.Values.defaults.resources) }}
+{{- end }}
+
+{{/*
+Scheduling and security of a pod of the app image: dict "root" $ "comp" <values> "selector" <labels yaml>.
+Rendered at the indentation of a pod spec's fields.
+*/}}
+{{- define "django-celery-k8s.podSpecCommon" -}}
+{{- $root := .root }}
+serviceAccountName: {{ .serviceAccountName | default (include "django-celery-k8s.serviceAccountName" $root) }}
+automountServiceAccountToken: false
+enableServiceLinks: false
+{{- with $root.Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+securityContext:
+  {{- toYaml $root.Values.podSecurityContext | nindent 2 }}
+{{- with (.comp.nodeSelector | default $root.Values.defaults.nodeSelector) }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with (.comp.tolerations | default $root.Values.defaults.tolerations) }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with (.comp.affinity | default $root.Values.defaults.affinity) }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- $selector := .selector | fromYaml }}
+{{- with (.comp.topologySpreadConstraints | default $root.Values.defaults.topologySpreadConstraints) }}
+topologySpreadConstraints:
+  {{- range . }}
+  {{- $constraint := deepCopy . }}
+  {{- if not (hasKey $constraint "labelSelector") }}
+  {{- $_ := set $constraint "labelSelector" (dict "matchLabels" $selector) }}
+  {{- end }}
+  - {{ toYaml $constraint | nindent 4 | trim }}
+  {{- end }}
+{{- end }}
+{{- end }}
+
+{{/* initContainer that waits for migrations: `manage migrate --check` in a bounded loop. */}}
+{{- define "django-celery-k8s.waitForMigrations" -}}
+{{- if .Values.migrations.waitInitContainer }}
+- name: wait-for-migrations
+  image: {{ include "django-celery-k8s.image" . }}
+  imagePullPolicy: {{ .Values.image.pullPolicy }}
+  command: ["/bin/sh", "-c"]
+  args:
+    - |
+      deadline=$(( $(date +%s) + {{ .Values.migrations.waitTimeoutSeconds }} ))
+      until /app/entrypoint.sh manage migrate --check >/dev/null; do
+        if [ "$(date +%s)" -ge "$deadline" ]; then
+          echo "migrations still not applied after {{ .Values.migrations.waitTimeoutSeconds }} s: is the migrate Job failing?" >&2
+          exit 1
+        fi
+        echo "waiting for migrations (manage migrate --check)"
+        sleep {{ .Values.migrations.waitIntervalSeconds }}
+      done
+  envFrom:
+    {{- include "django-celery-k8s.envFrom" . | nindent 4 }}
+  resources:
+    {{- toYaml (.Values.migrations.resources | default .Values.defaults.resources) | nindent 4 }}
+  securityContext:
+    {{- toYaml .Values.securityContext | nindent 4 }}
+  volumeMounts:
+    - name: tmp
+      mountPath: /tmp
+{{- end }}
+{{- end }}
+
+{{/*
+A probe from values: dict "probe" <probe values> "prefix" <url prefix>. An httpGet path gets
+the prefix (Flower serves everything under FLOWER_URL_PREFIX).
+*/}}
+{{- define "django-celery-k8s.probe" -}}
+{{- $probe := deepCopy .probe }}
+{{- if and .prefix $probe.httpGet }}
+{{- $_ := set $probe.httpGet "path" (printf "/%s/%s" .prefix ($probe.httpGet.path | trimPrefix "/")) }}
+{{- end }}
+{{- toYaml $probe }}
+{{- end }}
+
+{{/*
+A worker pool's values: the pool over worker (and worker's empty blocks left to defaults).
+*/}}
+{{- define "django-celery-k8s.workerPool" -}}
+{{- toYaml (mergeOverwrite (deepCopy .root.Values.worker) (deepCopy .pool)) }}
+{{- end }}
+
+{{/* The worker grace period: softShutdownTimeout + longestTaskSeconds + 30 unless set. */}}
+{{- define "django-celery-k8s.workerGracePeriod" -}}
+{{- if kindIs "invalid" .terminationGracePeriodSeconds }}
+{{- add (int .softShutdownTimeout) (int .longestTaskSeconds) 30 }}
+{{- else }}
+{{- .terminationGracePeriodSeconds }}
+{{- end }}
+{{- end }}
+
+{{/* The bundled services' passwords: looked up from the cluster, else generated once. */}}
+{{- define "django-celery-k8s.bundledPasswords" -}}
+{{- $existing := lookup "v1" "Secret" .Release.Namespace (include "django-celery-k8s.bundledSecretName" .) }}
+{{- $data := dict }}
+{{- if $existing }}{{ $data = $existing.data | default dict }}{{ end }}
+redis-password: {{ (get $data "redis-password") | default (randAlphaNum 32 | b64enc) }}
+postgres-password: {{ (get $data "postgres-password") | default (randAlphaNum 32 | b64enc) }}
+{{- end }}
+
+{{/* An httpGet probe of Django sends Host: localhost, which the ConfigMap always allows. */}}
+{{- define "django-celery-k8s.hostHeader" -}}
+{{- $probe := deepCopy . }}
+{{- if and $probe.httpGet (not $probe.httpGet.httpHeaders) }}
+{{- $_ := set $probe.httpGet "httpHeaders" (list (dict "name" "Host" "value" "localhost")) }}
+{{- end }}
+{{- toYaml $probe }}
+{{- end }}
+
+{{/* The hook copies of the ConfigMap and Secret, for the pre-install migrate Job. */}}
+{{- define "django-celery-k8s.migrateConfigName" -}}
+{{- printf "%s-migrate" (include "django-celery-k8s.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "django-celery-k8s.migrateHookAnnotations" -}}
+helm.sh/hook: pre-install,pre-upgrade
+helm.sh/hook-weight: {{ sub (int .Values.migrations.hookWeight) 1 | quote }}
+helm.sh/hook-delete-policy: before-hook-creation,hook-succeeded
+{{- end }}
