@@ -281,33 +281,32 @@ def test_services_and_ingress_route_to_rendered_ports(production):
                 ) in {p["port"] for p in ports}, backend
 
 
-def test_grafana_dashboards_are_json_in_a_sidecar_labelled_config_map(production):
-    dashboards = [
-        doc
-        for doc in of_kind(production, "ConfigMap")
-        if any("dashboard" in key.lower() for key in labels(doc)) or "dashboard" in name(doc)
-    ]
-    assert dashboards, "production-values.yaml renders no Grafana dashboard ConfigMap"
+def test_grafana_dashboards_are_json_in_a_config_map_with_the_sidecar_label(production):
+    grafana = merged_values(load_values("production-values.yaml"))["metrics"]["grafanaDashboards"]
+    label, value = grafana["sidecarLabel"], str(grafana["sidecarLabelValue"])
 
+    dashboards = [doc for doc in of_kind(production, "ConfigMap") if labels(doc).get(label) == value]
+
+    assert dashboards, f"production-values.yaml renders no ConfigMap labelled {label}={value}"
     for config_map in dashboards:
-        assert any("grafana" in key.lower() or "dashboard" in key.lower() for key in labels(config_map))
-        assert config_map["data"]
-        for key, text in config_map["data"].items():
+        for key, text in (config_map.get("data") or {}).items():
             assert key.endswith(".json"), key
             dashboard = json.loads(text)
             assert dashboard.get("panels") or dashboard.get("rows"), f"{key} has no panels"
 
 
-def test_pod_specs_reference_only_rendered_or_declared_config(render_ci):
-    docs = render_ci("production-values.yaml")
+@pytest.mark.parametrize("ci_file", CI_FILES)
+def test_pods_reference_only_rendered_config_maps_secrets_and_accounts(render_ci, ci_file):
+    docs = render_ci(ci_file)
     config_maps = {name(doc) for doc in of_kind(docs, "ConfigMap")}
     secrets = {name(doc) for doc in of_kind(docs, "Secret")}
+    secrets.add(merged_values(load_values(ci_file))["secrets"]["existingSecret"])
     accounts = {name(doc) for doc in of_kind(docs, "ServiceAccount")}
 
     for workload in workloads(docs):
         spec = pod_spec(workload)
         if spec.get("serviceAccountName"):
-            assert spec["serviceAccountName"] in accounts, spec["serviceAccountName"]
+            assert spec["serviceAccountName"] in accounts | {"default"}, spec["serviceAccountName"]
         for container in containers(workload):
             for source in container.get("envFrom") or []:
                 if "configMapRef" in source:
