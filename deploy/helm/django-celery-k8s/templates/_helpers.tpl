@@ -288,3 +288,16 @@ so its Secret is passed with envFrom: referenced, never inlined in the manifest.
 {{- define "django-celery-k8s.checkovSkips" -}}
 checkov.io/skip1: CKV_K8S_35=The image reads its settings and secrets from environment variables only (django-environ, Flower); the Secret is referenced by envFrom, never inlined
 {{- end }}
+
+{{/*
+Name of the migrate Job. A hook is deleted and recreated each time; a plain Job's pod template
+is immutable, so its name follows the image: a new image runs a new Job (also under tools that
+render with revision 1 every time).
+*/}}
+{{- define "django-celery-k8s.migrateJobName" -}}
+{{- if .Values.migrations.hook }}
+{{- printf "%s-migrate" (include "django-celery-k8s.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-migrate-%s" (include "django-celery-k8s.fullname" . | trunc 46 | trimSuffix "-") (include "django-celery-k8s.image" . | sha256sum | trunc 8) }}
+{{- end }}
+{{- end }}
