@@ -787,3 +787,20 @@ def test_network_policy_denies_by_default_and_lets_each_role_reach_what_it_needs
         for rule in p["spec"].get("ingress") or []
     ]
     assert web_ingress, "nothing may reach web"
+
+
+@pytest.mark.parametrize("ci_file", CI_FILES)
+def test_http_probes_of_django_send_a_host_django_allows(render_ci, ci_file):
+    # The kubelet sends Host: <pod IP>:<port> unless told otherwise; Django answers 400 to a host
+    # missing from DJANGO_ALLOWED_HOSTS, and the probe would fail for ever.
+    docs = render_ci(ci_file)
+    for web in by_component(docs, "web"):
+        container = main_container(web)
+        allowed = [h.strip() for h in effective_env(docs, container).get("DJANGO_ALLOWED_HOSTS", "").split(",")]
+        for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+            http_get = container[probe].get("httpGet")
+            if not http_get:
+                continue
+            host = {h["name"].lower(): h["value"] for h in http_get.get("httpHeaders") or []}.get("host")
+            assert host, f"{name(web)} {probe} sends the pod IP as Host"
+            assert "*" in allowed or host.split(":")[0] in allowed, f"{probe} Host {host} not in {allowed}"

@@ -11,9 +11,10 @@ from tests.deploy.conftest import CHART_DIR, CI_FILES, deep_merge, load_values, 
 SEVERITY_WARNING = 2
 
 
+@pytest.mark.parametrize("kube_version", ["v1.30.0", "v1.34.0"])
 @pytest.mark.parametrize("ci_file", CI_FILES)
-def test_strict_lint_reports_no_error_or_warning(ci_file):
-    report = helm_python.lint(CHART_DIR, load_values(ci_file), strict=True, kube_version="v1.30.0")
+def test_strict_lint_reports_no_error_or_warning(ci_file, kube_version):
+    report = helm_python.lint(CHART_DIR, load_values(ci_file), strict=True, kube_version=kube_version)
 
     assert report["total_charts_linted"] == 1
     problems = [m for m in report["messages"] if m["severity"] >= SEVERITY_WARNING]
@@ -61,7 +62,9 @@ def first_pool(**changes) -> dict:
     ("overrides", "named"),
     [
         pytest.param({"web": {"replicas": -1}}, "/web/replicas", id="negative-web-replicas"),
-        pytest.param({"flower": {"replicas": -2}}, "/flower/replicas", id="negative-flower-replicas"),
+        pytest.param(
+            {"worker": {"keda": {"minReplicaCount": -1}}}, "/worker/keda/minReplicaCount", id="negative-keda-minimum"
+        ),
         pytest.param({"replicaCount": 3}, "replicaCount", id="unknown-top-level-key"),
         pytest.param({"web": {"replcas": 2}}, "replcas", id="unknown-key-in-web"),
         pytest.param({"image": {"tga": "1.0"}}, "tga", id="unknown-key-in-image"),

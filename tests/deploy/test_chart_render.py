@@ -313,3 +313,101 @@ def test_pods_reference_only_rendered_config_maps_secrets_and_accounts(render_ci
                     assert source["configMapRef"]["name"] in config_maps, source
                 if "secretRef" in source:
                     assert source["secretRef"]["name"] in secrets, source
+
+
+def test_disruption_budgets_never_block_a_drain_at_the_minimum_replica_count(production):
+    # A budget that keeps every pod of a workload at its minimum size makes `kubectl drain` wait forever.
+    deployments = {name(doc): doc for doc in of_kind(production, "Deployment")}
+    minimum = {target: doc["spec"].get("replicas", 1) for target, doc in deployments.items()}
+    for hpa in of_kind(production, "HorizontalPodAutoscaler"):
+        minimum[hpa["spec"]["scaleTargetRef"]["name"]] = hpa["spec"].get("minReplicas", 1)
+    for scaled in of_kind(production, "ScaledObject"):
+        minimum[scaled["spec"]["scaleTargetRef"]["name"]] = scaled["spec"].get("minReplicaCount", 0)
+
+    blocking = []
+    for pdb in of_kind(production, "PodDisruptionBudget"):
+        spec = pdb["spec"]
+        for target, deployment in deployments.items():
+            if not selector_matches(spec["selector"], pod_labels(deployment)) or minimum[target] == 0:
+                continue
+            min_available = spec.get("minAvailable")
+            if spec.get("maxUnavailable") in (0, "0%") or min_available == "100%":
+                blocking.append(f"{name(pdb)} allows no disruption of {target}")
+            elif isinstance(min_available, int) and min_available >= minimum[target]:
+                blocking.append(f"{name(pdb)}: minAvailable {min_available}, {target} may run only {minimum[target]}")
+    assert not blocking, "\n".join(blocking)
+
+
+def test_ingress_routes_root_to_web_and_the_flower_prefix_to_flower(production):
+    values = merged_values(load_values("production-values.yaml"))
+    services = services_by_name(production)
+    routes = {}
+    for ingress in of_kind(production, "Ingress"):
+        for rule in ingress["spec"]["rules"]:
+            for path in rule["http"]["paths"]:
+                service = services[path["backend"]["service"]["name"]]
+                routes[(rule.get("host"), path["path"])] = labels(service).get("app.kubernetes.io/component")
+
+    for host in (h["host"] for h in values["ingress"]["hosts"]):
+        assert routes.get((host, "/")) == "web", routes
+        if values["ingress"]["flower"]["enabled"] and values["flower"]["enabled"]:
+            assert routes.get((host, values["ingress"]["flower"]["path"])) == "flower", routes
+
+
+def test_flower_behind_a_prefix_is_probed_under_that_prefix(production):
+    values = merged_values(load_values("production-values.yaml"))
+    assert values["ingress"]["flower"]["enabled"]
+    prefix = (values["flower"]["urlPrefix"] or values["ingress"]["flower"]["path"]).strip("/")
+    flower = next(w for w in workloads(production) if labels(w).get("app.kubernetes.io/component") == "flower")
+    container = next(c for c in containers(flower, init=False) if (c.get("args") or [None])[0] == "flower")
+
+    env = {item["name"]: item.get("value") for item in container.get("env") or []}
+    config = {k: v for doc in of_kind(production, "ConfigMap") for k, v in (doc.get("data") or {}).items()}
+    assert (env.get("FLOWER_URL_PREFIX") or config.get("FLOWER_URL_PREFIX")) == prefix
+    for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+        path = container[probe]["httpGet"]["path"]
+        assert path.startswith(f"/{prefix}/"), f"{probe} asks {path}, Flower answers under /{prefix}/"
+
+
+def test_network_policy_lets_prometheus_reach_what_the_monitors_scrape(production):
+    # The scrapers do not come through the ingress controller: a port open only to ingressFrom is not scraped.
+    values = merged_values(load_values("production-values.yaml"))
+    ingress_from = values["networkPolicy"]["ingressFrom"]
+    policies = [p for p in of_kind(production, "NetworkPolicy") if "Ingress" in p["spec"].get("policyTypes", [])]
+    services = of_kind(production, "Service")
+    assert policies
+
+    scraped = []  # (pod workload, port name)
+    for monitor in of_kind(production, "ServiceMonitor"):
+        for service in (s for s in services if selector_matches(monitor["spec"]["selector"], labels(s))):
+            for endpoint in monitor["spec"]["endpoints"]:
+                port = next(p for p in service["spec"]["ports"] if p.get("name") == endpoint["port"])
+                for workload in (
+                    w for w in workloads(production) if selector_matches(service["spec"]["selector"], pod_labels(w))
+                ):
+                    scraped.append((workload, port.get("targetPort", port["port"])))
+    for monitor in of_kind(production, "PodMonitor"):
+        for workload in (
+            w for w in workloads(production) if selector_matches(monitor["spec"]["selector"], pod_labels(w))
+        ):
+            scraped.extend((workload, endpoint["port"]) for endpoint in monitor["spec"]["podMetricsEndpoints"])
+    assert scraped
+
+    blocked = []
+    for workload, port in scraped:
+        numbers = {port} | {
+            p["containerPort"]
+            for c in containers(workload, init=False)
+            for p in c.get("ports") or []
+            if p.get("name") == port
+        }
+        rules = [
+            rule
+            for policy in policies
+            if selector_matches(policy["spec"]["podSelector"], pod_labels(workload))
+            for rule in policy["spec"].get("ingress") or []
+            if not rule.get("ports") or any(p.get("port") in numbers for p in rule["ports"])
+        ]
+        if not any(not rule.get("from") or rule["from"] != ingress_from for rule in rules):
+            blocked.append(f"{name(workload)} port {port}")
+    assert not blocked, f"scraped but closed to Prometheus by the NetworkPolicy: {blocked}"
