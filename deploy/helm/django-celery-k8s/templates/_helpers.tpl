@@ -167,7 +167,7 @@ imagePullSecrets:
   {{- toYaml . | nindent 2 }}
 {{- end }}
 securityContext:
-  {{- toYaml $root.Values.podSecurityContext | nindent 2 }}
+  {{- toYaml (.comp.podSecurityContext | default $root.Values.podSecurityContext) | nindent 2 }}
 {{- with (.comp.nodeSelector | default $root.Values.defaults.nodeSelector) }}
 nodeSelector:
   {{- toYaml . | nindent 2 }}
@@ -300,4 +300,9 @@ render with revision 1 every time).
 {{- else }}
 {{- printf "%s-migrate-%s" (include "django-celery-k8s.fullname" . | trunc 46 | trimSuffix "-") (include "django-celery-k8s.image" . | sha256sum | trunc 8) }}
 {{- end }}
+{{- end }}
+
+{{/* A container's security context: the component's own, else the global one. */}}
+{{- define "django-celery-k8s.securityContext" -}}
+{{- toYaml (.comp.securityContext | default .root.Values.securityContext) }}
 {{- end }}
