@@ -2,6 +2,7 @@
 Kubernetes schemas of 1.30 and 1.34, and its custom resources carry the fields their operators read."""
 
 import json
+import re
 
 import helm_python
 import kubernetes_validate
@@ -411,3 +412,28 @@ def test_network_policy_lets_prometheus_reach_what_the_monitors_scrape(productio
         if not any(not rule.get("from") or rule["from"] != ingress_from for rule in rules):
             blocked.append(f"{name(workload)} port {port}")
     assert not blocked, f"scraped but closed to Prometheus by the NetworkPolicy: {blocked}"
+
+
+@pytest.mark.parametrize("ci_file", CI_FILES)
+def test_notes_tell_how_to_reach_the_api_admin_and_flower_through_rendered_objects(render_ci, ci_file):
+    values = merged_values(load_values(ci_file))
+    with helm_python.Chart.load(CHART_DIR) as chart:
+        manifests = chart.render(load_values(ci_file), name="demo", namespace="apps")
+    notes = next(text for path, text in manifests.items() if path.endswith("NOTES.txt"))
+    docs = render_ci(ci_file)
+    rendered = {(doc["kind"], name(doc)) for doc in docs}
+
+    assert "/api/docs" in notes
+    assert "/admin/" in notes
+    if values["flower"]["enabled"]:
+        assert "Flower" in notes
+    for kind, ref in re.findall(r"\b(service|deployment)/([a-z0-9-]+)", notes):
+        assert (kind.capitalize(), ref) in rendered, f"NOTES.txt names {kind}/{ref}, which is not rendered"
+    for ref, port in re.findall(r"service/([a-z0-9-]+) \d+:(\d+)", notes):
+        service = next(doc for doc in of_kind(docs, "Service") if name(doc) == ref)
+        assert int(port) in {p["port"] for p in service["spec"]["ports"]}, f"{ref} has no port {port}"
+    for ref in re.findall(r"get secret ([a-z0-9-]+)", notes):
+        assert ("Secret", ref) in rendered or ref == values["secrets"]["existingSecret"], ref
+    if values["ingress"]["enabled"]:
+        for host in values["ingress"]["hosts"]:
+            assert f"https://{host['host']}/admin/" in notes or not values["ingress"]["tls"], notes
