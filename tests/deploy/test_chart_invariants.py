@@ -804,3 +804,82 @@ def test_http_probes_of_django_send_a_host_django_allows(render_ci, ci_file):
             host = {h["name"].lower(): h["value"] for h in http_get.get("httpHeaders") or []}.get("host")
             assert host, f"{name(web)} {probe} sends the pod IP as Host"
             assert "*" in allowed or host.split(":")[0] in allowed, f"{probe} Host {host} not in {allowed}"
+
+
+@pytest.mark.parametrize("ci_file", CI_FILES)
+def test_web_grace_period_covers_the_pre_stop_sleep_and_gunicorns_graceful_timeout(render_ci, ci_file):
+    docs = render_ci(ci_file)
+    for web in by_component(docs, "web"):
+        container = main_container(web)
+        graceful = int(effective_env(docs, container).get("GUNICORN_GRACEFUL_TIMEOUT") or 30)
+        command = ((container.get("lifecycle") or {}).get("preStop") or {}).get("exec", {}).get("command") or []
+        sleep = int(command[-1]) if command[:1] == ["sleep"] else 0
+        grace = pod_spec(web).get("terminationGracePeriodSeconds", 30)
+        assert grace >= sleep + graceful, f"{name(web)}: {grace} s < preStop {sleep} s + gunicorn {graceful} s"
+
+
+@pytest.mark.parametrize("ci_file", CI_FILES)
+def test_task_time_limits_and_the_visibility_timeout_fit_together(render_ci, ci_file):
+    # Redis redelivers a message not acknowledged within the visibility timeout: a task that may run
+    # longer than that is run twice.
+    docs = render_ci(ci_file)
+    values = merged_values(load_values(ci_file))
+    deployments = worker_deployments_by_pool(docs)
+
+    for pool in values["workerPools"]:
+        env = effective_env(docs, main_container(deployments[pool["name"]]))
+        soft, hard = int(env["CELERY_TASK_SOFT_TIME_LIMIT"]), int(env["CELERY_TASK_TIME_LIMIT"])
+        visibility = int(env["CELERY_BROKER_VISIBILITY_TIMEOUT"])
+        longest = pool_setting(values, pool, "longestTaskSeconds")
+        assert soft < hard, f"pool {pool['name']}: soft limit {soft} >= hard limit {hard}"
+        assert visibility > max(hard, longest) + pool_setting(values, pool, "softShutdownTimeout"), (
+            f"pool {pool['name']}: visibility timeout {visibility} s, tasks may run {max(hard, longest)} s"
+        )
+
+
+@pytest.mark.parametrize("ci_file", CI_FILES)
+def test_topology_spread_counts_only_the_pods_of_the_same_workload(render_ci, ci_file):
+    long_running = of_kind(render_ci(ci_file), *LONG_RUNNING_KINDS)
+    for workload in long_running:
+        for constraint in pod_spec(workload).get("topologySpreadConstraints") or []:
+            selector = constraint.get("labelSelector")
+            assert selector, f"{name(workload)}: a spread constraint without labelSelector spreads nothing"
+            assert selector_matches(selector, pod_labels(workload)), f"{name(workload)}: {selector}"
+            others = [w for w in long_running if w is not workload]
+            assert not any(selector_matches(selector, pod_labels(o)) for o in others), (
+                f"{name(workload)} spreads against other workloads' pods: {selector}"
+            )
+
+
+def test_production_spreads_pods_over_zones(render_ci):
+    docs = render_ci("production-values.yaml")
+
+    for deployment in app_deployments(docs):
+        assert pod_spec(deployment).get("topologySpreadConstraints"), name(deployment)
+
+
+def test_autoscaled_deployments_leave_replicas_to_the_autoscaler(render_ci):
+    # A replicas field in the manifest resets the scaled count to it on every helm upgrade.
+    docs = render_ci("production-values.yaml")
+    targets = {d["spec"]["scaleTargetRef"]["name"] for d in of_kind(docs, "HorizontalPodAutoscaler", "ScaledObject")}
+    assert targets
+
+    pinned = [name(d) for d in of_kind(docs, "Deployment") if name(d) in targets and "replicas" in d["spec"]]
+    assert not pinned, f"autoscaled but with spec.replicas: {pinned}"
+
+
+def test_a_pool_cannot_have_both_an_hpa_and_keda(minimal_values):
+    values = deep_merge(minimal_values, {"worker": {"autoscaling": {"enabled": True}, "keda": {"enabled": True}}})
+
+    try:
+        docs = render_chart(values)
+    except helm_python.HelmError as error:
+        refused = str(error)
+    else:
+        refused = ""
+    if refused:
+        assert "keda" in refused.lower(), refused
+        return
+    hpa_targets = {d["spec"]["scaleTargetRef"]["name"] for d in of_kind(docs, "HorizontalPodAutoscaler")}
+    keda_targets = {d["spec"]["scaleTargetRef"]["name"] for d in of_kind(docs, "ScaledObject")}
+    assert not hpa_targets & keda_targets, f"two autoscalers fight over {hpa_targets & keda_targets}"

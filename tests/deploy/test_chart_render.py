@@ -3,6 +3,7 @@ Kubernetes schemas of 1.30 and 1.34, and its custom resources carry the fields t
 
 import json
 import re
+from urllib.parse import urlsplit
 
 import helm_python
 import kubernetes_validate
@@ -437,3 +438,29 @@ def test_notes_tell_how_to_reach_the_api_admin_and_flower_through_rendered_objec
     if values["ingress"]["enabled"]:
         for host in values["ingress"]["hosts"]:
             assert f"https://{host['host']}/admin/" in notes or not values["ingress"]["tls"], notes
+
+
+def test_each_disruption_budget_covers_exactly_one_workload(production):
+    for pdb in of_kind(production, "PodDisruptionBudget"):
+        selected = [name(w) for w in workloads(production) if selector_matches(pdb["spec"]["selector"], pod_labels(w))]
+        assert len(selected) == 1, f"{name(pdb)} covers {selected}"
+
+
+def test_ingress_uses_the_class_field(production):
+    class_name = merged_values(load_values("production-values.yaml"))["ingress"]["className"]
+
+    for ingress in of_kind(production, "Ingress"):
+        assert ingress["spec"].get("ingressClassName") == class_name
+        assert "kubernetes.io/ingress.class" not in (ingress["metadata"].get("annotations") or {})
+
+
+def test_keda_watches_the_broker_database(production):
+    values = merged_values(load_values("production-values.yaml"))
+    broker = urlsplit(values["secrets"]["brokerUrl"])
+    database = int(broker.path.strip("/") or 0)
+
+    for scaled in of_kind(production, "ScaledObject"):
+        for trigger in scaled["spec"]["triggers"]:
+            assert int(trigger["metadata"].get("databaseIndex", 0)) == database, trigger
+            if trigger["metadata"].get("address"):
+                assert trigger["metadata"]["address"] == f"{broker.hostname}:{broker.port or 6379}", trigger
