@@ -31,16 +31,30 @@ def test_strict_lint_reports_a_schema_violation():
     assert report["errors"], json.dumps(report, indent=2)
 
 
-def test_the_schema_forbids_unknown_keys_everywhere_it_can():
+def open_objects(node, path="") -> list[str]:
+    """Paths of schema objects that list their properties yet accept any other key."""
+    found = []
+    if isinstance(node, dict):
+        if "properties" in node and node.get("additionalProperties") is not False:
+            found.append(path or "/")
+        for key, child in node.items():
+            if key in ("properties", "patternProperties", "definitions", "$defs"):
+                for name, sub in child.items():
+                    found += open_objects(sub, f"{path}/{name}")
+            elif key in ("items", "additionalProperties", "not", "if", "then", "else"):
+                found += open_objects(child, f"{path}/{key}" if key != "items" else f"{path}[]")
+            elif key in ("allOf", "anyOf", "oneOf"):
+                for sub in child:
+                    found += open_objects(sub, path)
+    return found
+
+
+def test_the_schema_forbids_unknown_keys_everywhere_it_lists_keys():
     schema = json.loads((CHART_DIR / "values.schema.json").read_text())
 
     assert schema.get("additionalProperties") is False
-    open_blocks = [
-        key
-        for key, block in schema.get("properties", {}).items()
-        if block.get("type") == "object" and "properties" in block and block.get("additionalProperties") is not False
-    ]
-    assert not open_blocks, f"these blocks accept any key: {open_blocks}"
+    assert len(schema["properties"]) >= 15
+    assert not open_objects(schema), f"these blocks accept any key: {open_objects(schema)}"
 
 
 def schema_error(overrides: dict) -> str:
@@ -110,3 +124,11 @@ def test_schema_accepts_every_values_file():
     with helm_python.Chart.load(CHART_DIR) as chart:
         for ci_file in CI_FILES:
             chart.validate_schema(load_values(ci_file))
+
+
+def test_two_pools_with_one_name_are_refused_naming_the_pool():
+    pool = first_pool()["workerPools"][0]
+
+    message = schema_error({"workerPools": [pool, {**pool, "queues": ["other"]}]})
+
+    assert pool["name"] in message, message
