@@ -236,7 +236,7 @@ the prefix (Flower serves everything under FLOWER_URL_PREFIX).
 {{- end }}
 
 {{/*
-A worker pool's values: the pool over worker (and worker's empty blocks left to defaults).
+A worker pool's values: the pool's keys merged over worker's; empty blocks then fall back to defaults.
 */}}
 {{- define "django-celery-k8s.workerPool" -}}
 {{- toYaml (mergeOverwrite (deepCopy .root.Values.worker) (deepCopy .pool)) }}
