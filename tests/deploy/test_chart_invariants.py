@@ -4,6 +4,7 @@ cover running tasks, worker pools, the same settings for every role, and migrati
 
 import base64
 import re
+from urllib.parse import urlsplit
 
 import helm_python
 import pytest
@@ -916,3 +917,42 @@ def test_keda_reads_the_bundled_redis_password_from_a_variable_the_workers_have(
             assert from_env or trigger.get("authenticationRef"), f"{name(scaled)}: no way to authenticate to Redis"
             for key, variable in from_env.items():
                 assert env.get(variable), f"{name(scaled)}: {key} names {variable}, which {name(target)} lacks"
+
+
+# --- Bundled services (local clusters) --------------------------------------------------------
+
+
+def test_bundled_services_are_wired_to_the_app_settings(render_ci):
+    docs = render_ci("local-values.yaml")
+    services = {name(d): d for d in of_kind(docs, "Service")}
+    statefulsets = {pod_component(s): s for s in of_kind(docs, "StatefulSet")}
+    assert set(statefulsets) == {"redis", "postgresql"}
+    app_env = effective_env(docs, main_container(by_component(docs, "web")[0]))
+
+    for setting, role, port in (("DATABASE_URL", "postgresql", 5432), ("CELERY_BROKER_URL", "redis", 6379)):
+        url = urlsplit(app_env[setting])
+        service = services.get(url.hostname)
+        assert service, f"{setting} points at {url.hostname}, not a rendered Service"
+        assert selector_matches(service["spec"]["selector"], pod_labels(statefulsets[role]))
+        assert (url.port or port) in {p["port"] for p in service["spec"]["ports"]}
+        server_env = effective_env(docs, pod_spec(statefulsets[role])["containers"][0])
+        password = server_env.get("POSTGRES_PASSWORD") or server_env.get("REDIS_PASSWORD")
+        assert password, f"the bundled {role} runs without a password"
+        assert url.password == password, f"{setting} has another password than the bundled {role}"
+        if role == "postgresql":
+            assert url.username == server_env["POSTGRES_USER"]
+            assert url.path.strip("/") == server_env["POSTGRES_DB"]
+
+
+def test_bundled_services_keep_their_data_on_a_claim(render_ci):
+    for statefulset in of_kind(render_ci("local-values.yaml"), "StatefulSet"):
+        claims = {c["metadata"]["name"] for c in statefulset["spec"].get("volumeClaimTemplates") or []}
+        container = pod_spec(statefulset)["containers"][0]
+        mounts = {m["name"]: m["mountPath"] for m in container.get("volumeMounts") or []}
+        data = [path for volume, path in mounts.items() if volume in claims]
+        assert data, f"{name(statefulset)} keeps its data on no PersistentVolumeClaim"
+        pgdata = effective_env(render_ci("local-values.yaml"), container).get("PGDATA")
+        if pgdata:
+            # A fresh volume's root holds lost+found, where initdb refuses to run.
+            assert pgdata.startswith(data[0].rstrip("/") + "/"), f"PGDATA {pgdata} is not a folder under {data[0]}"
+        assert statefulset["spec"]["replicas"] == 1
