@@ -20,6 +20,7 @@ from tests.deploy.conftest import (
     merged_values,
     name,
     of_kind,
+    parse_manifests,
     pod_labels,
     pod_spec,
     render_chart,
@@ -464,3 +465,32 @@ def test_keda_watches_the_broker_database(production):
             assert int(trigger["metadata"].get("databaseIndex", 0)) == database, trigger
             if trigger["metadata"].get("address"):
                 assert trigger["metadata"]["address"] == f"{broker.hostname}:{broker.port or 6379}", trigger
+
+
+@pytest.mark.parametrize("ci_file", ["pools-values.yaml", "local-values.yaml", "production-values.yaml"])
+def test_names_fit_kubernetes_limits_with_the_longest_release_name(ci_file):
+    # Helm allows 53 characters; a Service name is a DNS label (63), a Job's name becomes a label
+    # value of its pods (63), a StatefulSet's a controller-revision-hash label (name + 11).
+    with helm_python.Chart.load(CHART_DIR) as chart:
+        docs = parse_manifests(chart.render(load_values(ci_file), name="r" * 53, namespace="apps"))
+    limits = {"Service": 63, "Job": 63, "StatefulSet": 52}
+
+    too_long = [
+        f"{doc['kind']} {name(doc)} ({len(name(doc))})" for doc in docs if len(name(doc)) > limits.get(doc["kind"], 253)
+    ]
+    too_long += [
+        f"{doc['kind']} {name(doc)} label {key}"
+        for doc in docs
+        for key, value in labels(doc).items()
+        if len(str(value)) > 63
+    ]
+    seen = [(doc["kind"], name(doc)) for doc in docs]
+    too_long += [f"two {kind} objects named {ref}" for kind, ref in sorted(set(seen)) if seen.count((kind, ref)) > 1]
+    assert not too_long, "\n".join(too_long)
+
+
+@pytest.mark.parametrize("ci_file", CI_FILES)
+def test_no_two_objects_share_a_kind_and_name(render_ci, ci_file):
+    seen = [(doc["kind"], name(doc)) for doc in render_ci(ci_file)]
+
+    assert len(seen) == len(set(seen)), sorted({key for key in seen if seen.count(key) > 1})
