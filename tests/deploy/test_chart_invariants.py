@@ -225,6 +225,15 @@ def test_every_pod_is_locked_down(render_ci, ci_file):
 
 
 @pytest.mark.parametrize("ci_file", CI_FILES)
+def test_app_pods_get_no_service_link_variables(render_ci, ci_file):
+    # Kubernetes injects <SERVICE>_PORT=tcp://... for every Service in the namespace: a Service named
+    # `flower` would set FLOWER_PORT, which the image's flower role passes to --port.
+    linked = [name(w) for w in app_workloads(render_ci(ci_file)) if pod_spec(w).get("enableServiceLinks") is not False]
+
+    assert not linked, linked
+
+
+@pytest.mark.parametrize("ci_file", CI_FILES)
 def test_app_containers_write_only_to_an_empty_dir_at_tmp(render_ci, ci_file):
     # The image keeps every writable path under /tmp (APP_RUNTIME_DIR, HOME): read-only root needs it mounted.
     problems = []
