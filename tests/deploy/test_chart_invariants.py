@@ -965,3 +965,16 @@ def test_bundled_services_keep_their_data_on_a_claim(render_ci):
             # A fresh volume's root holds lost+found, where initdb refuses to run.
             assert pgdata.startswith(data[0].rstrip("/") + "/"), f"PGDATA {pgdata} is not a folder under {data[0]}"
         assert statefulset["spec"]["replicas"] == 1
+
+
+def test_ingress_hosts_are_allowed_and_trusted_for_csrf(render_ci):
+    docs = render_ci("production-values.yaml")
+    hosts = [h["host"] for h in merged_values(load_values("production-values.yaml"))["ingress"]["hosts"]]
+    env = effective_env(docs, main_container(by_component(docs, "web")[0]))
+    allowed = env["DJANGO_ALLOWED_HOSTS"].split(",")
+    trusted = env.get("DJANGO_CSRF_TRUSTED_ORIGINS", "").split(",")
+
+    assert hosts
+    for host in hosts:
+        assert host in allowed, f"Django answers 400 to {host}: DJANGO_ALLOWED_HOSTS={allowed}"
+        assert f"https://{host}" in trusted, f"the admin's forms fail CSRF on https://{host}: {trusted}"
