@@ -17,6 +17,21 @@
 {{- end }}
 {{- end }}
 
+{{/*
+"<fullname>-<suffix>", the fullname shortened so the whole fits in a Kubernetes name: 63
+characters, or 52 for a StatefulSet (its pods get a label of the name plus 11 characters).
+Cutting the joined name instead could drop the suffix and give two objects one name.
+Called with (list $ "suffix") or (list $ "suffix" 52).
+*/}}
+{{- define "django-celery-k8s.componentName" -}}
+{{- $root := index . 0 -}}
+{{- $suffix := index . 1 -}}
+{{- $max := 63 -}}
+{{- if gt (len .) 2 }}{{ $max = index . 2 }}{{ end -}}
+{{- $base := include "django-celery-k8s.fullname" $root | trunc (int (sub $max (add1 (len $suffix)))) | trimSuffix "-" -}}
+{{- printf "%s-%s" $base $suffix -}}
+{{- end }}
+
 {{- define "django-celery-k8s.chart" -}}
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{- end }}
@@ -86,15 +101,15 @@ app.kubernetes.io/worker-pool: {{ . }}
 
 {{/* The Secret holding the generated passwords of the bundled Redis and PostgreSQL. */}}
 {{- define "django-celery-k8s.bundledSecretName" -}}
-{{- printf "%s-bundled" (include "django-celery-k8s.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- include "django-celery-k8s.componentName" (list . "bundled") }}
 {{- end }}
 
 {{- define "django-celery-k8s.redisName" -}}
-{{- printf "%s-redis" (include "django-celery-k8s.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- include "django-celery-k8s.componentName" (list . "redis" 52) }}
 {{- end }}
 
 {{- define "django-celery-k8s.postgresqlName" -}}
-{{- printf "%s-postgresql" (include "django-celery-k8s.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- include "django-celery-k8s.componentName" (list . "postgresql" 52) }}
 {{- end }}
 
 {{/* FLOWER_URL_PREFIX: flower.urlPrefix, else the ingress path when Flower is routed there. */}}
@@ -271,7 +286,7 @@ postgres-password: {{ (get $data "postgres-password") | default (randAlphaNum 32
 
 {{/* The hook copies of the ConfigMap and Secret, for the pre-install migrate Job. */}}
 {{- define "django-celery-k8s.migrateConfigName" -}}
-{{- printf "%s-migrate" (include "django-celery-k8s.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- include "django-celery-k8s.componentName" (list . "migrate") }}
 {{- end }}
 
 {{- define "django-celery-k8s.migrateHookAnnotations" -}}
@@ -296,7 +311,7 @@ render with revision 1 every time).
 */}}
 {{- define "django-celery-k8s.migrateJobName" -}}
 {{- if .Values.migrations.hook }}
-{{- printf "%s-migrate" (include "django-celery-k8s.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- include "django-celery-k8s.componentName" (list . "migrate") }}
 {{- else }}
 {{- printf "%s-migrate-%s" (include "django-celery-k8s.fullname" . | trunc 46 | trimSuffix "-") (include "django-celery-k8s.image" . | sha256sum | trunc 8) }}
 {{- end }}
