@@ -7,10 +7,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv run test bench image lint fmt check
+.PHONY: help venv run test bench image lint fmt check kind-up kind-down kind-load deploy dev undeploy helm-docs kustomize-base
 
 help: ## List the targets
-	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
 
 CHECKOV_VENV := $(VENV)/checkov
 CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
@@ -47,6 +47,33 @@ CONTAINER_ENGINE ?= $(shell docker info >/dev/null 2>&1 && echo docker || echo p
 
 image: ## Build the container image (docker, or podman where no Docker engine runs)
 	$(CONTAINER_ENGINE) build --build-arg VERSION=$(VERSION) --build-arg REVISION=$$(git rev-parse HEAD) -t $(IMAGE):$(VERSION) .
+
+# A local cluster (kind, skaffold and helm are the user's; none of them runs where this project is built).
+CLUSTER ?= django-celery-k8s
+
+kind-up: ## Create a kind cluster (CLUSTER=django-celery-k8s) from deploy/kind/cluster.yaml
+	kind create cluster --config deploy/kind/cluster.yaml --name $(CLUSTER)
+
+kind-down: ## Delete the kind cluster (CLUSTER=django-celery-k8s)
+	kind delete cluster --name $(CLUSTER)
+
+kind-load: ## Load the image `make image` built into the kind cluster (for kubectl apply -k without skaffold)
+	kind load docker-image $(IMAGE):$(VERSION) --name $(CLUSTER)
+
+deploy: ## Build the image and deploy it to the kind cluster with the Helm chart (skaffold run -p kind)
+	skaffold run -p kind
+
+dev: ## Build, deploy and port-forward; rebuild and redeploy on every change (skaffold dev -p kind)
+	skaffold dev -p kind
+
+undeploy: ## Delete what deploy or dev installed (skaffold delete)
+	skaffold delete
+
+helm-docs: $(STAMP) ## Regenerate the chart README's values table from values.yaml
+	$(PY) deploy/helm/django-celery-k8s/generate_readme.py
+
+kustomize-base: $(STAMP) ## Regenerate deploy/kustomize/base and components/ from the Helm chart
+	$(PY) deploy/kustomize/generate_base.py
 
 lint: $(STAMP) ## ruff lint and format check
 	$(VENV)/bin/ruff check .
