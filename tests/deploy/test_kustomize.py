@@ -36,6 +36,7 @@ KUBE_VERSIONS = ("1.30", "1.34")
 # Custom resources have no schema in kubernetes-validate: their fields are checked below instead.
 CUSTOM_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
 EXISTING_SECRET = "django-celery-k8s-secrets"
+BUNDLED = ("redis", "postgresql")
 CHECKOV = REPO_ROOT / ".venv" / "checkov" / "bin" / "checkov"
 VERSION = next(
     line.split('"')[1]
@@ -277,12 +278,22 @@ def test_local_overlay_runs_one_pod_each_and_exposes_web_and_flower_on_node_port
 
 
 @needs_kubectl
+def test_local_overlay_app_containers_request_little_enough_for_one_node():
+    docs = overlay("local")
+    app = [w for w in workloads(docs) if w["metadata"]["labels"]["app.kubernetes.io/component"] not in BUNDLED]
+
+    for workload in app:
+        for container in containers(workload):
+            assert container["resources"]["requests"] == {"cpu": "50m", "memory": "192Mi"}, name(workload)
+
+
+@needs_kubectl
 def test_local_overlay_app_image_is_the_one_make_image_builds():
     docs = overlay("local")
     app_images = {
         container["image"]
         for workload in workloads(docs)
-        if workload["metadata"]["labels"]["app.kubernetes.io/component"] not in ("redis", "postgresql")
+        if workload["metadata"]["labels"]["app.kubernetes.io/component"] not in BUNDLED
         for container in containers(workload)
     }
 
