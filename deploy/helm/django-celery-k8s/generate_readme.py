@@ -119,8 +119,10 @@ def main(argv=None) -> int:
     wanted = render(current, table(values, sections))
     if args.check:
         if wanted != current:
-            print(f"{readme_path} is stale: run python {Path(__file__).name} to regenerate its Parameters table",
-                  file=sys.stderr)
+            print(
+                f"{readme_path} is stale: run python {Path(__file__).name} to regenerate its Parameters table",
+                file=sys.stderr,
+            )
             return 1
         return 0
     if wanted != current:
