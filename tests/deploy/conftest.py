@@ -3,7 +3,9 @@ once per values file and session, parsed to plain dicts, and helpers to walk the
 
 import copy
 import functools
+import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -195,3 +197,23 @@ def selector_matches(selector: dict, pod_labels: dict) -> bool:
 
 def pod_labels(workload: dict) -> dict:
     return pod_template(workload).get("metadata", {}).get("labels") or {}
+
+
+CHECKOV = REPO_ROOT / ".venv" / "checkov" / "bin" / "checkov"
+
+
+def run_checkov(docs: list[dict], directory: Path) -> dict:
+    """checkov's kubernetes report on these objects, written one file each into directory."""
+    for index, doc in enumerate(docs):
+        (directory / f"{index:03d}-{doc['kind'].lower()}-{name(doc)}.yaml").write_text(yaml.safe_dump(doc))
+    run = subprocess.run(
+        [str(CHECKOV), "-d", str(directory), "--framework", "kubernetes", "--skip-download", "--output", "json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.stdout.strip(), run.stderr
+    report = json.loads(run.stdout)
+    if isinstance(report, list):
+        report = next(r for r in report if r.get("check_type") == "kubernetes")
+    return report

@@ -1,17 +1,12 @@
 """checkov's Kubernetes policies pass on the production-like render; every skip is an annotation in the
 chart with its reason."""
 
-import json
 import re
-import subprocess
 
 import pytest
-import yaml
 
-from tests.conftest import REPO_ROOT
-from tests.deploy.conftest import name
+from tests.deploy.conftest import name, run_checkov
 
-CHECKOV = REPO_ROOT / ".venv" / "checkov" / "bin" / "checkov"
 SKIP_ANNOTATION = re.compile(r"^checkov\.io/skip\d*$")
 SKIP_VALUE = re.compile(r"^(CKV2?_K8S_\d+)\s*=\s*(.*)$", re.DOTALL)
 
@@ -23,20 +18,7 @@ def production(render_ci):
 
 @pytest.fixture(scope="module")
 def checkov_report(production, tmp_path_factory):
-    rendered = tmp_path_factory.mktemp("rendered")
-    for index, doc in enumerate(production):
-        (rendered / f"{index:03d}-{doc['kind'].lower()}-{name(doc)}.yaml").write_text(yaml.safe_dump(doc))
-    run = subprocess.run(
-        [str(CHECKOV), "-d", str(rendered), "--framework", "kubernetes", "--skip-download", "--output", "json"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert run.stdout.strip(), run.stderr
-    report = json.loads(run.stdout)
-    if isinstance(report, list):
-        report = next(r for r in report if r.get("check_type") == "kubernetes")
-    return report
+    return run_checkov(production, tmp_path_factory.mktemp("rendered"))
 
 
 def skip_annotations(docs):

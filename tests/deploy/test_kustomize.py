@@ -3,7 +3,6 @@ overlay and every component builds offline with `kubectl kustomize`, validates s
 1.30 and 1.34, references only objects it contains or names on purpose, and checkov passes production."""
 
 import filecmp
-import json
 import os
 import shutil
 import subprocess
@@ -16,12 +15,14 @@ import yaml
 
 from tests.conftest import REPO_ROOT
 from tests.deploy.conftest import (
+    CHECKOV,
     containers,
     env_from_refs,
     main_container,
     name,
     of_kind,
     pod_spec,
+    run_checkov,
     selector_matches,
     workloads,
 )
@@ -37,7 +38,6 @@ KUBE_VERSIONS = ("1.30", "1.34")
 CUSTOM_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
 EXISTING_SECRET = "django-celery-k8s-secrets"
 BUNDLED = ("redis", "postgresql")
-CHECKOV = REPO_ROOT / ".venv" / "checkov" / "bin" / "checkov"
 VERSION = next(
     line.split('"')[1]
     for line in (REPO_ROOT / "project" / "__init__.py").read_text().splitlines()
@@ -353,20 +353,7 @@ def production_checkov(tmp_path_factory):
     if not CHECKOV.is_file():
         pytest.fail(f"{CHECKOV} is missing: `make test` installs it (requirements-checkov.txt)")
     docs = overlay("production")
-    rendered = tmp_path_factory.mktemp("production")
-    for index, doc in enumerate(docs):
-        (rendered / f"{index:03d}-{doc['kind'].lower()}-{name(doc)}.yaml").write_text(yaml.safe_dump(doc))
-    run = subprocess.run(
-        [str(CHECKOV), "-d", str(rendered), "--framework", "kubernetes", "--skip-download", "--output", "json"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert run.stdout.strip(), run.stderr
-    report = json.loads(run.stdout)
-    if isinstance(report, list):
-        report = next(r for r in report if r.get("check_type") == "kubernetes")
-    return docs, report
+    return docs, run_checkov(docs, tmp_path_factory.mktemp("production"))
 
 
 def test_checkov_scanned_every_object_of_the_production_overlay(production_checkov):
