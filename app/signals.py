@@ -14,7 +14,7 @@ import time
 from celery import signals
 from django.db import close_old_connections
 
-from app import services
+from app import metrics, services
 
 logger = logging.getLogger(__name__)
 
@@ -100,3 +100,156 @@ def on_task_failure(task_id, exception, einfo=None, **_):
 @_never_raise
 def on_task_revoked(request, sender=None, **_):
     services.record_task_revoked(task_id=request.id, task_name=getattr(sender, "name", "") or request.task or "")
+
+
+# --- Prometheus metrics (app/metrics.py) --------------------------------------------------
+# Their own handlers, so TaskLog bookkeeping and metrics cannot fail each other; a metrics
+# error is logged and never fails a task or a publish.
+
+# Per process, keyed by task id: (start, name, queue, hostname) for runtime and tasks active.
+_metric_runs: dict[str, tuple[float, str, str, str]] = {}
+
+# Message header set by the publisher: wall-clock publish time, for the queue-wait histogram.
+SENT_AT_HEADER = "sent_at"
+
+
+def _metrics_never_raise(handler):
+    @functools.wraps(handler)
+    def wrapper(*args, **kwargs):
+        try:
+            handler(*args, **kwargs)
+        except Exception:
+            logger.exception("Metrics update failed in %s", handler.__name__)
+
+    return wrapper
+
+
+def _eta_timestamp(eta) -> float | None:
+    if not eta:
+        return None
+    if isinstance(eta, str):
+        eta = dt.datetime.fromisoformat(eta)
+    if eta.tzinfo is None:
+        eta = eta.replace(tzinfo=dt.UTC)
+    return eta.timestamp()
+
+
+@signals.celeryd_init.connect
+@signals.worker_init.connect
+@_metrics_never_raise
+def metrics_setup_worker(**_):
+    # Main process, before the pool forks (celeryd_init when already connected, else worker_init).
+    metrics.setup_worker()
+
+
+@signals.worker_ready.connect
+@_metrics_never_raise
+def metrics_worker_ready(sender=None, **_):
+    from django.conf import settings
+
+    metrics.get().worker_up.labels(hostname=getattr(sender, "hostname", "") or "").set(1)
+    if settings.WORKER_METRICS_PORT:
+        metrics.serve_worker(settings.WORKER_METRICS_PORT)
+
+
+@signals.worker_shutdown.connect
+@_metrics_never_raise
+def metrics_worker_shutdown(sender=None, **_):
+    metrics.get().worker_up.labels(hostname=getattr(sender, "hostname", "") or "").set(0)
+
+
+@signals.worker_process_shutdown.connect
+@_metrics_never_raise
+def metrics_child_exit(pid=None, **_):
+    metrics.child_exited(pid or 0)
+
+
+@signals.before_task_publish.connect
+@_metrics_never_raise
+def metrics_before_publish(headers=None, **_):
+    if headers is not None:
+        headers[SENT_AT_HEADER] = time.time()  # a retry's republish starts a new wait
+
+
+@signals.after_task_publish.connect
+@_metrics_never_raise
+def metrics_after_publish(headers=None, routing_key=None, **_):
+    name = metrics.task_name((headers or {}).get("task"))
+    metrics.get().sent.labels(name=name, queue_name=routing_key or "").inc()
+
+
+@signals.task_received.connect
+@_metrics_never_raise
+def metrics_task_received(request, **_):
+    metrics.get().received.labels(name=metrics.task_name(request.name), queue_name=_queue_of(request)).inc()
+
+
+@signals.task_prerun.connect
+@_metrics_never_raise
+def metrics_task_prerun(task_id, task, **_):
+    request = task.request
+    name, queue, hostname = metrics.task_name(task.name), _queue_of(request), request.hostname or ""
+    m = metrics.get()
+    m.started.labels(name=name, queue_name=queue).inc()
+    m.tasks_active.labels(hostname=hostname).inc()
+    _metric_runs[task_id] = (time.perf_counter(), name, queue, hostname)
+    sent_at = getattr(request, SENT_AT_HEADER, None)
+    if sent_at is not None and not request.is_eager:
+        eta = _eta_timestamp(request.eta)
+        waiting_since = max(float(sent_at), eta) if eta is not None else float(sent_at)
+        m.queue_wait.labels(name=name, queue_name=queue).observe(max(0.0, time.time() - waiting_since))
+
+
+@signals.task_postrun.connect
+@_metrics_never_raise
+def metrics_task_postrun(task_id, state, **_):
+    run = _metric_runs.pop(task_id, None)
+    if run is None:
+        return
+    started, name, queue, hostname = run
+    m = metrics.get()
+    m.runtime.labels(name=name, queue_name=queue).observe(time.perf_counter() - started)
+    m.tasks_active.labels(hostname=hostname).dec()
+    if state == "SUCCESS":
+        m.succeeded.labels(name=name, queue_name=queue).inc()
+
+
+@signals.task_retry.connect
+@_metrics_never_raise
+def metrics_task_retry(request, sender=None, **_):
+    name = metrics.task_name(getattr(sender, "name", None) or request.task)
+    metrics.get().retried.labels(name=name, queue_name=_queue_of(request)).inc()
+
+
+@signals.task_failure.connect
+@_metrics_never_raise
+def metrics_task_failure(sender=None, exception=None, **_):
+    # Also sent by the main process at a hard time limit: the queue is then unknown here.
+    request = getattr(sender, "request", None)
+    metrics.get().failed.labels(
+        name=metrics.task_name(getattr(sender, "name", None)),
+        queue_name=_queue_of(request) if request is not None else "",
+        exception=type(exception).__name__,
+    ).inc()
+
+
+@signals.task_revoked.connect
+@_metrics_never_raise
+def metrics_task_revoked(request, sender=None, **_):
+    name = metrics.task_name(getattr(sender, "name", None) or getattr(request, "task", None))
+    metrics.get().revoked.labels(name=name, queue_name=_queue_of(request)).inc()
+
+
+@signals.task_rejected.connect
+@_metrics_never_raise
+def metrics_task_rejected(message=None, **_):
+    headers = getattr(message, "headers", None) or {}
+    queue = (getattr(message, "delivery_info", None) or {}).get("routing_key") or ""
+    metrics.get().rejected.labels(name=metrics.task_name(headers.get("task")), queue_name=queue).inc()
+
+
+@signals.task_unknown.connect
+@_metrics_never_raise
+def metrics_task_unknown(message=None, **_):
+    queue = (getattr(message, "delivery_info", None) or {}).get("routing_key") or ""
+    metrics.get().rejected.labels(name=metrics.UNKNOWN, queue_name=queue).inc()

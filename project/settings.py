@@ -1,5 +1,6 @@
 """Django settings, read only from the environment (see .env.sample for every variable)."""
 
+import tempfile
 from pathlib import Path
 
 import environ
@@ -187,6 +188,16 @@ CELERY_TASK_PUBLISH_RETRY_POLICY = {
 }
 
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+
+# --- Worker metrics (app/metrics.py) ------------------------------------------
+# Port on which the worker's main process serves Prometheus metrics summed over its pool
+# children; 0 turns the server off. Not CELERY_-prefixed here: not a Celery setting.
+WORKER_METRICS_PORT = env.int("CELERY_METRICS_PORT", default=9808)
+# prometheus-client multiprocess directory of one worker: emptied when the worker starts,
+# so no two workers may share one. Writable under a read-only root (/tmp by default).
+PROMETHEUS_MULTIPROC_DIR = env.str("PROMETHEUS_MULTIPROC_DIR", default="") or str(
+    Path(env.str("APP_RUNTIME_DIR", default="") or tempfile.gettempdir()) / "prometheus-multiproc"
+)
 
 # --- Logging ----------------------------------------------------------------
 

@@ -1,0 +1,129 @@
+"""Prometheus metrics of Celery tasks and workers, with celery-exporter's names and labels.
+
+The celery-mixin dashboards and alerts query these names unchanged. Labels stay bounded:
+task names only from registered tasks (anything else is "unknown"), the queue name, the
+exception class name; no task ids. Workers label their two gauges with their hostname.
+
+Prefork: every pool child counts into its own file under ``PROMETHEUS_MULTIPROC_DIR``
+(prometheus-client multiprocess mode) and the worker's main process serves the sum on
+``CELERY_METRICS_PORT``. prometheus-client picks its value class when it is imported,
+from that environment variable, so the metric objects here are created lazily: the
+worker's main process first sets the variable, empties the directory and switches the
+value class (``setup_worker``, from ``celeryd_init``, before the pool forks), then
+creates them. Any other process (web, tests, ``manage.py``) creates them on first use
+in whatever mode its environment chose.
+"""
+
+import logging
+import os
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+
+logger = logging.getLogger(__name__)
+
+UNKNOWN = "unknown"
+
+_lock = threading.Lock()
+_metrics: SimpleNamespace | None = None
+_multiprocess_dir: str | None = None
+
+# celery-exporter's buckets (seconds).
+RUNTIME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 30, 60, 120, 300, 600)
+QUEUE_WAIT_BUCKETS = RUNTIME_BUCKETS
+
+
+def _create() -> SimpleNamespace:
+    from prometheus_client import Counter, Gauge, Histogram
+
+    task_labels = ["name", "queue_name"]
+    return SimpleNamespace(
+        sent=Counter("celery_task_sent", "Tasks published.", task_labels),
+        received=Counter("celery_task_received", "Tasks received by a worker.", task_labels),
+        started=Counter("celery_task_started", "Tasks started by a worker.", task_labels),
+        succeeded=Counter("celery_task_succeeded", "Tasks that succeeded.", task_labels),
+        failed=Counter("celery_task_failed", "Tasks that failed.", [*task_labels, "exception"]),
+        retried=Counter("celery_task_retried", "Tasks that asked to be retried.", task_labels),
+        revoked=Counter("celery_task_revoked", "Tasks revoked.", task_labels),
+        rejected=Counter("celery_task_rejected", "Tasks rejected (unknown or invalid messages).", task_labels),
+        runtime=Histogram("celery_task_runtime", "Task run time (s).", task_labels, buckets=RUNTIME_BUCKETS),
+        queue_wait=Histogram(
+            "celery_task_queue_wait_time",
+            "Seconds from publish (or ETA/countdown) to start.",
+            task_labels,
+            buckets=QUEUE_WAIT_BUCKETS,
+        ),
+        # Changed by every pool child; the sum over live processes is the worker's figure.
+        tasks_active=Gauge(
+            "celery_worker_tasks_active", "Tasks running now.", ["hostname"], multiprocess_mode="livesum"
+        ),
+        # Set only by the worker's main process.
+        worker_up=Gauge("celery_worker_up", "1 while the worker runs.", ["hostname"], multiprocess_mode="max"),
+    )
+
+
+def get() -> SimpleNamespace:
+    """The metric objects, created on first use."""
+    global _metrics
+    if _metrics is None:
+        with _lock:
+            if _metrics is None:
+                _metrics = _create()
+    return _metrics
+
+
+def multiprocess_dir() -> str:
+    from django.conf import settings
+
+    return str(settings.PROMETHEUS_MULTIPROC_DIR)
+
+
+def setup_worker() -> None:
+    """In the worker's main process before the pool forks: multiprocess mode in an empty
+    directory of this worker's own. Idempotent."""
+    global _multiprocess_dir
+    if _multiprocess_dir is not None:
+        return
+    if _metrics is not None:
+        logger.warning("Metrics were created before the worker set up multiprocess mode; prefork sums may be wrong")
+    path = Path(multiprocess_dir())
+    path.mkdir(parents=True, exist_ok=True)
+    for stale in path.glob("*.db"):  # only prometheus-client's files, whatever the directory is
+        stale.unlink(missing_ok=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
+    from prometheus_client import values
+
+    if not getattr(values.ValueClass, "_multiprocess", False):
+        # prometheus-client was imported (by some library) before the variable was set.
+        values.ValueClass = values.MultiProcessValue()
+    _multiprocess_dir = str(path)
+    get()
+
+
+def serve_worker(port: int) -> None:
+    """Serve the sum over all of this worker's processes on ``port`` (main process only)."""
+    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=_multiprocess_dir or multiprocess_dir())
+    start_http_server(port, registry=registry)
+    logger.info("Worker metrics on port %s", port)
+
+
+def child_exited(pid: int) -> None:
+    """A pool child exits: drop its live gauges (its counters and histograms stay summed)."""
+    if _multiprocess_dir is None:
+        return
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid, _multiprocess_dir)
+
+
+def task_name(name: str | None) -> str:
+    """A registered task's name, else "unknown": labels stay bounded."""
+    if not name:
+        return UNKNOWN
+    from celery import current_app
+
+    return name if name in current_app.tasks else UNKNOWN

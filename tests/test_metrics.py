@@ -1,0 +1,151 @@
+"""Worker metrics: exact sums over a real prefork worker (multiprocess mode), and metrics that
+can never fail a task."""
+
+import os
+import sys
+import urllib.request
+import uuid
+
+import pytest
+from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
+
+from app import metrics, tasks
+from app.models import TaskLog
+from project.celery import app as celery_app
+from project.embedded import free_port
+from tests.conftest import Service, celery_app_for, subprocess_env, wait_for_worker, wait_until
+
+# Its own broker database: the suite's session worker must not take this workload.
+METRICS_BROKER_DB = 11  # the suite uses 13 (tests/embedded_services.py), the benchmark 12, the cache 14
+
+
+def scrape(port: int) -> dict[tuple[str, frozenset], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def value(samples, metric: str, /, **labels) -> float:
+    """Sum of the samples of `metric` whose labels include `labels`."""
+    wanted = set(labels.items())
+    return sum(v for (n, lab), v in samples.items() if n == metric and wanted <= lab)
+
+
+@pytest.fixture
+def metrics_worker(django_db_blocker, service_log_dir, tmp_path):
+    broker_url = f"{os.environ['REDIS_URL'].rstrip('/')}/{METRICS_BROKER_DB}"
+    app = celery_app_for(broker_url)
+    port = free_port()
+    hostname = f"metrics-{uuid.uuid4().hex[:8]}@localhost"
+    multiproc_dir = tmp_path / "multiproc"
+    command = [
+        sys.executable, "-m", "celery", "-A", "project", "worker",
+        "-Q", "default,long", "-c", "2", "--pool", "prefork",
+        "-n", hostname, "--without-mingle", "--without-gossip", "--purge", "-l", "info",
+    ]  # fmt: skip
+    with django_db_blocker.unblock():
+        env = subprocess_env(
+            CELERY_BROKER_URL=broker_url, CELERY_METRICS_PORT=port, PROMETHEUS_MULTIPROC_DIR=multiproc_dir
+        )
+    service = Service(f"worker-{hostname.split('@')[0]}", command, env, service_log_dir)
+    try:
+        wait_for_worker(app, hostname, service)
+        app.set_current()
+        yield app, port, hostname, multiproc_dir, service
+    finally:
+        celery_app.set_current()
+        service.stop()
+
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.mark.integration
+def test_prefork_sums_are_exact(metrics_worker):
+    _app, port, hostname, multiproc_dir, service = metrics_worker
+    sent_before = {
+        name: REGISTRY.get_sample_value("celery_task_sent_total", {"name": name, "queue_name": "default"}) or 0.0
+        for name in ("app.tasks.add", "app.tasks.aggregate_results", "app.tasks.task_with_retry")
+    }
+
+    ids = [tasks.add.apply_async((i, 1)).id for i in range(120)]
+    # A chunk summary without its keys: KeyError in the task.
+    ids += [tasks.aggregate_results.apply_async(([{}],)).id for _ in range(30)]
+    ids += [tasks.task_with_retry.apply_async(kwargs={"fail_times": 1}).id for _ in range(5)]
+
+    def finished():
+        return TaskLog.objects.filter(task_id__in=ids, state__in=["SUCCESS", "FAILURE"]).count() == len(ids)
+
+    wait_until(finished, timeout=120, interval=0.5, message=f"155 tasks done:\n{service.log()[-2000:]}")
+    # Postrun runs after the state is written: give the last metric updates a moment.
+    wait_until(
+        lambda: value(scrape(port), "celery_task_runtime_count") == 160,
+        timeout=10,
+        message=f"all runs counted: {value(scrape(port), 'celery_task_runtime_count')}\n{service.log()[-3000:]}",
+    )
+    samples = scrape(port)
+
+    add, agg, retry = "app.tasks.add", "app.tasks.aggregate_results", "app.tasks.task_with_retry"
+    assert value(samples, "celery_task_succeeded_total", name=add, queue_name="default") == 120
+    assert value(samples, "celery_task_succeeded_total", name=retry, queue_name="default") == 5
+    assert value(samples, "celery_task_succeeded_total") == 125
+    assert value(samples, "celery_task_failed_total", name=agg, queue_name="default", exception="KeyError") == 30
+    assert value(samples, "celery_task_failed_total") == 30
+    assert value(samples, "celery_task_retried_total", name=retry, queue_name="default") == 5
+    assert value(samples, "celery_task_retried_total") == 5
+    assert value(samples, "celery_task_started_total", queue_name="default") == 120 + 30 + 10
+    assert value(samples, "celery_task_received_total", queue_name="default") == 120 + 30 + 10
+    assert value(samples, "celery_task_runtime_count", name=add, queue_name="default") == 120
+    assert value(samples, "celery_task_runtime_count", name=agg, queue_name="default") == 30
+    assert value(samples, "celery_task_runtime_count", name=retry, queue_name="default") == 10
+    assert value(samples, "celery_task_queue_wait_time_count", queue_name="default") == 160
+    # Every label value seen is bounded: names from registered tasks, the one queue.
+    for (name, labels), _ in samples.items():
+        labels = dict(labels)
+        if name.startswith("celery_task_"):
+            assert labels.get("queue_name") == "default", (name, labels)
+            assert labels.get("name") in {add, agg, retry}, (name, labels)
+    assert value(samples, "celery_worker_up", hostname=hostname) == 1
+    assert value(samples, "celery_worker_tasks_active", hostname=hostname) == 0
+    # Several processes wrote: the sums above are over the pool children, not one of them.
+    assert len(list(multiproc_dir.glob("counter_*.db"))) >= 2
+
+    # Publisher side, in this process: the retries' republishes happen in the worker.
+    for name, published in ((add, 120), (agg, 30), (retry, 5)):
+        after = REGISTRY.get_sample_value("celery_task_sent_total", {"name": name, "queue_name": "default"})
+        assert after - sent_before[name] == published
+
+    # A countdown is deliberate, not waiting: the wait is measured from the ETA.
+    delayed = tasks.multiply.apply_async((2, 3), countdown=2)
+    wait_until(
+        lambda: TaskLog.objects.filter(task_id=delayed.id, state="SUCCESS").exists(), timeout=30, message="countdown"
+    )
+    wait_until(
+        lambda: value(scrape(port), "celery_task_queue_wait_time_count", name="app.tasks.multiply") == 1,
+        message="the delayed task's wait observed",
+    )
+    # Published 2 s before it was due, run as soon as it was due: the wait is near 0, not 2 s.
+    assert value(scrape(port), "celery_task_queue_wait_time_sum", name="app.tasks.multiply") < 1.0
+
+
+def test_metrics_failure_never_fails_a_task(monkeypatch, caplog):
+    def broken():
+        raise RuntimeError("metrics down")
+
+    monkeypatch.setattr(metrics, "get", broken)
+    result = tasks.add.apply(args=(2, 3))
+    assert result.successful()
+    assert result.result == 5
+    assert TaskLog.objects.get(task_id=result.id).state == "SUCCESS"
+    assert "Metrics update failed" in caplog.text
+
+
+def test_unregistered_names_are_unknown():
+    assert metrics.task_name("app.tasks.add") == "app.tasks.add"
+    assert metrics.task_name("evil.task.with.id.123") == metrics.UNKNOWN
+    assert metrics.task_name(None) == metrics.UNKNOWN
