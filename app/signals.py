@@ -22,15 +22,23 @@ logger = logging.getLogger(__name__)
 _started_at: dict[str, float] = {}
 
 
-def _never_raise(handler):
-    @functools.wraps(handler)
-    def wrapper(*args, **kwargs):
-        try:
-            handler(*args, **kwargs)
-        except Exception:
-            logger.exception("TaskLog bookkeeping failed in %s", handler.__name__)
+def _logged_never_raised(what: str):
+    """A handler decorator: an error is logged as "<what> failed in <handler>", never raised."""
 
-    return wrapper
+    def decorator(handler):
+        @functools.wraps(handler)
+        def wrapper(*args, **kwargs):
+            try:
+                handler(*args, **kwargs)
+            except Exception:
+                logger.exception("%s failed in %s", what, handler.__name__)
+
+        return wrapper
+
+    return decorator
+
+
+_never_raise = _logged_never_raised("TaskLog bookkeeping")
 
 
 def _queue_of(request) -> str:
@@ -113,15 +121,7 @@ _metric_runs: dict[str, tuple[float, str, str, str]] = {}
 SENT_AT_HEADER = "sent_at"
 
 
-def _metrics_never_raise(handler):
-    @functools.wraps(handler)
-    def wrapper(*args, **kwargs):
-        try:
-            handler(*args, **kwargs)
-        except Exception:
-            logger.exception("Metrics update failed in %s", handler.__name__)
-
-    return wrapper
+_metrics_never_raise = _logged_never_raised("Metrics update")
 
 
 def _eta_timestamp(eta) -> float | None:
