@@ -442,14 +442,17 @@ def test_worker_grace_period_follows_the_values(minimal_values):
     assert graces == {120 + 1800 + 30}
 
 
+def pool_environments(docs: list[dict], values: dict) -> list[tuple[dict, dict]]:
+    """(pool values, the environment its worker container ends up with) for every pool."""
+    deployments = worker_deployments_by_pool(docs)
+    return [(pool, effective_env(docs, main_container(deployments[pool["name"]]))) for pool in values["workerPools"]]
+
+
 @pytest.mark.parametrize("ci_file", CI_FILES)
 def test_workers_get_the_soft_shutdown_timeout_and_the_longest_task_covers_the_time_limit(render_ci, ci_file):
     docs = render_ci(ci_file)
     values = merged_values(load_values(ci_file))
-    deployments = worker_deployments_by_pool(docs)
-
-    for pool in values["workerPools"]:
-        env = effective_env(docs, main_container(deployments[pool["name"]]))
+    for pool, env in pool_environments(docs, values):
         soft = pool_setting(values, pool, "softShutdownTimeout")
         assert float(env.get("CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT", 0)) == float(soft), f"pool {pool['name']}: {env}"
         time_limit = int(env.get("CELERY_TASK_TIME_LIMIT", 360))
@@ -847,10 +850,7 @@ def test_task_time_limits_and_the_visibility_timeout_fit_together(render_ci, ci_
     # longer than that is run twice.
     docs = render_ci(ci_file)
     values = merged_values(load_values(ci_file))
-    deployments = worker_deployments_by_pool(docs)
-
-    for pool in values["workerPools"]:
-        env = effective_env(docs, main_container(deployments[pool["name"]]))
+    for pool, env in pool_environments(docs, values):
         soft, hard = int(env["CELERY_TASK_SOFT_TIME_LIMIT"]), int(env["CELERY_TASK_TIME_LIMIT"])
         visibility = int(env["CELERY_BROKER_VISIBILITY_TIMEOUT"])
         longest = pool_setting(values, pool, "longestTaskSeconds")
