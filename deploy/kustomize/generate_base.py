@@ -41,7 +41,8 @@ COMPONENTS = {
         "metrics": {
             "serviceMonitor": {"enabled": True},
             "podMonitor": {"enabled": True},
-            "prometheusRule": {"enabled": True},
+            # The namespace is the overlay's choice: the alerts cannot select it, so they select none.
+            "prometheusRule": {"enabled": True, "allNamespaces": True},
             "grafanaDashboards": {"enabled": True},
         }
     },
