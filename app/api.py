@@ -204,6 +204,23 @@ def health_view(request):
     return Status(200 if report["healthy"] else 503, report)
 
 
+@api.get(
+    "/health/ready",
+    response={200: dict, 503: dict},
+    tags=["monitoring"],
+    summary="readiness probe: the dependency checks, reused for a few seconds",
+)
+def health_ready(request):
+    report = health.run_checks_cached()
+    return Status(200 if report["healthy"] else 503, report)
+
+
+@api.get("/health/live", response=dict, tags=["monitoring"], summary="liveness probe: the process answers")
+def health_live(request):
+    # Touches nothing outside this process: a database or broker outage must not restart web pods.
+    return {"alive": True}
+
+
 @api.get("/task-overview/", response=dict, tags=["monitoring"], summary="counts and durations from TaskLog")
 def task_overview(request):
     return selectors.task_overview()

@@ -1,8 +1,10 @@
 """The single definition of "healthy": database, cache, broker and result backend.
 
-Used by the health_check task (run by workers on a schedule) and by GET /api/health/.
+Used by the health_check task (run by workers on a schedule) and by GET /api/health/ and
+/api/health/ready (the web readiness probe, through run_checks_cached).
 """
 
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -64,3 +66,19 @@ def run_checks() -> dict:
             results[name] = {"healthy": True}
         results[name]["latency_ms"] = round((time.perf_counter() - started) * 1000, 2)
     return {"healthy": all(r["healthy"] for r in results.values()), "checks": results}
+
+
+_cache_lock = threading.Lock()
+_cached: tuple[float, dict] | None = None
+
+
+def run_checks_cached() -> dict:
+    """run_checks(), reused for HEALTH_READY_CACHE_SECONDS in this process: however many probes
+    and threads ask, at most one round of checks per interval reaches the dependencies."""
+    global _cached
+    from django.conf import settings
+
+    with _cache_lock:
+        if _cached is None or time.monotonic() - _cached[0] >= settings.HEALTH_READY_CACHE_SECONDS:
+            _cached = (time.monotonic(), run_checks())
+        return _cached[1]

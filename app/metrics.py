@@ -2,7 +2,8 @@
 
 The celery-mixin dashboards and alerts query these names unchanged. Labels stay bounded:
 task names only from registered tasks (anything else is "unknown"), the queue name, the
-exception class name; no task ids. Workers label their two gauges with their hostname.
+exception class name; no task ids. Workers label tasks active with their hostname; worker
+up/down and queue lengths come from beat alone (``cluster``, app/cluster_metrics.py).
 
 Prefork: every pool child counts into its own file under ``PROMETHEUS_MULTIPROC_DIR``
 (prometheus-client multiprocess mode) and the worker's main process serves the sum on
@@ -57,8 +58,14 @@ def _create() -> SimpleNamespace:
         tasks_active=Gauge(
             "celery_worker_tasks_active", "Tasks running now.", ["hostname"], multiprocess_mode="livesum"
         ),
-        # Set only by the worker's main process.
-        worker_up=Gauge("celery_worker_up", "1 while the worker runs.", ["hostname"], multiprocess_mode="max"),
+        # Set by the pool process that ran a successful health_check (the canary); "max" keeps
+        # the latest over processes, and the value survives the process that set it.
+        health_check_last_success=Gauge(
+            "django_celery_k8s_health_check_last_success_timestamp_seconds",
+            "Unix time of the last successful health_check (canary) on this queue.",
+            ["queue_name"],
+            multiprocess_mode="max",
+        ),
     )
 
 
@@ -73,9 +80,11 @@ def get() -> SimpleNamespace:
 
 
 def multiprocess_dir() -> str:
+    """This worker's directory: ``worker`` under the base (gunicorn uses ``web``, see
+    project/gunicorn_conf.py), so a web server and a worker on one host never share files."""
     from django.conf import settings
 
-    return str(settings.PROMETHEUS_MULTIPROC_DIR)
+    return str(Path(settings.PROMETHEUS_MULTIPROC_DIR) / "worker")
 
 
 def setup_worker() -> None:
@@ -118,6 +127,69 @@ def child_exited(pid: int) -> None:
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(pid, _multiprocess_dir)
+
+
+# --- Beat (app/beat_scheduler.py) ---------------------------------------------------------
+# Beat is one process: these live in the default registry, served by beat on CELERY_METRICS_PORT.
+
+_beat_metrics: SimpleNamespace | None = None
+
+
+def beat() -> SimpleNamespace:
+    """Beat's metric objects, created on first use."""
+    global _beat_metrics
+    if _beat_metrics is None:
+        with _lock:
+            if _beat_metrics is None:
+                from prometheus_client import Counter, Gauge
+
+                _beat_metrics = SimpleNamespace(
+                    last_tick=Gauge(
+                        "django_celery_k8s_beat_last_tick_timestamp_seconds",
+                        "Unix time of the beat scheduler's last completed tick.",
+                    ),
+                    runs=Counter(
+                        "django_celery_k8s_beat_schedule_runs",
+                        "Schedule entries that sent their task.",
+                        ["name"],
+                    ),
+                    errors=Counter(
+                        "django_celery_k8s_beat_schedule_errors",
+                        "Schedule entries whose task could not be sent.",
+                        ["name"],
+                    ),
+                )
+    return _beat_metrics
+
+
+# --- Cluster (app/cluster_metrics.py) -----------------------------------------------------
+# Only beat sets these: one source for the whole cluster. Default registry, served by beat.
+
+_cluster_metrics: SimpleNamespace | None = None
+
+
+def cluster() -> SimpleNamespace:
+    """Queue lengths and worker up/down, created on first use."""
+    global _cluster_metrics
+    if _cluster_metrics is None:
+        with _lock:
+            if _cluster_metrics is None:
+                from prometheus_client import Gauge
+
+                _cluster_metrics = SimpleNamespace(
+                    queue_length=Gauge("celery_queue_length", "Messages waiting in the queue.", ["queue_name"]),
+                    worker_up=Gauge(
+                        "celery_worker_up",
+                        "1 while the worker's heartbeats arrive, 0 once they stopped (killed or frozen).",
+                        ["hostname"],
+                    ),
+                    worker_last_heartbeat=Gauge(
+                        "django_celery_k8s_worker_last_heartbeat_timestamp_seconds",
+                        "Unix time of the worker's last heartbeat event.",
+                        ["hostname"],
+                    ),
+                )
+    return _cluster_metrics
 
 
 def task_name(name: str | None) -> str:

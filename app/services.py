@@ -10,6 +10,7 @@ import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError
 from django.core.mail import send_mail
@@ -240,13 +241,6 @@ def fail_report(*, report_id: int, error: str) -> None:
 
 DEFAULT_SCHEDULES = [
     {
-        "name": "health-check-every-minute",
-        "task": "app.tasks.health_check",
-        "schedule_type": ScheduleType.INTERVAL,
-        "interval_seconds": 60,
-        "description": "Checks database, cache, broker and result backend from a worker.",
-    },
-    {
         "name": "cleanup-task-logs-daily",
         "task": "app.tasks.cleanup_task_logs",
         "schedule_type": ScheduleType.CRONTAB,
@@ -342,10 +336,26 @@ def delete_scheduled_task(scheduled: ScheduledTask) -> None:
     scheduled.delete()
 
 
+def canary_schedules() -> list[dict]:
+    """One health_check schedule per worker queue (CANARY_QUEUES): the canary every worker pool
+    must run to stay ready (app/worker_health.py)."""
+    return [
+        {
+            "name": f"health-check-{queue}",
+            "task": "app.tasks.health_check",
+            "schedule_type": ScheduleType.INTERVAL,
+            "interval_seconds": settings.CANARY_INTERVAL,
+            "queue": queue,
+            "description": f"Canary: checks database, cache, broker and result backend from a worker of '{queue}'.",
+        }
+        for queue in settings.CANARY_QUEUES
+    ]
+
+
 def ensure_default_schedules() -> list[str]:
     """Create the default schedules that do not exist yet; never touches edited ones."""
     created = []
-    for spec in DEFAULT_SCHEDULES:
+    for spec in [*canary_schedules(), *DEFAULT_SCHEDULES]:
         if ScheduledTask.objects.filter(name=spec["name"]).exists():
             continue
         save_scheduled_task(ScheduledTask(**spec))

@@ -11,8 +11,9 @@ import time
 
 from celery import group, shared_task
 from celery.exceptions import SoftTimeLimitExceeded
+from django.conf import settings
 
-from app import health, selectors, services
+from app import health, metrics, selectors, services, worker_health
 
 logger = logging.getLogger(__name__)
 
@@ -234,12 +235,20 @@ def generate_report(self, report_id: int) -> dict:
 # --- Monitoring ----------------------------------------------------------------------
 
 
-@shared_task(soft_time_limit=20, time_limit=30, **IDEMPOTENT)
-def health_check() -> dict:
+# Expires after one canary interval: a canary that waited longer proves nothing fresh, and
+# stale ones must not pile up behind a stopped worker.
+@shared_task(bind=True, soft_time_limit=20, time_limit=30, expires=settings.CANARY_INTERVAL, **IDEMPOTENT)
+def health_check(self) -> dict:
     """Check database, cache, broker and result backend from a worker; fails when unhealthy
-    so the failure shows in TaskLog, metrics and alerts. Delivery: at least once (read-only)."""
+    so the failure shows in TaskLog, metrics and alerts. Beat sends it to every worker queue
+    as the canary: a success records the time for the worker's readiness (app/worker_health.py)
+    and the last-success metric. Delivery: at least once (read-only)."""
     report = health.run_checks()
     if not report["healthy"]:
         failing = sorted(name for name, check in report["checks"].items() if not check["healthy"])
         raise RuntimeError(f"unhealthy: {', '.join(failing)}: {report['checks']}")
+    queue = (self.request.delivery_info or {}).get("routing_key") or ""
+    metrics.get().health_check_last_success.labels(queue_name=queue).set(time.time())
+    if self.request.hostname:  # run by a worker, not eagerly or called in-process
+        worker_health.record_canary_success()
     return report

@@ -1,10 +1,14 @@
 """Django settings, read only from the environment (see .env.sample for every variable)."""
 
+import logging
 import tempfile
 from pathlib import Path
 
 import environ
 from django.core.exceptions import ImproperlyConfigured
+
+import project
+from project import logging_config, sentry
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -37,20 +41,29 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "django_celery_results",
     "django_celery_beat",
+    "django_prometheus",
     # Listed so its docs page serves Swagger UI from local static files, not a CDN.
     "ninja",
+    "django_structlog",
     "app",
 ]
 
 MIDDLEWARE = [
+    # Answers scrapes on the metrics listener before anything else (app/web_metrics.py).
+    "app.web_metrics.MetricsListenerMiddleware",
+    # django-prometheus: first and last, so its latency covers every other middleware.
+    "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    # After authentication, so its lines carry the user id (django-structlog's advice).
+    "django_structlog.middlewares.RequestMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "django_prometheus.middleware.PrometheusAfterMiddleware",
 ]
 
 ROOT_URLCONF = "project.urls"
@@ -95,6 +108,10 @@ elif _db_engine.endswith("mysql"):
     import pymysql
 
     pymysql.install_as_MySQLdb()
+# django_db_* metrics: django-prometheus' subclass of the same backend counts queries, errors and
+# new connections; SQL, vendor and features are unchanged.
+if _db_engine in {f"django.db.backends.{name}" for name in ("postgresql", "sqlite3", "mysql")}:
+    DATABASES["default"]["ENGINE"] = _db_engine.replace("django.db.", "django_prometheus.db.")
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
@@ -187,25 +204,89 @@ CELERY_TASK_PUBLISH_RETRY_POLICY = {
     "interval_max": 0.3,
 }
 
-CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+# django-celery-beat's DatabaseScheduler, plus a heartbeat file and metrics (app/beat_scheduler.py).
+CELERY_BEAT_SCHEDULER = "app.beat_scheduler:DatabaseScheduler"
 
 # --- Worker metrics (app/metrics.py) ------------------------------------------
 # Port on which the worker's main process serves Prometheus metrics summed over its pool
 # children; 0 turns the server off. Not CELERY_-prefixed here: not a Celery setting.
 WORKER_METRICS_PORT = env.int("CELERY_METRICS_PORT", default=9808)
-# prometheus-client multiprocess directory of one worker: emptied when the worker starts,
-# so no two workers may share one. Writable under a read-only root (/tmp by default).
+# Base of the prometheus-client multiprocess directories: a worker uses <base>/worker, gunicorn
+# <base>/web, each emptied when it starts, so no two workers (or two web servers) may share a
+# base. Writable under a read-only root (/tmp by default).
 PROMETHEUS_MULTIPROC_DIR = env.str("PROMETHEUS_MULTIPROC_DIR", default="") or str(
     Path(env.str("APP_RUNTIME_DIR", default="") or tempfile.gettempdir()) / "prometheus-multiproc"
 )
 
+# --- Health probes ----------------------------------------------------------
+# The worker's main process keeps its probe files here (app/worker_health.py): "alive",
+# "ready" and "canary"; the chart's exec probes only compare their age with the clock.
+WORKER_HEALTH_DIR = env.str("CELERY_WORKER_HEALTH_DIR", default="") or str(
+    Path(env.str("APP_RUNTIME_DIR", default="") or tempfile.gettempdir()) / "worker-health"
+)
+# Seconds between two writes of those files by the worker's event loop.
+WORKER_HEALTH_INTERVAL = env.float("CELERY_WORKER_HEALTH_INTERVAL", default=5.0)
+# The Consumer also marks the worker alive while it waits to reconnect to the broker.
+CELERY_WORKER_CONSUMER = "app.worker_health:Consumer"
+# Canary: beat sends health_check to each of these queues every CANARY_INTERVAL seconds
+# (expiring after one interval); a worker with free slots whose last successful canary is
+# older than CANARY_STALE_AFTER seconds stops being ready (0: no canary is awaited, e.g. without beat).
+CANARY_QUEUES = env.list("CELERY_CANARY_QUEUES", default=[CELERY_TASK_DEFAULT_QUEUE, CELERY_LONG_QUEUE])
+CANARY_INTERVAL = env.int("CELERY_CANARY_INTERVAL", default=60)
+CANARY_STALE_AFTER = env.int("CELERY_CANARY_STALE_AFTER", default=3 * CANARY_INTERVAL)
+# Seconds a web process reuses its last readiness result, so probes cannot stampede the database.
+HEALTH_READY_CACHE_SECONDS = env.float("HEALTH_READY_CACHE_SECONDS", default=5.0)
+
+# --- Web and beat metrics (app/web_metrics.py, app/beat_scheduler.py) -------------------------
+# gunicorn's second listener, serving only /metrics (project/gunicorn_conf.py); 0: none.
+# The public port answers /metrics with 404.
+WEB_METRICS_PORT = env.int("WEB_METRICS_PORT", default=9808)
+# Touched by beat on every scheduler tick; beat's liveness probe reads its modification time.
+BEAT_HEARTBEAT_FILE = env.str("CELERY_BEAT_HEARTBEAT_FILE", default="") or str(
+    Path(env.str("APP_RUNTIME_DIR", default="") or tempfile.gettempdir()) / "beat-heartbeat"
+)
+
+# --- Cluster metrics (beat) ------------------------------------------------------------------
+# Queue lengths and worker up/down come from beat alone (app/cluster_metrics.py), served on
+# CELERY_METRICS_PORT. Seconds between two reads of the queue lengths:
+CLUSTER_METRICS_QUEUE_INTERVAL = env.float("CELERY_EXPORTER_QUEUE_INTERVAL", default=5.0)
+# Queues to measure besides the default queue, CELERY_TASK_QUEUES and those named by routes.
+CLUSTER_METRICS_QUEUES = env.list("CELERY_EXPORTER_QUEUES", default=[])
+# Seconds without a heartbeat after which celery_worker_up is 0; 0: Celery's own rule, the one
+# Flower uses (celery.events.state: twice the worker's heartbeat interval, 4 s by default).
+CLUSTER_METRICS_WORKER_TIMEOUT = env.float("CELERY_EXPORTER_WORKER_TIMEOUT", default=0.0) or None
+# Seconds a down worker's 0 stays before its series is removed.
+CLUSTER_METRICS_OFFLINE_WORKER_TTL = env.float("CELERY_EXPORTER_OFFLINE_WORKER_TTL", default=3600.0)
+
 # --- Logging ----------------------------------------------------------------
 
+# One configuration for Django, gunicorn (project/gunicorn_conf.py) and Celery (worker and beat
+# apply it through app/task_logging.py): JSON lines, or readable text with LOG_FORMAT=console.
 LOG_LEVEL = env.str("DJANGO_LOG_LEVEL", default="INFO")
-LOGGING = {
-    "version": 1,
-    "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
-    "root": {"handlers": ["console"], "level": LOG_LEVEL},
-}
+LOG_FORMAT = logging_config.log_format_from_environment()
+LOGGING = logging_config.build(log_format=LOG_FORMAT, level=LOG_LEVEL)
+logging_config.configure_structlog()
+# Python warnings (deprecations, Celery's running-as-root warning) as log lines, not raw stderr.
+logging.captureWarnings(True)
+# django-structlog: a request id on every line of a request, and on every line of the tasks it
+# enqueues (carried in their headers, through chains and chord callbacks).
+# https://django-structlog.readthedocs.io/en/latest/configuration.html
+DJANGO_STRUCTLOG_CELERY_ENABLED = True
+# The id from the X-Request-ID header (set by the ingress or the caller), else a new one.
+DJANGO_STRUCTLOG_TRUST_UPSTREAM_REQUEST_ID = True
+# The line per task end is app/task_logging.py's task_finished (with state and runtime).
+DJANGO_STRUCTLOG_CELERY_TASK_SUCCESS_LOG_LEVEL = logging.DEBUG
+
+# --- Sentry (project/sentry.py) -----------------------------------------------
+# Errors from web, worker and beat (with beat's schedules as cron monitors); off without a DSN.
+SENTRY_DSN = env.str("SENTRY_DSN", default="")
+SENTRY_ENVIRONMENT = env.str("SENTRY_ENVIRONMENT", default="production")
+SENTRY_RELEASE = env.str("SENTRY_RELEASE", default="") or project.__version__
+# Share of requests and tasks traced for Sentry's performance view; 0: errors only.
+SENTRY_TRACES_SAMPLE_RATE = env.float("SENTRY_TRACES_SAMPLE_RATE", default=0.0)
+sentry.init_sentry(
+    dsn=SENTRY_DSN,
+    environment=SENTRY_ENVIRONMENT,
+    release=SENTRY_RELEASE,
+    traces_sample_rate=SENTRY_TRACES_SAMPLE_RATE,
+)

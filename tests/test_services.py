@@ -266,10 +266,13 @@ def test_default_schedules_are_created_once():
     first = services.ensure_default_schedules()
     second = services.ensure_default_schedules()
 
-    assert len(first) == 3
+    assert len(first) == 4
     assert second == []
-    health = ScheduledTask.objects.get(name="health-check-every-minute")
-    assert (health.task, health.interval_seconds, health.periodic_task.enabled) == ("app.tasks.health_check", 60, True)
+    canaries = ScheduledTask.objects.filter(task="app.tasks.health_check").order_by("queue")
+    assert [(c.queue, c.interval_seconds, c.periodic_task.queue, c.periodic_task.enabled) for c in canaries] == [
+        ("default", 60, "default", True),
+        ("long", 60, "long", True),
+    ]
 
 
 # --- Selectors ----------------------------------------------------------------------

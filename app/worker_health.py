@@ -1,0 +1,168 @@
+"""The files a Celery worker keeps for its Kubernetes probes, so the probes are a `stat`, not a
+`celery inspect ping` (no Django import, no broker round trip).
+
+In ``settings.WORKER_HEALTH_DIR``:
+
+- ``alive``: touched by the main process's event loop every WORKER_HEALTH_INTERVAL seconds,
+  and every second while it waits to reconnect to the broker. Stale: the main loop is stuck
+  or gone. Busy pool processes do not matter: they are other processes.
+- ``ready``: touched on the same tick while the worker is connected, consuming from every one
+  of its queues, and its canary is fresh or every pool slot is busy; removed otherwise. Its
+  content says which ("free" or "busy").
+- ``canary``: touched by a pool process each time the health_check task succeeds; set to the
+  start time when the worker starts, so a new worker gets CANARY_STALE_AFTER seconds to
+  receive its first one.
+"""
+
+import logging
+import time
+from pathlib import Path
+
+from celery import bootsteps
+from celery.worker import state
+from celery.worker.consumer import Consumer as CeleryConsumer
+
+logger = logging.getLogger(__name__)
+
+ALIVE, READY, CANARY = "alive", "ready", "canary"
+
+
+def health_dir() -> Path:
+    from django.conf import settings
+
+    return Path(settings.WORKER_HEALTH_DIR)
+
+
+def touch(name: str, content: str | None = None) -> None:
+    path = health_dir() / name
+    if content is None:
+        path.touch()
+    else:
+        # Written whole then renamed: a probe never reads half a file.
+        partial = path.with_name(f".{name}.partial")
+        partial.write_text(content)
+        partial.replace(path)
+
+
+def remove(name: str) -> None:
+    (health_dir() / name).unlink(missing_ok=True)
+
+
+def age(name: str, now: float | None = None) -> float | None:
+    """Seconds since the file was last written; None if it does not exist."""
+    try:
+        mtime = (health_dir() / name).stat().st_mtime
+    except FileNotFoundError:
+        return None
+    return (time.time() if now is None else now) - mtime
+
+
+def record_canary_success() -> None:
+    """In the pool process that ran health_check successfully."""
+    touch(CANARY)
+
+
+def readiness(
+    *, connected: bool, consuming: bool, busy: bool, canary_age: float | None, stale_after: float
+) -> str | None:
+    """The content of the ready file ("free" or "busy"), or None when the worker is not ready."""
+    if not (connected and consuming):
+        return None
+    if busy:
+        return "busy"
+    if stale_after <= 0 or (canary_age is not None and canary_age <= stale_after):
+        return "free"  # stale_after 0: no canary is scheduled (no beat), so none is awaited
+    return None
+
+
+class HealthFiles(bootsteps.StartStopStep):
+    """Consumer step: runs while the consumer is connected (stopped on connection loss and
+    started again after the reconnect), writing the files on the event loop's timer."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def __init__(self, c, **kwargs):
+        super().__init__(c, **kwargs)
+        self.timer_entry = None
+        self.was_ready: bool | None = None
+        # Once per worker start: no ready file left by a previous run in the same pod, and the
+        # canary clock starts now.
+        health_dir().mkdir(parents=True, exist_ok=True)
+        remove(READY)
+        touch(CANARY)
+        touch(ALIVE)
+
+    def start(self, c):
+        from django.conf import settings
+
+        health_dir().mkdir(parents=True, exist_ok=True)
+        touch(ALIVE)
+        # The first tick runs once the event loop has started consuming.
+        self.timer_entry = c.timer.call_repeatedly(settings.WORKER_HEALTH_INTERVAL, self.tick, (c,), priority=10)
+
+    def tick(self, c) -> None:
+        from django.conf import settings
+
+        try:
+            touch(ALIVE)
+            connection = c.connection
+            queues = c.app.amqp.queues.consume_from or {}
+            consuming = c.task_consumer is not None and all(c.task_consumer.consuming_from(q) for q in queues)
+            verdict = readiness(
+                connected=connection is not None and connection.connected,
+                consuming=consuming and bool(queues),
+                busy=len(state.active_requests) >= (c.pool.num_processes or 1),
+                canary_age=age(CANARY),
+                stale_after=settings.CANARY_STALE_AFTER,
+            )
+            if verdict is None:
+                remove(READY)
+            else:
+                touch(READY, verdict)
+            if self.was_ready != (verdict is not None):
+                logger.log(
+                    logging.INFO if verdict else logging.WARNING,
+                    "Worker readiness: %s (consuming=%s, canary age=%s s)",
+                    verdict or "not ready",
+                    consuming,
+                    age(CANARY),
+                )
+                self.was_ready = verdict is not None
+        except Exception:
+            # A probe file that cannot be written must not take the event loop down.
+            logger.exception("Could not update the worker's probe files")
+
+    def stop(self, c):
+        if self.timer_entry is not None:
+            self.timer_entry.cancel()
+            self.timer_entry = None
+        remove(READY)
+        self.was_ready = None
+
+    def shutdown(self, c):
+        self.stop(c)
+
+
+class Consumer(CeleryConsumer):
+    """Celery's consumer, marking the worker alive while it waits for the broker.
+
+    While the broker is unreachable the main process sits in kombu's reconnect loop instead of
+    the event loop, so the timer does not run; kombu calls the loop's ``callback`` every second
+    of its waits, and this one touches ``alive`` before calling Celery's own."""
+
+    def ensure_connected(self, conn):
+        ensure_connection = conn.ensure_connection
+
+        def ensure_connection_marking_alive(*args, callback=None, **kwargs):
+            def alive_then_callback():
+                try:
+                    touch(ALIVE)
+                except OSError:
+                    logger.exception("Could not touch the worker's alive file")
+                if callback is not None:
+                    callback()
+
+            return ensure_connection(*args, callback=alive_then_callback, **kwargs)
+
+        conn.ensure_connection = ensure_connection_marking_alive
+        return super().ensure_connected(conn)
