@@ -4,18 +4,24 @@ Used as `gunicorn -c python:project.gunicorn_conf project.wsgi` (see deploy/imag
 https://docs.gunicorn.org/en/stable/settings.html
 """
 
-import json
 import os
-import time
+import tempfile
+from pathlib import Path
 
-from gunicorn.glogging import Logger
+from project import logging_config
 
 
 def _int(name: str, default: int) -> int:
     return int(os.environ.get(name) or default)
 
 
-bind = f"0.0.0.0:{_int('PORT', 8000)}"
+port = _int("PORT", 8000)
+# A second listener serving only /metrics (app/web_metrics.py): the ingress sends every path to
+# the public port, which answers /metrics with 404. 0: no metrics listener.
+metrics_port = _int("WEB_METRICS_PORT", 9808)
+if metrics_port == port:
+    raise SystemExit(f"WEB_METRICS_PORT must differ from PORT ({port}); 0 turns the metrics listener off.")
+bind = [f"0.0.0.0:{port}"] + ([f"0.0.0.0:{metrics_port}"] if metrics_port else [])
 workers = _int("WEB_CONCURRENCY", 2)
 threads = _int("GUNICORN_THREADS", 1)
 timeout = _int("GUNICORN_TIMEOUT", 30)
@@ -30,35 +36,52 @@ worker_tmp_dir = os.environ.get("GUNICORN_WORKER_TMP_DIR") or "/dev/shm"  # noqa
 # gunicorn 25+ creates a control socket under $HOME by default; nothing uses it here.
 control_socket_disable = True
 forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS") or "127.0.0.1,::1"
-accesslog = "-"
-errorlog = "-"
 loglevel = os.environ.get("GUNICORN_LOG_LEVEL") or "info"
+# gunicorn's error and access logs go through the project's logging configuration
+# (project/logging_config.py), as Django's and Celery's do: one JSON object per line, or
+# readable text with LOG_FORMAT=console. The access line's fields come from gunicorn's atoms.
+logconfig_dict = logging_config.build(
+    log_format=logging_config.log_format_from_environment(),
+    level=os.environ.get("DJANGO_LOG_LEVEL") or "INFO",
+)
+# The event of each access line; its fields (method, path, status, duration_ms, request_id...)
+# are added by logging_config.gunicorn_access_fields.
+access_log_format = "%(m)s %(U)s %(s)s"
 
 
-class JsonAccessLogger(Logger):
-    """One JSON object per request on the access log: quotes in a path or user agent cannot
-    break the line, and log pipelines parse it without a grok pattern."""
-
-    def access(self, resp, req, environ, request_time):
-        if not (self.cfg.accesslog or self.cfg.logconfig or self.cfg.syslog):
-            return
-        record = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "logger": "gunicorn.access",
-            "remote_addr": environ.get("REMOTE_ADDR"),
-            "method": environ.get("REQUEST_METHOD"),
-            "path": environ.get("PATH_INFO"),
-            "query": environ.get("QUERY_STRING") or None,
-            "status": resp.status_code,
-            "bytes": getattr(resp, "sent", None),
-            "duration_ms": round(request_time.total_seconds() * 1000, 3),
-            "user_agent": environ.get("HTTP_USER_AGENT"),
-            "request_id": environ.get("HTTP_X_REQUEST_ID"),
-        }
-        try:
-            self.access_log.info(json.dumps(record))
-        except Exception:
-            self.exception("Failed to write an access log line")
+# --- Web metrics: prometheus-client multiprocess mode across the workers ----------------------
+# https://prometheus.github.io/client_python/multiprocess/
+# prometheus-client chooses its value class from PROMETHEUS_MULTIPROC_DIR when it is imported.
+# The workers import it (with Django) after the fork, so the variable is set here, in the master
+# before it forks (no preload_app: with it Django would be imported before this hook).
 
 
-logger_class = JsonAccessLogger
+def on_starting(server):
+    """Master, once at start: the web's own empty directory under the base (same default as
+    settings.PROMETHEUS_MULTIPROC_DIR; a Celery worker uses <base>/worker)."""
+    base = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or str(
+        Path(os.environ.get("APP_RUNTIME_DIR") or tempfile.gettempdir()) / "prometheus-multiproc"
+    )
+    path = Path(base) / "web"
+    path.mkdir(parents=True, exist_ok=True)
+    for stale in path.glob("*.db"):  # counts of an earlier run; only prometheus-client's files
+        stale.unlink(missing_ok=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
+    server.log.info("Web metrics: multiprocess directory %s", path)
+
+
+def post_fork(server, worker):
+    """Worker: if something imported prometheus-client in the master before on_starting, the
+    worker inherited the single-process value class; switch it, as prometheus-client would have."""
+    from prometheus_client import values
+
+    if not getattr(values.ValueClass, "_multiprocess", False):
+        server.log.warning("prometheus-client was imported before on_starting; switching it to multiprocess mode")
+        values.ValueClass = values.MultiProcessValue()
+
+
+def child_exit(server, worker):
+    """Master: a worker exited; drop its live gauges (its counters and histograms stay summed)."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)

@@ -113,7 +113,7 @@ def test_prefork_sums_are_exact(metrics_worker):
     assert value(samples, "celery_worker_up", hostname=hostname) == 1
     assert value(samples, "celery_worker_tasks_active", hostname=hostname) == 0
     # Several processes wrote: the sums above are over the pool children, not one of them.
-    assert len(list(multiproc_dir.glob("counter_*.db"))) >= 2
+    assert len(list((multiproc_dir / "worker").glob("counter_*.db"))) >= 2
 
     # Publisher side, in this process: the retries' republishes happen in the worker.
     for name, published in ((add, 120), (agg, 30), (retry, 5)):

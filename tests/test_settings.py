@@ -37,7 +37,7 @@ def test_debug_runs_without_a_secret_key_on_local_defaults():
 
     assert result.returncode == 0, result.stderr
     values = json.loads(result.stdout)
-    assert values["engine"] == "django.db.backends.sqlite3"
+    assert values["engine"] == "django_prometheus.db.backends.sqlite3"
     assert values["cache"] == "django.core.cache.backends.locmem.LocMemCache"
     assert values["email"] == "django.core.mail.backends.console.EmailBackend"
     assert values["conn_max_age"] == 600
@@ -59,7 +59,7 @@ def test_every_backend_is_chosen_by_url():
 
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == {
-        "engine": "django.db.backends.mysql",
+        "engine": "django_prometheus.db.backends.mysql",
         "cache": "django.core.cache.backends.redis.RedisCache",
         "email": "django.core.mail.backends.smtp.EmailBackend",
         "debug": False,
