@@ -14,7 +14,7 @@ import time
 from celery import signals
 from django.db import close_old_connections
 
-from app import metrics, services
+from app import cluster_metrics, metrics, services
 
 logger = logging.getLogger(__name__)
 
@@ -147,15 +147,16 @@ def metrics_setup_worker(**_):
 def metrics_worker_ready(sender=None, **_):
     from django.conf import settings
 
-    metrics.get().worker_up.labels(hostname=getattr(sender, "hostname", "") or "").set(1)
+    # No celery_worker_up here: a process cannot report its own death. Beat does, from heartbeats.
     if settings.WORKER_METRICS_PORT:
         metrics.serve_worker(settings.WORKER_METRICS_PORT)
 
 
-@signals.worker_shutdown.connect
+@signals.beat_init.connect
 @_metrics_never_raise
-def metrics_worker_shutdown(sender=None, **_):
-    metrics.get().worker_up.labels(hostname=getattr(sender, "hostname", "") or "").set(0)
+def metrics_beat_init(sender=None, **_):
+    # Beat's metrics server, queue lengths and worker up/down, with the app beat runs with.
+    cluster_metrics.start(sender.app)
 
 
 @signals.worker_process_shutdown.connect

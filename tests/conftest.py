@@ -191,12 +191,12 @@ def broker(request):
 def start_beat(service_log_dir, tmp_path):
     started = []
 
-    def start() -> Service:
+    def start(**env_overrides) -> Service:
         command = [
             sys.executable, "-m", "celery", "-A", "project", "beat", "-l", "info",
             "-s", str(tmp_path / "celerybeat-schedule"),
         ]  # fmt: skip
-        service = Service(f"beat-{uuid.uuid4().hex[:6]}", command, subprocess_env(), service_log_dir)
+        service = Service(f"beat-{uuid.uuid4().hex[:6]}", command, subprocess_env(**env_overrides), service_log_dir)
         started.append(service)
         return service
 
