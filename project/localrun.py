@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -143,6 +144,15 @@ def main() -> int:
     flower_port = port_from_env("FLOWER_PORT", 5555)
     ensure_port_free(web_port, "the web server", "WEB_PORT")
     ensure_port_free(flower_port, "Flower", "FLOWER_PORT")
+    # Each server's Prometheus metrics on its own port: on one host they cannot all use the
+    # default 9808 of their own variables, which are set per process below.
+    metrics_ports = {
+        "web": port_from_env("LOCAL_WEB_METRICS_PORT", 9810),
+        "worker": port_from_env("LOCAL_WORKER_METRICS_PORT", 9808),
+        "beat": port_from_env("LOCAL_BEAT_METRICS_PORT", 9809),
+    }
+    for role, port in metrics_ports.items():
+        ensure_port_free(port, f"the {role}'s metrics", f"LOCAL_{role.upper()}_METRICS_PORT")
 
     redis = None
     if not os.environ.get("CELERY_BROKER_URL"):
@@ -182,13 +192,15 @@ def main() -> int:
     manager = LocalManager(Printer(sys.stdout), broker="redis" if redis else None)
     if redis is not None:
         manager.add_process("redis", command(*redis.command()), cwd=BASE_DIR)
+    # The image's gunicorn settings and hooks (metrics summed over workers), on loopback only.
     manager.add_process(
         "web",
         command(
-            python, "-m", "gunicorn", "project.wsgi",
-            "--bind", f"127.0.0.1:{web_port}", "--workers", "2",
-            "--no-control-socket", "--access-logfile", "-",
+            python, "-m", "gunicorn", "-c", "python:project.gunicorn_conf", "project.wsgi",
+            "--bind", f"127.0.0.1:{web_port}", "--bind", f"127.0.0.1:{metrics_ports['web']}",
+            "--workers", "2", "--worker-tmp-dir", tempfile.gettempdir(), "--no-control-socket",
         ),
+        env={**os.environ, "PORT": str(web_port), "WEB_METRICS_PORT": str(metrics_ports["web"])},
         cwd=BASE_DIR,
     )  # fmt: skip
     manager.add_process(
@@ -197,10 +209,14 @@ def main() -> int:
             *celery, "worker", "-Q", queues, "-c", "2", "--without-mingle", "--without-gossip",
             "-E", "-l", "info", "-n", "local@%h",
         ),
+        env={**os.environ, "CELERY_METRICS_PORT": str(metrics_ports["worker"])},
         cwd=BASE_DIR,
     )  # fmt: skip
     manager.add_process(
-        "beat", command(*celery, "beat", "-l", "info", "-s", str(var_dir / "celerybeat-schedule")), cwd=BASE_DIR
+        "beat",
+        command(*celery, "beat", "-l", "info", "-s", str(var_dir / "celerybeat-schedule")),
+        env={**os.environ, "CELERY_METRICS_PORT": str(metrics_ports["beat"])},
+        cwd=BASE_DIR,
     )
     manager.add_process(
         "flower", command(*celery, "flower", "--address=127.0.0.1", f"--port={flower_port}"), cwd=BASE_DIR
@@ -214,6 +230,8 @@ def main() -> int:
             f"  API docs  {web}/api/docs",
             f"  Admin     {web}/admin/   (user admin; its password was printed on the first run only)",
             f"  Flower    http://127.0.0.1:{flower_port}/   ({flower_login})",
+            "  Metrics   "
+            + "  ".join(f"{role} http://127.0.0.1:{port}/metrics" for role, port in metrics_ports.items()),
             f"  Broker    {os.environ['CELERY_BROKER_URL']}"
             + ("  (embedded Redis, in memory: queued tasks end with the run)" if redis else ""),
             "  New API token: manage.py create_api_token NAME;  new admin password: manage.py changepassword admin",

@@ -127,7 +127,8 @@ def test_bootstrap_local_creates_the_admin_and_a_token_once_and_keeps_only_hashe
 @pytest.mark.timeout(180)
 def test_localrun_serves_runs_a_task_and_stops_cleanly_on_ctrl_c(tmp_path):
     web_port, flower_port, redis_port = free_port(), free_port(), free_port()
-    assert len({web_port, flower_port, redis_port}) == 3
+    metrics_ports = {"web": free_port(), "worker": free_port(), "beat": free_port()}
+    assert len({web_port, flower_port, redis_port, *metrics_ports.values()}) == 6
     env = {
         **os.environ,
         "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}",
@@ -135,6 +136,7 @@ def test_localrun_serves_runs_a_task_and_stops_cleanly_on_ctrl_c(tmp_path):
         "WEB_PORT": str(web_port),
         "FLOWER_PORT": str(flower_port),
         "LOCAL_REDIS_PORT": str(redis_port),
+        **{f"LOCAL_{role.upper()}_METRICS_PORT": str(port) for role, port in metrics_ports.items()},
         # Empty counts as unset for localrun, and keeps a developer's .env out of the test.
         "CELERY_BROKER_URL": "",
         "CACHE_URL": "",
@@ -178,13 +180,25 @@ def test_localrun_serves_runs_a_task_and_stops_cleanly_on_ctrl_c(tmp_path):
         assert http(flower, headers={"Authorization": f"Basic {credentials}"})[0] == 200
         assert http(flower)[0] == 401
 
+        # Each server's metrics on its own port; the web's only on its metrics listener.
+        for role, metric in (
+            ("web", b"django_http_requests_total_by_method_total"),
+            ("worker", b"celery_task_succeeded_total"),
+            ("beat", b"django_celery_k8s_beat_last_tick_timestamp_seconds"),
+        ):
+            status, body = http(f"http://127.0.0.1:{metrics_ports[role]}/metrics")
+            assert (status, metric in body) == (200, True), f"{role}: {body[:300]}"
+        assert http(f"{web}/metrics")[0] == 404
+
         for child in psutil.Process(process.pid).children(recursive=True):
             started[child.pid] = child.create_time()
         process.send_signal(signal.SIGINT)
         returncode = process.wait(timeout=30)
         assert returncode == 0, output.tail()
         time.sleep(0.5)  # let the kernel reap what just exited
-        assert leftovers(started, str(tmp_path), [web_port, flower_port, redis_port]) == [], output.tail()
+        assert leftovers(started, str(tmp_path), [web_port, flower_port, redis_port, *metrics_ports.values()]) == [], (
+            output.tail()
+        )
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGINT)
