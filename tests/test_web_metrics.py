@@ -1,6 +1,7 @@
 """Web metrics: exact sums over a real gunicorn with two workers, served only on the metrics
 listener; the public port and anything outside gunicorn answer /metrics with 404."""
 
+import json
 import sys
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -92,6 +93,21 @@ def test_request_counts_are_exact_over_both_workers(gunicorn):
     assert len(list((gunicorn.multiproc_base / "web").glob("counter_*.db"))) >= 2
     # Scrapes are not requests: a second scrape shows the same count.
     assert total(gunicorn.metrics(), "django_http_requests_total_by_method_total") == 200
+
+
+@pytest.mark.integration
+def test_tasks_published_by_the_api_are_counted_over_both_workers(gunicorn, api_token):
+    def publish(_):
+        body = json.dumps({"x": 2, "y": 3}).encode()
+        headers = {"Authorization": f"Bearer {api_token}", "Content-Type": "application/json"}
+        return http("POST", f"http://127.0.0.1:{gunicorn.port}/api/simple-task/", body, headers)[0]
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        assert list(pool.map(publish, range(12))) == [202] * 12
+
+    found = gunicorn.metrics()
+    assert total(found, "celery_task_sent_total", name="app.tasks.add", queue_name="default") == 12
+    assert total(found, "django_http_responses_total_by_status_total", status="202") == 12
 
 
 @pytest.mark.integration
