@@ -69,8 +69,10 @@ class Backoff:
         delay, self.delay = self.delay, min(self.delay * 2, MAX_BACKOFF)
         return delay
 
-    def reset(self) -> None:
-        self.delay = 1.0
+    def reset(self) -> bool:
+        """Back to 1 s; True if it was backing off."""
+        backing_off, self.delay = self.delay > 1.0, 1.0
+        return backing_off
 
 
 # --- Queue lengths --------------------------------------------------------------------------
@@ -140,7 +142,8 @@ class QueueLengths:
                             conn.ensure_connection(max_retries=0)  # fail fast: this loop retries
                             for name, length in queue_lengths(conn, self.names).items():
                                 self.gauge.labels(queue_name=name).set(length)
-                            backoff.reset()
+                            if backoff.reset():
+                                logger.info("Reading queue lengths again")
                             time.sleep(self.interval)
                     except Exception:
                         conn.close()  # reconnects on its next use
