@@ -2,6 +2,8 @@
 listener; the public port and anything outside gunicorn answer /metrics with 404."""
 
 import json
+import os
+import subprocess
 import sys
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -10,7 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from project.embedded import free_port, wait_for_port
-from tests.conftest import Service, http, subprocess_env
+from tests.conftest import REPO_ROOT, Service, http, subprocess_env
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -26,8 +28,8 @@ def total(found: list, metric: str, **labels) -> float:
 class Gunicorn:
     """gunicorn as the image runs it (-c python:project.gunicorn_conf), two workers."""
 
-    def __init__(self, tmp_path, log_dir):
-        self.tmp_path, self.log_dir = tmp_path, log_dir
+    def __init__(self, tmp_path, log_dir, **env):
+        self.tmp_path, self.log_dir, self.extra_env = tmp_path, log_dir, env
         self.port, self.metrics_port = free_port(), free_port()
         self.multiproc_base = tmp_path / "multiproc"
         self.service = None
@@ -40,6 +42,7 @@ class Gunicorn:
             WEB_CONCURRENCY=2,
             GUNICORN_WORKER_TMP_DIR=self.tmp_path,
             PROMETHEUS_MULTIPROC_DIR=self.multiproc_base,
+            **self.extra_env,
         )
         self.service = Service(f"web-metrics-{self.port}", command, env, self.log_dir)
         wait_for_port(self.port, timeout=30, process=self.service.process)
@@ -68,8 +71,19 @@ def gunicorn(tmp_path, service_log_dir):
         server.stop()
 
 
+@pytest.fixture
+def recycling_gunicorn(tmp_path, service_log_dir):
+    """Each worker replaced after 40 requests: the counts of the replaced ones must stay."""
+    server = Gunicorn(tmp_path, service_log_dir, GUNICORN_MAX_REQUESTS=40, GUNICORN_MAX_REQUESTS_JITTER=0)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
 @pytest.mark.integration
-def test_request_counts_are_exact_over_both_workers(gunicorn):
+def test_request_counts_are_exact_over_workers_and_their_replacements(recycling_gunicorn):
+    gunicorn = recycling_gunicorn
     paths = (
         ["/api/health/live"] * 120  # 200
         + [f"/api/task-status/{uuid.uuid4()}/" for _ in range(50)]  # 404 after database lookups
@@ -89,8 +103,8 @@ def test_request_counts_are_exact_over_both_workers(gunicorn):
     assert total(found, "django_http_requests_latency_seconds_by_view_method_count") == 200
     # The database wrapper counts the task-status lookups.
     assert total(found, "django_db_execute_total", vendor="postgresql") >= 50
-    # Both workers served: each counted into its own file.
-    assert len(list((gunicorn.multiproc_base / "web").glob("counter_*.db"))) >= 2
+    # Both workers and their replacements served, each counting into its own file.
+    assert len(list((gunicorn.multiproc_base / "web").glob("counter_*.db"))) >= 4
     # Scrapes are not requests: a second scrape shows the same count.
     assert total(gunicorn.metrics(), "django_http_requests_total_by_method_total") == 200
 
@@ -175,3 +189,30 @@ def test_metrics_port_zero_serves_no_metrics(client, settings):
     settings.WEB_METRICS_PORT = 0
 
     assert client.get("/metrics", **{"gunicorn.socket": FakeSocket(("0.0.0.0", 0))}).status_code == 404
+
+
+# --- The listeners gunicorn binds (project/gunicorn_conf.py) -------------------------------
+
+
+def gunicorn_conf(**env):
+    code = "import json, project.gunicorn_conf as c; print(json.dumps(c.bind))"
+    clean = {k: v for k, v in os.environ.items() if k not in ("PORT", "WEB_METRICS_PORT")}
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, env={**clean, **env}, capture_output=True, text=True
+    )
+
+
+def test_gunicorn_binds_the_public_and_the_metrics_port():
+    assert json.loads(gunicorn_conf().stdout) == ["0.0.0.0:8000", "0.0.0.0:9808"]
+    assert json.loads(gunicorn_conf(PORT="8080", WEB_METRICS_PORT="9100").stdout) == ["0.0.0.0:8080", "0.0.0.0:9100"]
+
+
+def test_metrics_port_zero_binds_no_metrics_listener():
+    assert json.loads(gunicorn_conf(WEB_METRICS_PORT="0").stdout) == ["0.0.0.0:8000"]
+
+
+def test_metrics_port_equal_to_the_public_port_is_refused():
+    result = gunicorn_conf(PORT="8000", WEB_METRICS_PORT="8000")
+
+    assert result.returncode != 0
+    assert "WEB_METRICS_PORT must differ from PORT" in result.stderr
