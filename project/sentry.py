@@ -1,0 +1,35 @@
+"""Error reporting to Sentry for the web, worker and beat processes (settings.py calls
+init_sentry in each of them); nothing is set up without a DSN.
+
+https://docs.sentry.io/platforms/python/integrations/django/
+https://docs.sentry.io/platforms/python/integrations/celery/
+"""
+
+import logging
+
+import sentry_sdk
+from sentry_sdk.integrations.celery import CeleryIntegration
+from sentry_sdk.integrations.django import DjangoIntegration
+from sentry_sdk.integrations.logging import LoggingIntegration
+
+
+def init_sentry(*, dsn: str, environment: str, release: str, traces_sample_rate: float) -> bool:
+    """Start the SDK when a DSN is given; returns whether it did."""
+    if not dsn:
+        return False
+    sentry_sdk.init(
+        dsn=dsn,
+        environment=environment,
+        release=release,
+        traces_sample_rate=traces_sample_rate,
+        # No user ids, IP addresses, cookies or request bodies leave the cluster.
+        send_default_pii=False,
+        integrations=[
+            DjangoIntegration(),
+            # Beat's schedules become cron monitors: a missed or failed run raises an alert.
+            CeleryIntegration(monitor_beat_tasks=True),
+            # INFO and above as breadcrumbs, ERROR and above (with a traceback) as events.
+            LoggingIntegration(level=logging.INFO, event_level=logging.ERROR),
+        ],
+    )
+    return True

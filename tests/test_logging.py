@@ -1,0 +1,195 @@
+"""Structured logs from real processes: gunicorn (with project/gunicorn_conf.py) and a prefork
+Celery worker log one JSON object per line, and one request's id reaches the worker's lines for
+every task of the chord it started, the callback included. With DJANGO_DEBUG the lines are text."""
+
+import json
+import os
+import sys
+import urllib.request
+import uuid
+
+import pytest
+
+from project.embedded import free_port, wait_for_port
+from tests.conftest import Service, celery_app_for, subprocess_env, wait_for_worker, wait_until
+
+pytestmark = pytest.mark.integration
+
+# A broker database of this module's own, so no other test's worker takes these tasks.
+LOGGING_BROKER_DB = 11
+
+
+def json_lines(text: str) -> list[dict]:
+    """Every line parsed as JSON: fails on the first line that is not."""
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def get(url: str, headers: dict | None = None) -> tuple[int, dict]:
+    request = urllib.request.Request(url, headers=headers or {})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return response.status, dict(response.headers)
+
+
+def post_json(url: str, body: dict, headers: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), method="POST", headers={"Content-Type": "application/json", **headers}
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return response.status, json.loads(response.read())
+
+
+@pytest.fixture(scope="module")
+def broker_url() -> str:
+    return f"{os.environ['REDIS_URL'].rstrip('/')}/{LOGGING_BROKER_DB}"
+
+
+@pytest.fixture(scope="module")
+def json_worker(broker_url, django_db_setup, django_db_blocker, service_log_dir, tmp_path_factory):
+    """A real prefork worker logging JSON. --quiet: no start-up banner, which Celery prints
+    rather than logs, so every line of its output is a log line."""
+    hostname = f"logs-{uuid.uuid4().hex[:8]}@localhost"
+    command = [
+        sys.executable, "-m", "celery", "-A", "project", "--quiet", "worker",
+        "-Q", "default,long", "-c", "2", "--pool", "prefork", "-n", hostname,
+        "--without-mingle", "--without-gossip", "--purge", "-l", "info",
+    ]  # fmt: skip
+    env = subprocess_env(
+        CELERY_BROKER_URL=broker_url,
+        LOG_FORMAT="json",
+        CELERY_METRICS_PORT=0,
+        PROMETHEUS_MULTIPROC_DIR=tmp_path_factory.mktemp("worker-metrics"),
+    )
+    with django_db_blocker.unblock():
+        service = Service(f"worker-{hostname.split('@')[0]}", command, env, service_log_dir)
+        try:
+            wait_for_worker(celery_app_for(broker_url), hostname, service)
+        except Exception:
+            service.stop()
+            raise
+    yield service
+    service.stop()
+
+
+@pytest.fixture
+def json_web(broker_url, service_log_dir, tmp_path):
+    """gunicorn as the web role runs it (project/gunicorn_conf.py), logging JSON."""
+    port = free_port()
+    command = [sys.executable, "-m", "gunicorn", "-c", "python:project.gunicorn_conf", "project.wsgi"]
+    env = subprocess_env(
+        PORT=port,
+        WEB_METRICS_PORT=0,
+        WEB_CONCURRENCY=1,
+        CELERY_BROKER_URL=broker_url,
+        LOG_FORMAT="json",
+        PROMETHEUS_MULTIPROC_DIR=tmp_path / "metrics",
+    )
+    service = Service(f"web-json-{port}", command, env, service_log_dir)
+    try:
+        wait_for_port(port, timeout=30, process=service.process)
+        service.url = f"http://127.0.0.1:{port}"
+        yield service
+    finally:
+        service.stop()
+
+
+def lines_with(lines: list[dict], **fields) -> list[dict]:
+    return [line for line in lines if all(line.get(key) == value for key, value in fields.items())]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_web_logs_json_lines_with_request_id_method_path_status_and_duration(json_web):
+    status, headers = get(f"{json_web.url}/api/task-overview/?window=1", {"X-Request-ID": "req-logging-1"})
+    assert status == 200
+    assert headers["X-Request-ID"] == "req-logging-1"
+
+    def finished():
+        lines = json_lines(json_web.log())
+        django_line = lines_with(lines, event="request_finished", request_id="req-logging-1")
+        access_line = lines_with(lines, logger="gunicorn.access", request_id="req-logging-1")
+        return (lines, django_line[0], access_line[0]) if django_line and access_line else None
+
+    lines, django_line, access_line = wait_until(finished, timeout=10, message="the request's log lines")
+    for line in (django_line, access_line):
+        assert line["method"] == "GET"
+        assert line["path"] == "/api/task-overview/"
+        assert line["status"] == 200
+        assert line["duration_ms"] > 0
+        assert line["level"] == "info"
+        assert line["timestamp"].endswith("Z")
+    assert access_line["query"] == "window=1"
+    # gunicorn's own lines (start-up, workers) are JSON too.
+    assert any(line["logger"] == "gunicorn.error" and "Booting worker" in line["event"] for line in lines)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_request_without_an_id_gets_one_in_its_response_and_its_log_lines(json_web):
+    _, headers = get(f"{json_web.url}/api/task-overview/")
+    request_id = headers["X-Request-ID"]
+    assert uuid.UUID(request_id)
+
+    def both_lines():
+        lines = json_lines(json_web.log())
+        return lines_with(lines, event="request_finished", request_id=request_id) and lines_with(
+            lines, logger="gunicorn.access", request_id=request_id
+        )
+
+    wait_until(both_lines, timeout=10, message="a Django and an access line with the generated id")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_request_id_reaches_every_worker_line_of_its_chord_including_the_callback(json_web, json_worker, api_token):
+    request_id = f"chord-{uuid.uuid4().hex[:12]}"
+    status, body = post_json(
+        f"{json_web.url}/api/chord-tasks/",
+        {"chunks": [[1, 2], [3, 4], [5]]},
+        {"Authorization": f"Bearer {api_token}", "X-Request-ID": request_id},
+    )
+    assert status == 202
+    header_ids, callback_id = body["task_ids"][:-1], body["task_ids"][-1]
+
+    def all_finished():
+        lines = json_lines(json_worker.log())
+        done = {line["task_id"]: line for line in lines_with(lines, event="task_finished")}
+        return (lines, done) if set(body["task_ids"]) <= done.keys() else None
+
+    lines, finished = wait_until(all_finished, timeout=60, message="task_finished for every chord task")
+
+    for task_id in header_ids:
+        line = finished[task_id]
+        assert line["task_name"] == "app.tasks.process_data_chunk"
+        assert line["state"] == "SUCCESS"
+        assert line["queue"] == "default"
+        assert line["retries"] == 0
+        assert line["duration_ms"] >= 0
+        assert line["request_id"] == request_id
+    callback = finished[callback_id]
+    assert callback["task_name"] == "app.tasks.aggregate_results"
+    assert callback["state"] == "SUCCESS"
+    assert callback["request_id"] == request_id
+    # The callback was published, once, by the worker that ran the last chunk.
+    assert callback["parent_task_id"] in header_ids
+    assert len(lines_with(lines, event="task_enqueued", child_task_id=callback_id)) == 1
+
+    # Every line a chord task logged (Celery's own included) carries the request id.
+    task_lines = [line for line in lines if line.get("task_id") in body["task_ids"]]
+    assert {line["event"] for line in task_lines} >= {"task_started", "task_finished"}
+    assert all(line["request_id"] == request_id for line in task_lines)
+    assert any(line["logger"].startswith("celery") for line in task_lines)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_with_debug_on_the_logs_are_readable_text_not_json(start_web, service_log_dir):
+    url = start_web(DJANGO_DEBUG="true")
+    get(f"{url}/api/task-overview/", {"X-Request-ID": "req-console-1"})
+    log_path = service_log_dir / f"web-{url.rsplit(':', 1)[1]}.log"  # start_web's Service log
+
+    line = wait_until(
+        lambda: next((li for li in log_path.read_text().splitlines() if "request_finished" in li), None),
+        timeout=10,
+        message="the request_finished line",
+    )
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(line)
+    for text in ("[info", "request_finished", "method=GET", "path=/api/task-overview/", "status=200"):
+        assert text in line
+    assert "request_id=req-console-1" in line
