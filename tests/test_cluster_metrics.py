@@ -171,6 +171,18 @@ def test_rabbitmq_queue_length_is_the_passive_declare_count(start_beat, amqp_app
         assert has_series(samples, "celery_queue_length", queue_name="default")
         purge(amqp_app, queue)
         wait_until(lambda: value(scrape(port), "celery_queue_length", queue_name=queue) == 0, timeout=10)
+
+        # Worker events over RabbitMQ: a heartbeat makes a worker up, worker-offline removes it.
+        hostname = f"fake-{uuid.uuid4().hex[:6]}@localhost"
+        with amqp_app.events.default_dispatcher(hostname=hostname) as dispatcher:
+
+            def heartbeat_seen() -> bool:
+                dispatcher.send("worker-heartbeat", freq=2.0)
+                return value(scrape(port), "celery_worker_up", hostname=hostname) == 1
+
+            wait_until(heartbeat_seen, timeout=20, interval=0.5, message=f"heartbeat seen:\n{beat.log()[-3000:]}")
+            dispatcher.send("worker-offline")
+        wait_until(lambda: not has_series(scrape(port), "celery_worker_up", hostname=hostname), timeout=5)
     finally:
         with amqp_app.connection_for_write() as conn:
             conn.default_channel.queue_delete(queue)
