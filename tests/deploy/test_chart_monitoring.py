@@ -153,6 +153,14 @@ def test_web_serves_metrics_on_a_second_port_that_its_service_names(production):
     assert {"name": "metrics", "port": port, "targetPort": "metrics", "protocol": "TCP"} in service["spec"]["ports"]
 
 
+def test_the_web_service_gets_the_metrics_port_only_for_the_service_monitor():
+    docs = render({"metrics": {"serviceMonitor": {"enabled": False}}})
+    (service,) = [s for s in of_kind(docs, "Service") if labels(s).get(COMPONENT_LABEL) == "web"]
+
+    # A NodePort or LoadBalancer web Service would publish every port it has.
+    assert [port["name"] for port in service["spec"]["ports"]] == ["http"]
+
+
 def test_metrics_port_follows_the_value():
     docs = render({"metrics": {"port": 9911}})
 
