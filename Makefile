@@ -38,8 +38,9 @@ test: $(STAMP) $(CHECKOV_STAMP) ## Run the test suite (embedded PostgreSQL/Redis
 check: $(STAMP) ## Django system checks (includes the broker visibility-timeout check)
 	DJANGO_DEBUG=true $(PY) manage.py check
 
-bench: $(STAMP) ## Worker throughput: bare Celery vs this project's bookkeeping (ratios, one run)
+bench: $(STAMP) ## Worker throughput: bare Celery vs this project's bookkeeping; probe CPU cost vs celery inspect ping (ratios, one run)
 	$(PY) -m tests.benchmarks.worker_throughput
+	$(PY) -m tests.benchmarks.probe_cost
 
 IMAGE ?= django-celery-k8s
 VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' project/__init__.py)

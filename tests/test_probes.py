@@ -1,0 +1,353 @@
+"""The chart's probes, run as the kubelet would run them, against live processes and real faults.
+
+The chart is rendered with its minimal values; each role (web, the long worker pool, beat,
+Flower) is started through the image's entrypoint with its container's environment from the
+rendered manifests (ConfigMap, Secret, env), pointed at a Redis and a PostgreSQL of this module
+only, which the tests stop and start again. Exec probes run as commands with that environment
+(its /tmp paths moved to a scratch folder); httpGet probes are HTTP requests to the container
+port they name.
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from project.embedded import EmbeddedPostgres, EmbeddedRedis, free_port, wait_for_port
+from tests.conftest import REPO_ROOT, Service, http, wait_until
+from tests.deploy.conftest import containers, labels, load_values, of_kind, render_chart
+from tests.deploy.test_chart_invariants import effective_env
+
+ENTRYPOINT = REPO_ROOT / "deploy" / "image" / "entrypoint.sh"
+VENV_BIN = Path(sys.executable).parent
+FLOWER_AUTH = "probe:probe-password"
+CANARY_INTERVAL = 3  # seconds; the chart's default is 60
+CANARY_STALE_AFTER = 9
+
+
+# --- Unit: the readiness rule ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("state", "expected"),
+    [
+        ({"connected": True, "consuming": True, "busy": False, "canary_age": 5.0}, "free"),
+        ({"connected": True, "consuming": True, "busy": False, "canary_age": 50.0}, None),
+        ({"connected": True, "consuming": True, "busy": False, "canary_age": None}, None),
+        ({"connected": True, "consuming": True, "busy": True, "canary_age": 50.0}, "busy"),
+        ({"connected": True, "consuming": False, "busy": False, "canary_age": 1.0}, None),
+        ({"connected": False, "consuming": True, "busy": True, "canary_age": 1.0}, None),
+    ],
+)
+def test_worker_is_ready_when_consuming_and_its_canary_is_fresh_or_every_slot_is_busy(state, expected):
+    from app.worker_health import readiness
+
+    assert readiness(**state, stale_after=30) == expected
+
+
+def test_without_a_canary_schedule_a_consuming_worker_is_ready():
+    from app.worker_health import readiness
+
+    assert readiness(connected=True, consuming=True, busy=False, canary_age=None, stale_after=0) == "free"
+
+
+# --- The rendered probes ----------------------------------------------------------------
+
+
+@dataclass
+class Probe:
+    role: str
+    kind: str  # livenessProbe, readinessProbe, startupProbe
+    spec: dict
+    env: dict
+    ports: dict  # container port name -> local port
+
+    @property
+    def window(self) -> float:
+        """Seconds the kubelet needs to act on a failure that has begun: failureThreshold runs."""
+        return self.spec.get("periodSeconds", 10) * self.spec.get("failureThreshold", 3)
+
+    def passes(self) -> bool:
+        timeout = self.spec.get("timeoutSeconds", 1)
+        if "exec" in self.spec:
+            try:
+                run = subprocess.run(self.spec["exec"]["command"], env=self.env, capture_output=True, timeout=timeout)
+            except subprocess.TimeoutExpired:
+                return False
+            return run.returncode == 0
+        get = self.spec["httpGet"]
+        port = self.ports[get["port"]] if isinstance(get["port"], str) else get["port"]
+        headers = {h["name"]: h["value"] for h in get.get("httpHeaders") or []}
+        try:
+            status, _ = http("GET", f"http://127.0.0.1:{port}{get['path']}", headers=headers, timeout=timeout)
+        except OSError:  # refused, reset or timed out: a failure for the kubelet too
+            return False
+        return 200 <= status < 400
+
+
+def moved_to(scratch: Path, env: dict) -> dict:
+    """The container's /tmp (an emptyDir) is the scratch folder here."""
+    return {k: str(scratch) + v[len("/tmp") :] if v.startswith("/tmp/") or v == "/tmp" else v for k, v in env.items()}
+
+
+@dataclass
+class Role:
+    name: str
+    container: dict
+    env: dict
+    service: Service | None = None
+
+    def probe(self, kind: str, ports: dict) -> Probe:
+        return Probe(self.name, kind, self.container[kind], self.env, ports)
+
+
+class Stack:
+    """Redis, PostgreSQL and the four roles, each with the environment the chart gives it."""
+
+    def __init__(self, scratch: Path):
+        self.scratch = scratch
+        self.redis = EmbeddedRedis(workdir=scratch).start()
+        # As root, pgserver runs PostgreSQL (and its pg_ctl stop and start) as its own user, who
+        # must reach the data folder: pytest's scratch folders are private to root.
+        self.postgres_dir = Path(tempfile.mkdtemp(prefix="probe-tests-pg-"))
+        self.postgres_dir.chmod(0o755)
+        self.postgres = EmbeddedPostgres(self.postgres_dir / "pg" / "data").start()
+        self.docs = render_chart(load_values("minimal-values.yaml"))
+        self.ports = {"http": free_port(), "flower": free_port()}
+        self.roles: dict[str, Role] = {}
+        overrides = {
+            "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
+            "HOME": str(scratch),
+            "APP_RUNTIME_DIR": str(scratch),
+            "PYTHONUNBUFFERED": "1",
+            "DATABASE_URL": self.postgres.url,
+            "CELERY_BROKER_URL": f"{self.redis.url}/0",
+            "CACHE_URL": f"{self.redis.url}/1",
+            "DJANGO_SECRET_KEY": "probe-tests-only",
+            "DJANGO_STATIC_ROOT": str(scratch / "static"),
+            "PROMETHEUS_MULTIPROC_DIR": str(scratch / "prometheus"),
+            "FLOWER_BASIC_AUTH": FLOWER_AUTH,
+            # Other tests and programs on this machine use the chart's fixed ports.
+            "CELERY_METRICS_PORT": "0",
+            "WEB_METRICS_PORT": "0",
+            "PORT": str(self.ports["http"]),
+            "FLOWER_PORT": str(self.ports["flower"]),
+            "FLOWER_ADDRESS": "127.0.0.1",
+            # Two cores shared with other work: one gunicorn worker is enough here.
+            "WEB_CONCURRENCY": "1",
+            # A canary every few seconds, so its rules show within a test.
+            "CELERY_CANARY_INTERVAL": str(CANARY_INTERVAL),
+            "CELERY_CANARY_STALE_AFTER": str(CANARY_STALE_AFTER),
+        }
+        for workload in of_kind(self.docs, "Deployment", "Job"):
+            component = labels(workload).get("app.kubernetes.io/component")
+            pool = labels(workload).get("app.kubernetes.io/worker-pool")
+            name = {"worker": f"worker-{pool}"}.get(component, component)
+            container = containers(workload, init=False)[0]
+            self.roles[name] = Role(
+                name, container, {**moved_to(scratch, effective_env(self.docs, container)), **overrides}
+            )
+        (scratch / "prometheus").mkdir()
+        (scratch / "static").mkdir()
+
+    def run_role(self, name: str) -> Service:
+        role = self.roles[name]
+        args = role.container.get("args") or []
+        role.service = Service(f"{name}-{uuid.uuid4().hex[:6]}", ["sh", str(ENTRYPOINT), *args], role.env, self.scratch)
+        return role.service
+
+    def probe(self, role: str, kind: str) -> Probe:
+        return self.roles[role].probe(kind, self.ports)
+
+    def stop(self) -> None:
+        for role in self.roles.values():
+            if role.service is not None:
+                if role.service.process.poll() is None:
+                    os.kill(role.service.process.pid, signal.SIGCONT)  # in case a test left it stopped
+                role.service.stop()
+        self.redis.stop()
+        self.postgres.stop()
+        shutil.rmtree(self.postgres_dir, ignore_errors=True)
+
+
+ROLES = ("web", "worker-long", "beat", "flower")
+KINDS = ("startupProbe", "livenessProbe", "readinessProbe")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    stack = Stack(tmp_path_factory.mktemp("probes"))
+    try:
+        migrate = subprocess.run(
+            ["sh", str(ENTRYPOINT), *stack.roles["migrate"].container["args"]],
+            env=stack.roles["migrate"].env,
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert migrate.returncode == 0, migrate.stdout + migrate.stderr
+        for role in ROLES:
+            stack.run_role(role)
+        wait_for_port(stack.ports["http"], timeout=60, process=stack.roles["web"].service.process)
+        wait_for_port(stack.ports["flower"], timeout=60, process=stack.roles["flower"].service.process)
+        # As the kubelet does: startup first, then every probe.
+        for role in ROLES:
+            for kind in KINDS:
+                probe = stack.probe(role, kind)
+                wait_until(probe.passes, timeout=90, interval=0.5, message=f"{role} {kind}\n{log_tail(stack, role)}")
+        yield stack
+    finally:
+        stack.stop()
+
+
+def log_tail(stack: Stack, role: str) -> str:
+    service = stack.roles[role].service
+    return service.log()[-3000:] if service else ""
+
+
+def first_change(probe: Probe, *, to: bool, within: float, also_passing: tuple[Probe, ...] = ()) -> float:
+    """Seconds until `probe` first gives `to`; every probe in `also_passing` must keep passing."""
+    started = time.monotonic()
+    while time.monotonic() - started < within:
+        if probe.passes() == to:
+            return time.monotonic() - started
+        for other in also_passing:
+            assert other.passes(), f"{other.role} {other.kind} failed meanwhile"
+        time.sleep(0.5)
+    raise AssertionError(f"{probe.role} {probe.kind} still {'failing' if to else 'passing'} after {within} s")
+
+
+# --- Healthy -----------------------------------------------------------------------------
+
+
+def test_every_probe_passes_on_a_healthy_system(stack):
+    failing = [f"{role} {kind}" for role in ROLES for kind in KINDS if not stack.probe(role, kind).passes()]
+    assert not failing
+
+
+def test_probes_are_cheap_commands_and_unauthenticated_urls(stack):
+    worker = stack.roles["worker-long"].container
+    for kind in KINDS:
+        command = " ".join(worker[kind]["exec"]["command"])
+        # No Django import, no broker round trip.
+        assert "celery" not in command
+        assert "python" not in command
+    flower = stack.probe("flower", "livenessProbe")
+    assert "Authorization" not in str(flower.spec)
+    # Flower's authentication is on: its pages refuse the same client without credentials.
+    assert http("GET", f"http://127.0.0.1:{stack.ports['flower']}/")[0] == 401
+
+
+def test_web_readiness_runs_the_health_checks_and_liveness_touches_nothing(stack):
+    ready = stack.probe("web", "readinessProbe").spec["httpGet"]["path"]
+    live = stack.probe("web", "livenessProbe").spec["httpGet"]["path"]
+    headers = {"Host": "localhost"}
+    status, body = http("GET", f"http://127.0.0.1:{stack.ports['http']}{ready}", headers=headers)
+    assert status == 200
+    assert b'"database"' in body
+    assert b'"broker"' in body
+    status, body = http("GET", f"http://127.0.0.1:{stack.ports['http']}{live}", headers=headers)
+    assert status == 200
+    assert b"database" not in body
+
+
+def test_the_canary_ran_on_the_worker_and_is_recorded(stack):
+    canary = Path(stack.roles["worker-long"].env["CELERY_WORKER_HEALTH_DIR"]) / "canary"
+
+    def succeeded_lines():
+        lines = stack.roles["worker-long"].service.log().splitlines()
+        return [line for line in lines if "app.tasks.health_check" in line and "succeeded" in line]
+
+    wait_until(succeeded_lines, timeout=CANARY_INTERVAL * 5, message="a health_check canary on the long worker")
+    assert time.time() - canary.stat().st_mtime < CANARY_INTERVAL * 3
+
+
+# --- Faults ------------------------------------------------------------------------------
+
+
+def test_broker_outage_makes_worker_and_web_unready_keeps_them_alive_and_both_recover(stack):
+    worker_ready, web_ready = stack.probe("worker-long", "readinessProbe"), stack.probe("web", "readinessProbe")
+    alive = (stack.probe("worker-long", "livenessProbe"), stack.probe("web", "livenessProbe"))
+    stack.redis.stop()
+    try:
+        first_change(worker_ready, to=False, within=worker_ready.window + 15, also_passing=alive)
+        first_change(web_ready, to=False, within=web_ready.window + 10, also_passing=alive)
+        # Longer than the worker's liveness file may age (30 s): liveness holds through the outage.
+        deadline = time.monotonic() + 35
+        while time.monotonic() < deadline:
+            assert all(probe.passes() for probe in alive), "a liveness probe failed during the broker outage"
+            time.sleep(2)
+    finally:
+        stack.redis.start()
+    first_change(worker_ready, to=True, within=90, also_passing=alive)
+    first_change(web_ready, to=True, within=30, also_passing=alive)
+
+
+def test_database_outage_makes_web_unready_until_it_returns(stack):
+    web_ready, web_alive = stack.probe("web", "readinessProbe"), stack.probe("web", "livenessProbe")
+    stack.postgres.stop()
+    try:
+        first_change(web_ready, to=False, within=web_ready.window + 10, also_passing=(web_alive,))
+    finally:
+        stack.postgres.start()
+    first_change(web_ready, to=True, within=30, also_passing=(web_alive,))
+
+
+def test_a_worker_busy_with_a_long_task_on_its_only_slot_stays_alive_and_ready(stack):
+    from celery import Celery
+
+    client = Celery("probe-tests", broker=stack.roles["worker-long"].env["CELERY_BROKER_URL"])
+    client.send_task("app.tasks.long_running_task", args=[CANARY_STALE_AFTER * 3, 1.0], queue="long")
+    ready_file = Path(stack.roles["worker-long"].env["CELERY_WORKER_HEALTH_DIR"]) / "ready"
+    wait_until(lambda: ready_file.exists() and ready_file.read_text() == "busy", timeout=30, message="worker busy")
+    alive, ready = stack.probe("worker-long", "livenessProbe"), stack.probe("worker-long", "readinessProbe")
+    # Longer than the canary may be stale: no canary runs while the only slot is busy.
+    deadline = time.monotonic() + CANARY_STALE_AFTER * 2
+    while time.monotonic() < deadline:
+        assert alive.passes()
+        assert ready.passes()
+        time.sleep(1)
+    wait_until(lambda: ready_file.exists() and ready_file.read_text() == "free", timeout=CANARY_STALE_AFTER * 3)
+
+
+def test_beat_stopped_ticking_fails_beat_liveness_and_starves_the_worker_canary(stack):
+    beat = stack.roles["beat"].service.process
+    beat_alive = stack.probe("beat", "livenessProbe")
+    worker_ready, worker_alive = (
+        stack.probe("worker-long", "readinessProbe"),
+        stack.probe("worker-long", "livenessProbe"),
+    )
+    os.kill(beat.pid, signal.SIGSTOP)
+    try:
+        # No canary while beat is stopped: the free worker is no longer ready, yet alive.
+        first_change(
+            worker_ready, to=False, within=CANARY_STALE_AFTER + worker_ready.window + 15, also_passing=(worker_alive,)
+        )
+        # The heartbeat file may be 60 s old; the kubelet then needs failureThreshold more runs.
+        elapsed = first_change(beat_alive, to=False, within=75)
+        assert elapsed <= 75
+    finally:
+        os.kill(beat.pid, signal.SIGCONT)
+    first_change(beat_alive, to=True, within=15)
+    first_change(worker_ready, to=True, within=CANARY_INTERVAL * 4 + worker_ready.window)
+
+
+def test_a_stopped_worker_main_loop_fails_liveness_within_its_window(stack):
+    worker = stack.roles["worker-long"].service.process
+    alive = stack.probe("worker-long", "livenessProbe")
+    os.kill(worker.pid, signal.SIGSTOP)
+    try:
+        # The alive file may be 30 s old before the probe fails.
+        first_change(alive, to=False, within=30 + alive.spec["periodSeconds"] + 5)
+    finally:
+        os.kill(worker.pid, signal.SIGCONT)
+    first_change(alive, to=True, within=30)
