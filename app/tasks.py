@@ -249,6 +249,6 @@ def health_check(self) -> dict:
         raise RuntimeError(f"unhealthy: {', '.join(failing)}: {report['checks']}")
     queue = (self.request.delivery_info or {}).get("routing_key") or ""
     metrics.get().health_check_last_success.labels(queue_name=queue).set(time.time())
-    if self.request.hostname:  # run by a worker, not eagerly or called in-process
+    if self.request.hostname and not self.request.is_eager:  # run by a worker, not in-process
         worker_health.record_canary_success()
     return report

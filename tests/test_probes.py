@@ -155,6 +155,8 @@ class Stack:
             self.roles[name] = Role(
                 name, container, {**moved_to(scratch, effective_env(self.docs, container)), **overrides}
             )
+        # The worker's metrics are read by a test; the other roles' servers stay off.
+        self.roles["worker-long"].env["CELERY_METRICS_PORT"] = str(free_port())
         (scratch / "prometheus").mkdir()
         (scratch / "static").mkdir()
 
@@ -269,6 +271,27 @@ def test_the_canary_ran_on_the_worker_and_is_recorded(stack):
 
     wait_until(succeeded_lines, timeout=CANARY_INTERVAL * 5, message="a health_check canary on the long worker")
     assert time.time() - canary.stat().st_mtime < CANARY_INTERVAL * 3
+    # Set in the pool process, served (multiprocess mode "max") by the main process.
+    port = stack.roles["worker-long"].env["CELERY_METRICS_PORT"]
+    _, page = http("GET", f"http://127.0.0.1:{port}/metrics")
+    sample = 'django_celery_k8s_health_check_last_success_timestamp_seconds{queue_name="long"} '
+    (line,) = [line for line in page.decode().splitlines() if line.startswith(sample)]
+    assert time.time() - float(line.split()[-1]) < CANARY_INTERVAL * 3
+
+
+def test_web_readiness_reuses_its_checks_for_the_cache_interval(monkeypatch, settings):
+    from app import health
+
+    runs = []
+    monkeypatch.setattr(health, "run_checks", lambda: runs.append(1) or {"healthy": True, "checks": {}})
+    monkeypatch.setattr(health, "_cached", None)
+    settings.HEALTH_READY_CACHE_SECONDS = 0.5
+    for _ in range(20):
+        health.run_checks_cached()
+    assert len(runs) == 1
+    time.sleep(0.6)
+    health.run_checks_cached()
+    assert len(runs) == 2
 
 
 # --- Faults ------------------------------------------------------------------------------
