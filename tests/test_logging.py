@@ -136,24 +136,37 @@ def test_a_request_without_an_id_gets_one_in_its_response_and_its_log_lines(json
     wait_until(both_lines, timeout=10, message="a Django and an access line with the generated id")
 
 
+def start_from_web(web: Service, path: str, body: dict, *, token: str, request_id: str) -> list[str]:
+    """POST to the API with a request id; returns the ids of the tasks it started."""
+    status, response = post_json(
+        f"{web.url}{path}", body, {"Authorization": f"Bearer {token}", "X-Request-ID": request_id}
+    )
+    assert status == 202
+    return response["task_ids"]
+
+
+def task_finished_lines(worker: Service, task_ids: list[str], *, count: int | None = None) -> list[dict]:
+    """The worker's whole log once it has `count` task_finished lines for these ids (default:
+    one per id)."""
+
+    def ready():
+        lines = json_lines(worker.log())
+        finished = [line for line in lines_with(lines, event="task_finished") if line["task_id"] in task_ids]
+        return lines if len(finished) >= (count or len(task_ids)) else None
+
+    return wait_until(ready, timeout=60, message=f"task_finished lines for {task_ids}")
+
+
 @pytest.mark.django_db(transaction=True)
 def test_a_request_id_reaches_every_worker_line_of_its_chord_including_the_callback(json_web, json_worker, api_token):
     request_id = f"chord-{uuid.uuid4().hex[:12]}"
-    status, body = post_json(
-        f"{json_web.url}/api/chord-tasks/",
-        {"chunks": [[1, 2], [3, 4], [5]]},
-        {"Authorization": f"Bearer {api_token}", "X-Request-ID": request_id},
+    task_ids = start_from_web(
+        json_web, "/api/chord-tasks/", {"chunks": [[1, 2], [3, 4], [5]]}, token=api_token, request_id=request_id
     )
-    assert status == 202
-    header_ids, callback_id = body["task_ids"][:-1], body["task_ids"][-1]
+    header_ids, callback_id = task_ids[:-1], task_ids[-1]
 
-    def all_finished():
-        lines = json_lines(json_worker.log())
-        done = {line["task_id"]: line for line in lines_with(lines, event="task_finished")}
-        return (lines, done) if set(body["task_ids"]) <= done.keys() else None
-
-    lines, finished = wait_until(all_finished, timeout=60, message="task_finished for every chord task")
-
+    lines = task_finished_lines(json_worker, task_ids)
+    finished = {line["task_id"]: line for line in lines_with(lines, event="task_finished")}
     for task_id in header_ids:
         line = finished[task_id]
         assert line["task_name"] == "app.tasks.process_data_chunk"
@@ -171,10 +184,40 @@ def test_a_request_id_reaches_every_worker_line_of_its_chord_including_the_callb
     assert len(lines_with(lines, event="task_enqueued", child_task_id=callback_id)) == 1
 
     # Every line a chord task logged (Celery's own included) carries the request id.
-    task_lines = [line for line in lines if line.get("task_id") in body["task_ids"]]
+    task_lines = [line for line in lines if line.get("task_id") in task_ids]
     assert {line["event"] for line in task_lines} >= {"task_started", "task_finished"}
     assert all(line["request_id"] == request_id for line in task_lines)
     assert any(line["logger"].startswith("celery") for line in task_lines)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_request_id_reaches_every_step_of_its_chain(json_web, json_worker, api_token):
+    request_id = f"chain-{uuid.uuid4().hex[:12]}"
+    task_ids = start_from_web(json_web, "/api/chain-tasks/", {"value": 3}, token=api_token, request_id=request_id)
+
+    lines = task_finished_lines(json_worker, task_ids)
+
+    finished = {line["task_id"]: line for line in lines_with(lines, event="task_finished")}
+    assert [finished[task_id]["task_name"] for task_id in task_ids] == [
+        "app.tasks.workflow_step_1",
+        "app.tasks.workflow_step_2",
+        "app.tasks.workflow_step_3",
+    ]
+    assert all(finished[task_id]["request_id"] == request_id for task_id in task_ids)
+    # Steps 2 and 3 were published by the worker, each by the step before it.
+    assert [finished[task_id].get("parent_task_id") for task_id in task_ids] == [None, *task_ids[:2]]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_retried_task_logs_each_run_with_its_state_and_retry_count(json_web, json_worker, api_token):
+    request_id = f"retry-{uuid.uuid4().hex[:12]}"
+    [task_id] = start_from_web(json_web, "/api/retry-task/", {"fail_times": 1}, token=api_token, request_id=request_id)
+
+    lines = task_finished_lines(json_worker, [task_id], count=2)
+
+    runs = [line for line in lines_with(lines, event="task_finished") if line["task_id"] == task_id]
+    assert [(run["state"], run["retries"]) for run in runs] == [("RETRY", 0), ("SUCCESS", 1)]
+    assert all(run["request_id"] == request_id and run["task_name"] == "app.tasks.task_with_retry" for run in runs)
 
 
 @pytest.mark.django_db(transaction=True)
