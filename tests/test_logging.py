@@ -4,6 +4,7 @@ every task of the chord it started, the callback included. With DJANGO_DEBUG the
 
 import json
 import os
+import subprocess
 import sys
 import urllib.request
 import uuid
@@ -11,7 +12,7 @@ import uuid
 import pytest
 
 from project.embedded import free_port, wait_for_port
-from tests.conftest import Service, celery_app_for, subprocess_env, wait_for_worker, wait_until
+from tests.conftest import REPO_ROOT, Service, celery_app_for, subprocess_env, wait_for_worker, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -236,3 +237,17 @@ def test_with_debug_on_the_logs_are_readable_text_not_json(start_web, service_lo
     for text in ("[info", "request_finished", "method=GET", "path=/api/task-overview/", "status=200"):
         assert text in line
     assert "request_id=req-console-1" in line
+
+
+def test_an_unknown_log_format_stops_start_up_with_a_clear_error():
+    run = subprocess.run(
+        [sys.executable, "-c", "import django; django.setup()"],
+        cwd=REPO_ROOT,
+        env={**os.environ, "LOG_FORMAT": "xml"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert run.returncode != 0
+    assert "LOG_FORMAT='xml': use one of json, console." in run.stderr
