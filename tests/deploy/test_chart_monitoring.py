@@ -248,12 +248,29 @@ def test_without_beat_and_flower_their_monitors_and_beat_alerts_are_not_rendered
 
     components = {labels(m).get(COMPONENT_LABEL) for m in of_kind(docs, "PodMonitor")}
     assert components == {"worker"}
-    # celery_worker_up and celery_queue_length come only from beat: their alerts would fire forever.
+    # celery_worker_up and celery_queue_length come only from beat, and beat sends the canary.
     assert set(alerts(rule_spec(docs))) & ALERTS == ALERTS - {
         "CeleryWorkerDown",
         "CeleryQueueBacklogGrowing",
         "CeleryBeatNotTicking",
+        "CeleryHealthCheckCanaryFailing",
     }
+
+
+def test_the_canary_alert_follows_the_canary_interval_and_switch():
+    slow = alerts(rule_spec(render({"canary": {"interval": 120}})))["CeleryHealthCheckCanaryFailing"]
+    set_age = alerts(
+        rule_spec(
+            render(
+                {"metrics": {"prometheusRule": {"alerts": {"celeryHealthCheckCanaryFailing": {"maxAgeSeconds": 90}}}}}
+            )
+        )
+    )
+    without = alerts(rule_spec(render({"canary": {"enabled": False}})))
+
+    assert "> 600\n" in slow["expr"]
+    assert "> 90\n" in set_age["CeleryHealthCheckCanaryFailing"]["expr"]
+    assert "CeleryHealthCheckCanaryFailing" not in without
 
 
 def test_each_role_can_be_left_unscraped():
