@@ -234,6 +234,21 @@ def test_a_celery_job_name_without_celery_is_refused_at_install():
         render({"metrics": {"podMonitor": {"worker": {"job": "workers"}}}})
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"metrics": {"prometheusRule": {"alerts": {"webHighErrorRate": {"for": "5 minutes"}}}}},
+        {"metrics": {"prometheusRule": {"alerts": {"webHighErrorRate": {"ratio": 5}}}}},
+        {"metrics": {"prometheusRule": {"alerts": {"celeryWorkerDown": {"severity": "page"}}}}},
+        {"metrics": {"podMonitor": {"beat": {"jobName": "celery-beat"}}}},
+    ],
+    ids=["duration", "ratio", "severity", "typo"],
+)
+def test_the_schema_refuses_a_malformed_monitoring_value(overrides):
+    with pytest.raises(Exception, match="schema"):
+        render(overrides)
+
+
 def test_the_worker_pool_becomes_a_label_of_the_workers_series(production):
     (endpoint,) = endpoints(monitor_of(production, "worker"))
 
