@@ -20,6 +20,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ENTRYPOINT = REPO_ROOT / "deploy" / "image" / "entrypoint.sh"
+MAX_SHARE_OF_PING = 0.05
 
 
 def cpu_and_wall(command: list[str], env: dict) -> tuple[float, float, int]:
@@ -74,7 +75,7 @@ def main() -> None:
         "CELERY_BROKER_URL": f"{redis_url}/12",
         "CACHE_URL": "locmemcache://",
         "DJANGO_SECRET_KEY": "benchmark-only",
-        "PROMETHEUS_MULTIPROC_DIR": str(scratch / "prometheus"),
+        "PROMETHEUS_MULTIPROC_BASE_DIR": str(scratch / "prometheus"),
         "CELERY_METRICS_PORT": "0",
         "CELERY_CANARY_STALE_AFTER": "0",  # no beat here: readiness does not await a canary
     }
@@ -124,6 +125,10 @@ def main() -> None:
         print(f"{'probe':36} {'CPU ms':>9} {'wall ms':>9} {'CPU vs inspect ping':>20}")
         for name, (cpu, wall) in results.items():
             print(f"{name:36} {cpu * 1000:9.1f} {wall * 1000:9.1f} {cpu / ping_cpu:20.4f}")
+        # The chart's probes must stay a small fraction of the probe they replace.
+        costly = [name for name in probes if results[name][0] > MAX_SHARE_OF_PING * ping_cpu]
+        if costly:
+            raise SystemExit(f"more than {MAX_SHARE_OF_PING:.0%} of inspect ping's CPU: {', '.join(costly)}")
     finally:
         worker.terminate()
         worker.wait(timeout=30)

@@ -4,7 +4,10 @@ from app import services
 
 
 class Command(BaseCommand):
-    help = "Create the default periodic schedules (health check, clean-ups) that are missing. Idempotent."
+    help = (
+        "Create the default periodic schedules that are missing: the health_check canary on every "
+        "CELERY_CANARY_QUEUES queue, and the clean-ups. Idempotent; never changes an existing one."
+    )
 
     def handle(self, *args, **options):
         created = services.ensure_default_schedules()
