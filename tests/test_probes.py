@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from project.embedded import EmbeddedPostgres, EmbeddedRedis, free_port, wait_for_port
-from tests.conftest import REPO_ROOT, Service, http, wait_until
+from tests.conftest import REPO_ROOT, Service, celery_app_for, http, wait_until
 from tests.deploy.conftest import containers, labels, load_values, of_kind, render_chart
 from tests.deploy.test_chart_invariants import effective_env
 
@@ -133,7 +133,7 @@ class Stack:
             "CACHE_URL": f"{self.redis.url}/1",
             "DJANGO_SECRET_KEY": "probe-tests-only",
             "DJANGO_STATIC_ROOT": str(scratch / "static"),
-            "PROMETHEUS_MULTIPROC_DIR": str(scratch / "prometheus"),
+            "PROMETHEUS_MULTIPROC_BASE_DIR": str(scratch / "prometheus"),
             "FLOWER_BASIC_AUTH": FLOWER_AUTH,
             # Other tests and programs on this machine use the chart's fixed ports.
             "CELERY_METRICS_PORT": "0",
@@ -326,12 +326,14 @@ def test_database_outage_makes_web_unready_until_it_returns(stack):
 
 
 def test_a_worker_busy_with_a_long_task_on_its_only_slot_stays_alive_and_ready(stack):
-    from celery import Celery
-
-    client = Celery("probe-tests", broker=stack.roles["worker-long"].env["CELERY_BROKER_URL"])
+    client = celery_app_for(stack.roles["worker-long"].env["CELERY_BROKER_URL"])
     client.send_task("app.tasks.long_running_task", args=[CANARY_STALE_AFTER * 3, 1.0], queue="long")
     ready_file = Path(stack.roles["worker-long"].env["CELERY_WORKER_HEALTH_DIR"]) / "ready"
-    wait_until(lambda: ready_file.exists() and ready_file.read_text() == "busy", timeout=30, message="worker busy")
+    try:
+        wait_until(lambda: ready_file.exists() and ready_file.read_text() == "busy", timeout=30, message="worker busy")
+    except AssertionError as error:
+        state = ready_file.read_text() if ready_file.exists() else "no ready file"
+        raise AssertionError(f"{error} ({state})\n{log_tail(stack, 'worker-long')}") from None
     alive, ready = stack.probe("worker-long", "livenessProbe"), stack.probe("worker-long", "readinessProbe")
     # Longer than the canary may be stale: no canary runs while the only slot is busy.
     deadline = time.monotonic() + CANARY_STALE_AFTER * 2
