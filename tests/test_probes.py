@@ -23,7 +23,7 @@ import pytest
 
 from project.embedded import EmbeddedPostgres, EmbeddedRedis, free_port, wait_for_port
 from tests.conftest import REPO_ROOT, Service, celery_app_for, http, wait_until
-from tests.deploy.conftest import containers, labels, load_values, of_kind, render_chart
+from tests.deploy.conftest import containers, deep_merge, labels, load_values, of_kind, render_chart
 from tests.deploy.test_chart_invariants import effective_env
 
 ENTRYPOINT = REPO_ROOT / "deploy" / "image" / "entrypoint.sh"
@@ -123,7 +123,7 @@ class Stack:
         self.docs = render_chart(load_values("minimal-values.yaml"))
         self.ports = {"http": free_port(), "flower": free_port()}
         self.roles: dict[str, Role] = {}
-        overrides = {
+        self.overrides = overrides = {
             "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
             "HOME": str(scratch),
             "APP_RUNTIME_DIR": str(scratch),
@@ -292,6 +292,26 @@ def test_web_readiness_reuses_its_checks_for_the_cache_interval(monkeypatch, set
     time.sleep(0.6)
     health.run_checks_cached()
     assert len(runs) == 2
+
+
+def test_flower_probes_pass_under_a_url_prefix_with_authentication_on(stack):
+    docs = render_chart(deep_merge(load_values("minimal-values.yaml"), {"flower": {"urlPrefix": "ops/flower"}}))
+    (workload,) = [w for w in of_kind(docs, "Deployment") if labels(w).get("app.kubernetes.io/component") == "flower"]
+    container = containers(workload, init=False)[0]
+    port = free_port()
+    env = {**moved_to(stack.scratch, effective_env(docs, container)), **stack.overrides, "FLOWER_PORT": str(port)}
+    assert env["FLOWER_URL_PREFIX"] == "ops/flower"
+    service = Service(f"flower-prefix-{port}", ["sh", str(ENTRYPOINT), *container["args"]], env, stack.scratch)
+    try:
+        wait_for_port(port, timeout=60, process=service.process)
+        probes = [Probe("flower", kind, container[kind], env, {"flower": port}) for kind in KINDS]
+        assert {probe.spec["httpGet"]["path"] for probe in probes} == {"/ops/flower/healthcheck"}
+        wait_until(
+            lambda: all(probe.passes() for probe in probes), timeout=30, message="Flower's probes under a prefix"
+        )
+        assert http("GET", f"http://127.0.0.1:{port}/ops/flower/")[0] == 401
+    finally:
+        service.stop()
 
 
 # --- Faults ------------------------------------------------------------------------------
