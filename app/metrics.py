@@ -84,7 +84,7 @@ def multiprocess_dir() -> str:
     project/gunicorn_conf.py), so a web server and a worker on one host never share files."""
     from django.conf import settings
 
-    return str(Path(settings.PROMETHEUS_MULTIPROC_DIR) / "worker")
+    return str(Path(settings.PROMETHEUS_MULTIPROC_BASE_DIR) / "worker")
 
 
 def setup_worker() -> None:
@@ -190,6 +190,23 @@ def cluster() -> SimpleNamespace:
                     ),
                 )
     return _cluster_metrics
+
+
+def initialize_task_series(app) -> None:
+    """Create each registered task's counter series at 0, on its routed queue (worker main
+    process, at start). A labelled series otherwise appears only at its first increment, and
+    rate()/increase() cannot see that first step: a task that fails once after a restart would
+    never show in CeleryTaskHighFailRate's window. Failures are left out: their exception
+    label is unknown until one happens."""
+    m = get()
+    counters = (m.sent, m.received, m.started, m.succeeded, m.retried, m.revoked, m.rejected)
+    for name in sorted(app.tasks):
+        if name.startswith("celery."):  # Celery's internal tasks (chord_unlock, backend_cleanup...)
+            continue
+        queue = app.amqp.router.route({}, name, (), {})["queue"].name
+        for counter in counters:
+            counter.labels(name=name, queue_name=queue)
+    m.rejected.labels(name=UNKNOWN, queue_name=app.conf.task_default_queue)
 
 
 def task_name(name: str | None) -> str:

@@ -148,6 +148,7 @@ def metrics_worker_ready(sender=None, **_):
     from django.conf import settings
 
     # No celery_worker_up here: a process cannot report its own death. Beat does, from heartbeats.
+    metrics.initialize_task_series(sender.app)
     if settings.WORKER_METRICS_PORT:
         metrics.serve_worker(settings.WORKER_METRICS_PORT)
 

@@ -50,7 +50,7 @@ def metrics_worker(django_db_blocker, service_log_dir, tmp_path):
     ]  # fmt: skip
     with django_db_blocker.unblock():
         env = subprocess_env(
-            CELERY_BROKER_URL=broker_url, CELERY_METRICS_PORT=port, PROMETHEUS_MULTIPROC_DIR=multiproc_dir
+            CELERY_BROKER_URL=broker_url, CELERY_METRICS_PORT=port, PROMETHEUS_MULTIPROC_BASE_DIR=multiproc_dir
         )
     service = Service(f"worker-{hostname.split('@')[0]}", command, env, service_log_dir)
     try:
@@ -63,6 +63,20 @@ def metrics_worker(django_db_blocker, service_log_dir, tmp_path):
 
 
 pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.mark.integration
+def test_every_registered_task_has_its_series_at_zero_before_its_first_run(metrics_worker):
+    _app, port, _hostname, _multiproc_dir, _service = metrics_worker
+    samples = scrape(port)
+    # Never run in this test: a series at 0 on its routed queue, so increase() sees a first failure.
+    report = {"name": "app.tasks.generate_report", "queue_name": "long"}
+    for metric in ("celery_task_received_total", "celery_task_succeeded_total", "celery_task_revoked_total"):
+        assert samples[(metric, frozenset(report.items()))] == 0
+    assert samples[("celery_task_rejected_total", frozenset({"name": "unknown", "queue_name": "default"}.items()))] == 0
+    assert not any(
+        name == "celery_task_succeeded_total" and ("name", "celery.chord_unlock") in labels for name, labels in samples
+    )
 
 
 @pytest.mark.integration
@@ -104,12 +118,15 @@ def test_prefork_sums_are_exact(metrics_worker):
     assert value(samples, "celery_task_runtime_count", name=agg, queue_name="default") == 30
     assert value(samples, "celery_task_runtime_count", name=retry, queue_name="default") == 10
     assert value(samples, "celery_task_queue_wait_time_count", queue_name="default") == 160
-    # Every label value seen is bounded: names from registered tasks, the one queue.
-    for (name, labels), _ in samples.items():
+    # Every label value seen is bounded: names from registered tasks, the configured queues; and
+    # only the tasks run here counted anything (the other registered tasks' series sit at 0).
+    for (name, labels), sample_value in samples.items():
         labels = dict(labels)
         if name.startswith("celery_task_"):
-            assert labels.get("queue_name") == "default", (name, labels)
-            assert labels.get("name") in {add, agg, retry}, (name, labels)
+            assert labels.get("queue_name") in {"default", "long"}, (name, labels)
+            assert labels.get("name") in {*celery_app.tasks, metrics.UNKNOWN}, (name, labels)
+            if sample_value and not name.endswith("_sum"):
+                assert labels.get("name") in {add, agg, retry}, (name, labels)
     # Up/down comes from beat alone (app/cluster_metrics.py): a worker cannot report its own death.
     assert not any(name == "celery_worker_up" for name, _labels in samples)
     assert value(samples, "celery_worker_tasks_active", hostname=hostname) == 0

@@ -9,6 +9,7 @@ package).
 """
 
 import os
+import re
 import signal
 import sys
 import time
@@ -17,9 +18,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from django_celery_beat.models import IntervalSchedule, PeriodicTask
 
-from project.embedded import free_port, wait_for_port
+from project.embedded import EmbeddedRedis, free_port, wait_for_port
 from tests.conftest import REPO_ROOT, Service, celery_app_for, http, subprocess_env, wait_for_worker, wait_until
+from tests.deploy.monitoring_queries import all_queries, chart_rule_groups
 from tests.prometheus_server import PrometheusServer, ScrapeTarget, prometheus_binary
 
 pytestmark = [
@@ -34,7 +37,11 @@ FLOWER_AUTH = ("observer", "observer-password")
 
 # The workload: exactly what Prometheus must count.
 ADDS_OK, ADDS_FAILING, RETRIED_ONCE = 350, 100, 50
+REVOKED, UNKNOWN_TASKS = 5, 5
 PAGE_VIEWS, NOT_FOUND = 30, 20
+WORKLOAD_TASKS = 'job="celery",name=~"app.tasks.add|app.tasks.task_with_retry"'
+# Once the cache is stopped: server errors from the web, failing canaries on the worker.
+HEALTH_503, FAILING_CANARIES = 10, 4
 
 
 def short_for(rule_file: Path, out: Path) -> Path:
@@ -58,13 +65,16 @@ class System:
         self.app = celery_app_for(self.broker_url)
         self.services: list[Service] = []
         self.ports = {name: free_port() for name in ("web", "web_metrics", "worker", "beat", "flower")}
+        # A cache of the system's own, stopped half-way to make health checks fail.
+        self.cache = EmbeddedRedis(workdir=workdir)
 
     def env(self, **overrides) -> dict:
         # One multiprocess base directory: web and worker each use their own folder inside it.
         defaults = {
             "CELERY_BROKER_URL": self.broker_url,
+            "CACHE_URL": f"{self.cache.url}/0",
             "LOG_FORMAT": "json",
-            "PROMETHEUS_MULTIPROC_DIR": self.workdir / "multiproc",
+            "PROMETHEUS_MULTIPROC_BASE_DIR": self.workdir / "multiproc",
         }
         return subprocess_env(**{**defaults, **overrides})
 
@@ -74,6 +84,13 @@ class System:
         return service
 
     def start(self) -> "System":
+        self.cache.start()
+        # Something for beat to send, every second (not a task whose totals are asserted).
+        every_second, _ = IntervalSchedule.objects.get_or_create(every=1, period=IntervalSchedule.SECONDS)
+        PeriodicTask.objects.update_or_create(
+            name="observability: multiply",
+            defaults={"task": "app.tasks.multiply", "args": "[2, 3]", "interval": every_second},
+        )
         celery = [sys.executable, "-m", "celery", "-A", "project"]
         self.web = self._start(
             "web",
@@ -86,28 +103,14 @@ class System:
             ),
         )
         self.worker_hostname = f"obs-{uuid.uuid4().hex[:6]}@localhost"
+        worker_command = [
+            *celery, "worker", "-Q", "default,long", "-c", "2", "--pool", "prefork",
+            "-n", self.worker_hostname, "--without-mingle", "--without-gossip", "--purge", "-E",
+            "--heartbeat-interval", "1", "-l", "info",
+        ]  # fmt: skip
         self.worker = self._start(
             "worker",
-            [
-                *celery,
-                "worker",
-                "-Q",
-                "default,long",
-                "-c",
-                "2",
-                "--pool",
-                "prefork",
-                "-n",
-                self.worker_hostname,
-                "--without-mingle",
-                "--without-gossip",
-                "--purge",
-                "-E",
-                "--heartbeat-interval",
-                "1",
-                "-l",
-                "info",
-            ],  # fmt: skip
+            worker_command,
             self.env(CELERY_METRICS_PORT=self.ports["worker"]),
         )
         self.beat = self._start(
@@ -135,12 +138,15 @@ class System:
         self.prometheus = PrometheusServer(
             self.workdir / "prometheus",
             targets=[
-                ScrapeTarget("celery-worker", self.ports["worker"]),
-                ScrapeTarget("celery-beat", self.ports["beat"]),
+                ScrapeTarget("celery", self.ports["worker"]),
+                ScrapeTarget("celery-exporter", self.ports["beat"]),
                 ScrapeTarget("celery-flower", self.ports["flower"], basic_auth=FLOWER_AUTH),
                 ScrapeTarget("web", self.ports["web_metrics"]),
             ],
-            rule_files=[short_for(MIXIN_DIR / "prometheus_alerts.yaml", rules_dir / "celery-mixin.yaml")],
+            rule_files=[
+                short_for(MIXIN_DIR / "prometheus_alerts.yaml", rules_dir / "celery-mixin.yaml"),
+                short_for(self.chart_rules(rules_dir / "chart-rules.yaml"), rules_dir / "chart-rules.yaml"),
+            ],
         ).start()
         wait_until(
             lambda: set(self.prometheus.targets_health().values()) == {"up"},
@@ -149,11 +155,17 @@ class System:
         )
         return self
 
+    @staticmethod
+    def chart_rules(path: Path) -> Path:
+        path.write_text(yaml.safe_dump(chart_rule_groups(), sort_keys=False))
+        return path
+
     def stop(self) -> None:
         if hasattr(self, "prometheus"):
             self.prometheus.stop()
         for service in reversed(self.services):
             service.stop()
+        self.cache.stop()
 
     def web_url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.ports['web']}{path}"
@@ -171,13 +183,23 @@ def system(django_db_setup, django_db_blocker, service_log_dir, tmp_path_factory
 
 @pytest.fixture(scope="module")
 def workload(system):
-    """500 tasks (350 succeed, 100 fail, 50 retry once then succeed) and 50 web requests."""
+    """500 tasks (350 succeed, 100 fail, 50 retry once then succeed), a canary on each queue,
+    and 50 web requests."""
     for i in range(ADDS_OK):
         system.app.send_task("app.tasks.add", args=(i, 1))
     for i in range(ADDS_FAILING):
         system.app.send_task("app.tasks.add", args=("not a number", i))  # TypeError in the task
     for _ in range(RETRIED_ONCE):
         system.app.send_task("app.tasks.task_with_retry", kwargs={"fail_times": 1})
+    for queue in ("default", "long"):
+        system.app.send_task("app.tasks.health_check", queue=queue)
+    revoked_ids = [str(uuid.uuid4()) for _ in range(REVOKED)]
+    system.app.control.revoke(revoked_ids)  # revoked before they are sent: dropped on receipt
+    time.sleep(1)
+    for task_id in revoked_ids:
+        system.app.send_task("app.tasks.add", args=(1, 1), task_id=task_id)
+    for _ in range(UNKNOWN_TASKS):
+        system.app.send_task("app.tasks.no_such_task", queue="default")  # rejected by the worker
     for _ in range(PAGE_VIEWS):
         status, _body = http("GET", system.web_url("/api/task-overview/"))
         assert status == 200
@@ -186,13 +208,37 @@ def workload(system):
         assert status == 404
     prometheus = system.prometheus
     wait_until(
-        lambda: prometheus.value('sum(celery_task_succeeded_total{job="celery-worker"})') == ADDS_OK + RETRIED_ONCE,
+        lambda: (
+            total(prometheus, f"sum(celery_task_succeeded_total{{{WORKLOAD_TASKS}}})") == ADDS_OK + RETRIED_ONCE
+            and total(prometheus, 'sum(celery_task_rejected_total{name="unknown"})') == UNKNOWN_TASKS
+        ),
         timeout=180,
         interval=1,
-        message=f"every task counted: {prometheus.query('sum by (name) (celery_task_succeeded_total)')}",
+        message="every succeeded task of the workload counted",
     )
     time.sleep(3)  # a few more scrapes: totals must not move past the exact figures
     return system
+
+
+@pytest.fixture(scope="module")
+def degraded(workload):
+    """The cache stops: the web's health endpoint answers 503, the worker's canaries fail."""
+    workload.cache.stop()
+    for _ in range(HEALTH_503):
+        status, _body = http("GET", workload.web_url("/api/health/"))
+        assert status == 503
+    for _ in range(FAILING_CANARIES):
+        # Apart, as beat sends them: increase() sees a new series' steps after its first sample.
+        workload.app.send_task("app.tasks.health_check", queue="default")
+        time.sleep(1.5)
+    prometheus = workload.prometheus
+    wait_until(
+        lambda: total(prometheus, 'sum(celery_task_failed_total{name="app.tasks.health_check"})') == FAILING_CANARIES,
+        timeout=60,
+        interval=1,
+        message="the failing canaries counted",
+    )
+    return workload
 
 
 def total(prometheus, expression: str) -> float:
@@ -202,7 +248,7 @@ def total(prometheus, expression: str) -> float:
 
 def test_task_totals_in_prometheus_are_exact(workload):
     prometheus = workload.prometheus
-    job = 'job="celery-worker"'
+    job = 'job="celery"'
     assert total(prometheus, f'sum(celery_task_succeeded_total{{{job},name="app.tasks.add"}})') == ADDS_OK
     assert total(prometheus, f'sum(celery_task_failed_total{{{job},name="app.tasks.add"}})') == ADDS_FAILING
     assert (
@@ -215,6 +261,8 @@ def test_task_totals_in_prometheus_are_exact(workload):
     assert (
         total(prometheus, f'sum(celery_task_succeeded_total{{{job},name="app.tasks.task_with_retry"}})') == RETRIED_ONCE
     )
+    assert total(prometheus, f'sum(celery_task_revoked_total{{{job},name="app.tasks.add"}})') == REVOKED
+    assert total(prometheus, f'sum(celery_task_rejected_total{{{job},name="unknown"}})') == UNKNOWN_TASKS
     # Received counts every delivery, retries included.
     assert total(prometheus, f'sum(celery_task_received_total{{{job},name="app.tasks.add"}})') == ADDS_OK + ADDS_FAILING
     assert total(prometheus, f'sum(celery_task_runtime_count{{{job},name="app.tasks.add"}})') == ADDS_OK + ADDS_FAILING
@@ -229,10 +277,65 @@ def test_web_request_counts_are_exact(workload):
     assert overview == [PAGE_VIEWS], views
 
 
+def test_web_server_errors_are_counted(degraded):
+    assert (
+        total(degraded.prometheus, 'sum(django_http_responses_total_by_status_total{job="web",status="503"})')
+        == HEALTH_503
+    )
+
+
+_SET_OPERATOR = re.compile(r"^\s*(?:and|or|unless)\s*$", re.MULTILINE)
+_THRESHOLD = re.compile(r"\s*(?:>=|<=|==|!=|>|<)\s*-?[\d.]+\s*$")
+_ABSENT = re.compile(r"^absent\((.*)\)$", re.DOTALL)
+
+
+def signals_of(expression: str) -> list[str]:
+    """What an alert watches: each side of a top-level and/or/unless without its threshold, and
+    the series inside absent(). Those must return data while the system runs; the alert itself
+    returns data only while it fires."""
+    parts = []
+    for part in _SET_OPERATOR.split(expression):
+        part = _THRESHOLD.sub("", part.strip())
+        absent = _ABSENT.match(part)
+        parts.append(absent.group(1) if absent else part)
+    return parts
+
+
+def test_signals_of_alert_expressions():
+    assert signals_of('celery_worker_up{job="x"} == 0') == ['celery_worker_up{job="x"}']
+    assert signals_of("a > 100\nand\nderiv(a[5m]) > 0") == ["a", "deriv(a[5m])"]
+    assert signals_of('time() - max(t) > 120\nor\nabsent(t{job="b"})') == ["time() - max(t)", 't{job="b"}']
+
+
+def test_every_dashboard_panel_and_alert_returns_data(degraded):
+    prometheus = degraded.prometheus
+    time.sleep(5)  # rate() over the workload needs a few scrapes after it
+    empty = []
+    for source, expression in all_queries():
+        expressions = signals_of(expression) if " alert: " in source else [expression]
+        for query in expressions:
+            if not prometheus.query(query):
+                empty.append(f"{source}: {query}")
+    assert not empty, "no data for:\n" + "\n".join(empty)
+
+
+def test_canary_alert_fires_when_health_checks_fail(degraded):
+    prometheus = degraded.prometheus
+    assert prometheus.value('max(django_celery_k8s_health_check_last_success_timestamp_seconds{queue_name="long"})')
+    wait_until(
+        lambda: prometheus.firing("CeleryHealthCheckCanaryFailing"),
+        timeout=60,
+        interval=1,
+        message=f"CeleryHealthCheckCanaryFailing firing; alerts: {prometheus.alerts()}",
+    )
+    (alert,) = prometheus.firing("CeleryHealthCheckCanaryFailing")
+    assert alert["labels"]["queue_name"] == "default"
+
+
 def test_worker_down_fires_when_the_worker_is_killed(workload):
     prometheus = workload.prometheus
     hostname = workload.worker_hostname
-    assert prometheus.value(f'celery_worker_up{{job="celery-beat",hostname="{hostname}"}}') == 1
+    assert prometheus.value(f'celery_worker_up{{job="celery-exporter",hostname="{hostname}"}}') == 1
     assert not prometheus.firing("CeleryWorkerDown")
     os.killpg(workload.worker.process.pid, signal.SIGKILL)
     workload.worker.process.wait()
@@ -244,4 +347,4 @@ def test_worker_down_fires_when_the_worker_is_killed(workload):
     )
     (alert,) = prometheus.firing("CeleryWorkerDown")
     assert alert["labels"]["hostname"] == hostname
-    assert alert["labels"]["job"] == "celery-beat"
+    assert alert["labels"]["job"] == "celery-exporter"
