@@ -40,7 +40,7 @@ RUNBOOKS = CHART_DIR / "RUNBOOKS.md"
 DASHBOARDS = sorted(monitoring_queries.DASHBOARDS_DIR.glob("*.json"))
 
 # The scrape job names of the shared contract; the celery-mixin's selector must match the Celery ones.
-JOBS = {"worker": "celery-worker", "beat": "celery-beat", "flower": "celery-flower", "web": "web"}
+JOBS = {"worker": "celery", "beat": "celery-exporter", "flower": "celery-flower", "web": "web"}
 MIXIN_JOB = re.compile(r".*celery.*")
 ALERTS = {
     "CeleryWorkerDown",
@@ -240,7 +240,7 @@ def test_a_celery_job_name_without_celery_is_refused_at_install():
         {"metrics": {"prometheusRule": {"alerts": {"webHighErrorRate": {"for": "5 minutes"}}}}},
         {"metrics": {"prometheusRule": {"alerts": {"webHighErrorRate": {"ratio": 5}}}}},
         {"metrics": {"prometheusRule": {"alerts": {"celeryWorkerDown": {"severity": "page"}}}}},
-        {"metrics": {"podMonitor": {"beat": {"jobName": "celery-beat"}}}},
+        {"metrics": {"podMonitor": {"beat": {"jobName": "celery-exporter"}}}},
     ],
     ids=["duration", "ratio", "severity", "typo"],
 )
