@@ -4,13 +4,18 @@ Used by the health_check task (run by workers on a schedule) and by GET /api/hea
 /api/health/ready (the web readiness probe, through run_checks_cached).
 """
 
+import logging
 import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 
 from django.core.cache import cache
-from django.db import connection
+from django.db import close_old_connections, connection
+
+logger = logging.getLogger(__name__)
 
 CHECK_TIMEOUT_SECONDS = 2.0
 
@@ -68,17 +73,41 @@ def run_checks() -> dict:
     return {"healthy": all(r["healthy"] for r in results.values()), "checks": results}
 
 
-_cache_lock = threading.Lock()
+_lock = threading.Lock()
 _cached: tuple[float, dict] | None = None
+_running: Future | None = None
+# One thread per process runs the readiness checks, so a request waits for them at most
+# HEALTH_READY_TIMEOUT_SECONDS even when a dependency hangs instead of refusing.
+_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="readiness-checks")
+
+
+def _checks_in_thread() -> dict:
+    try:
+        # This thread serves no requests, so nothing else drops its broken or expired connections.
+        close_old_connections()
+    except Exception:
+        logger.exception("Could not close the readiness thread's old database connections")
+    return run_checks()
 
 
 def run_checks_cached() -> dict:
     """run_checks(), reused for HEALTH_READY_CACHE_SECONDS in this process: however many probes
-    and threads ask, at most one round of checks per interval reaches the dependencies."""
-    global _cached
+    and threads ask, at most one round of checks at a time reaches the dependencies, and none
+    waits longer than HEALTH_READY_TIMEOUT_SECONDS (a round still running then is unhealthy)."""
+    global _cached, _running
     from django.conf import settings
 
-    with _cache_lock:
-        if _cached is None or time.monotonic() - _cached[0] >= settings.HEALTH_READY_CACHE_SECONDS:
-            _cached = (time.monotonic(), run_checks())
-        return _cached[1]
+    with _lock:
+        if _cached is not None and time.monotonic() - _cached[0] < settings.HEALTH_READY_CACHE_SECONDS:
+            return _cached[1]
+        if _running is None:
+            _running = _executor.submit(_checks_in_thread)
+        running = _running
+    try:
+        report = running.result(timeout=settings.HEALTH_READY_TIMEOUT_SECONDS)
+    except FutureTimeout:
+        return {"healthy": False, "checks": {}, "error": "the checks are still running: a dependency hangs"}
+    with _lock:
+        if _running is running:
+            _cached, _running = (time.monotonic(), report), None
+    return report

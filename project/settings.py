@@ -213,8 +213,10 @@ CELERY_BEAT_SCHEDULER = "app.beat_scheduler:DatabaseScheduler"
 WORKER_METRICS_PORT = env.int("CELERY_METRICS_PORT", default=9808)
 # Base of the prometheus-client multiprocess directories: a worker uses <base>/worker, gunicorn
 # <base>/web, each emptied when it starts, so no two workers (or two web servers) may share a
-# base. Writable under a read-only root (/tmp by default).
-PROMETHEUS_MULTIPROC_DIR = env.str("PROMETHEUS_MULTIPROC_DIR", default="") or str(
+# base. Writable under a read-only root (/tmp by default). Not PROMETHEUS_MULTIPROC_DIR itself:
+# prometheus-client reads that in every process it is imported in (beat, flower, manage.py
+# too) and fails on a missing folder; only the web and worker start-up set it, to their folder.
+PROMETHEUS_MULTIPROC_BASE_DIR = env.str("PROMETHEUS_MULTIPROC_BASE_DIR", default="") or str(
     Path(env.str("APP_RUNTIME_DIR", default="") or tempfile.gettempdir()) / "prometheus-multiproc"
 )
 
@@ -236,6 +238,9 @@ CANARY_INTERVAL = env.int("CELERY_CANARY_INTERVAL", default=60)
 CANARY_STALE_AFTER = env.int("CELERY_CANARY_STALE_AFTER", default=3 * CANARY_INTERVAL)
 # Seconds a web process reuses its last readiness result, so probes cannot stampede the database.
 HEALTH_READY_CACHE_SECONDS = env.float("HEALTH_READY_CACHE_SECONDS", default=5.0)
+# Seconds a readiness request waits for the checks (they run in a thread of their own): a
+# database that hangs makes web not ready, never ties up a gunicorn worker for longer.
+HEALTH_READY_TIMEOUT_SECONDS = env.float("HEALTH_READY_TIMEOUT_SECONDS", default=3.0)
 
 # --- Web and beat metrics (app/web_metrics.py, app/beat_scheduler.py) -------------------------
 # gunicorn's second listener, serving only /metrics (project/gunicorn_conf.py); 0: none.

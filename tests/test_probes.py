@@ -285,13 +285,34 @@ def test_web_readiness_reuses_its_checks_for_the_cache_interval(monkeypatch, set
     runs = []
     monkeypatch.setattr(health, "run_checks", lambda: runs.append(1) or {"healthy": True, "checks": {}})
     monkeypatch.setattr(health, "_cached", None)
+    monkeypatch.setattr(health, "_running", None)
     settings.HEALTH_READY_CACHE_SECONDS = 0.5
     for _ in range(20):
-        health.run_checks_cached()
+        assert health.run_checks_cached()["healthy"]
     assert len(runs) == 1
     time.sleep(0.6)
     health.run_checks_cached()
     assert len(runs) == 2
+
+
+def test_web_readiness_waits_for_hanging_checks_only_up_to_its_timeout(monkeypatch, settings):
+    from app import health
+
+    def hanging_checks():
+        time.sleep(1.5)
+        return {"healthy": True, "checks": {}}
+
+    monkeypatch.setattr(health, "run_checks", hanging_checks)
+    monkeypatch.setattr(health, "_cached", None)
+    monkeypatch.setattr(health, "_running", None)
+    settings.HEALTH_READY_TIMEOUT_SECONDS = 0.3
+    started = time.monotonic()
+    first, second = health.run_checks_cached(), health.run_checks_cached()  # one round, both wait
+    assert not first["healthy"]
+    assert not second["healthy"]
+    assert time.monotonic() - started < 1.0
+    time.sleep(1.5)
+    assert health.run_checks_cached()["healthy"]  # the round finished meanwhile
 
 
 def test_flower_probes_pass_under_a_url_prefix_with_authentication_on(stack):
@@ -342,6 +363,34 @@ def test_database_outage_makes_web_unready_until_it_returns(stack):
         first_change(web_ready, to=False, within=web_ready.window + 10, also_passing=(web_alive,))
     finally:
         stack.postgres.start()
+    first_change(web_ready, to=True, within=30, also_passing=(web_alive,))
+
+
+def postgres_processes(stack: Stack) -> list[int]:
+    """The postmaster (first line of postmaster.pid) and its children."""
+    import psutil
+
+    postmaster = psutil.Process(int((stack.postgres.datadir / "postmaster.pid").read_text().split()[0]))
+    return [postmaster.pid, *(child.pid for child in postmaster.children(recursive=True))]
+
+
+def test_a_hanging_database_makes_web_unready_without_tying_up_its_workers(stack):
+    web_ready, web_alive = stack.probe("web", "readinessProbe"), stack.probe("web", "livenessProbe")
+    # SIGSTOP: connections open but nothing answers, like a database behind a dead network path.
+    processes = postgres_processes(stack)
+    for pid in processes:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        first_change(web_ready, to=False, within=web_ready.window + 10, also_passing=(web_alive,))
+        # Checks stuck on the database never hold a gunicorn worker past the readiness timeout.
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            assert web_alive.passes(), "web liveness failed while the database hung"
+            assert not web_ready.passes()
+            time.sleep(1)
+    finally:
+        for pid in processes:
+            os.kill(pid, signal.SIGCONT)
     first_change(web_ready, to=True, within=30, also_passing=(web_alive,))
 
 
