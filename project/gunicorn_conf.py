@@ -58,8 +58,8 @@ access_log_format = "%(m)s %(U)s %(s)s"
 
 def on_starting(server):
     """Master, once at start: the web's own empty directory under the base (same default as
-    settings.PROMETHEUS_MULTIPROC_DIR; a Celery worker uses <base>/worker)."""
-    base = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or str(
+    settings.PROMETHEUS_MULTIPROC_BASE_DIR; a Celery worker uses <base>/worker)."""
+    base = os.environ.get("PROMETHEUS_MULTIPROC_BASE_DIR") or str(
         Path(os.environ.get("APP_RUNTIME_DIR") or tempfile.gettempdir()) / "prometheus-multiproc"
     )
     path = Path(base) / "web"

@@ -58,7 +58,7 @@ def json_worker(broker_url, django_db_setup, django_db_blocker, service_log_dir,
         CELERY_BROKER_URL=broker_url,
         LOG_FORMAT="json",
         CELERY_METRICS_PORT=0,
-        PROMETHEUS_MULTIPROC_DIR=tmp_path_factory.mktemp("worker-metrics"),
+        PROMETHEUS_MULTIPROC_BASE_DIR=tmp_path_factory.mktemp("worker-metrics"),
     )
     with django_db_blocker.unblock():
         service = Service(f"worker-{hostname.split('@')[0]}", command, env, service_log_dir)
@@ -82,7 +82,7 @@ def json_web(broker_url, service_log_dir, tmp_path):
         WEB_CONCURRENCY=1,
         CELERY_BROKER_URL=broker_url,
         LOG_FORMAT="json",
-        PROMETHEUS_MULTIPROC_DIR=tmp_path / "metrics",
+        PROMETHEUS_MULTIPROC_BASE_DIR=tmp_path / "metrics",
     )
     service = Service(f"web-json-{port}", command, env, service_log_dir)
     try:

@@ -88,7 +88,7 @@ def test_a_failing_task_sends_an_event_with_its_name_and_exception(
         SENTRY_DSN=sentry_sink.dsn,
         SENTRY_ENVIRONMENT="test-sink",
         CELERY_METRICS_PORT=0,
-        PROMETHEUS_MULTIPROC_DIR=tmp_path / "metrics",
+        PROMETHEUS_MULTIPROC_BASE_DIR=tmp_path / "metrics",
     )
     worker = Service(f"worker-{hostname.split('@')[0]}", command, env, service_log_dir)
     try:

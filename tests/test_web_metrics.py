@@ -41,7 +41,7 @@ class Gunicorn:
             WEB_METRICS_PORT=self.metrics_port,
             WEB_CONCURRENCY=2,
             GUNICORN_WORKER_TMP_DIR=self.tmp_path,
-            PROMETHEUS_MULTIPROC_DIR=self.multiproc_base,
+            PROMETHEUS_MULTIPROC_BASE_DIR=self.multiproc_base,
             **self.extra_env,
         )
         self.service = Service(f"web-metrics-{self.port}", command, env, self.log_dir)
