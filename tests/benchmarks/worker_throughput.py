@@ -1,5 +1,7 @@
-"""Worker throughput on trivial tasks: bare Celery against this project's full bookkeeping
-(TaskLog written by signal handlers + django-celery-results database backend).
+"""Worker throughput on trivial tasks: bare Celery, this project's bookkeeping without its
+observability (TaskLog written by signal handlers + the database result backend), and the full
+worker (the same plus Prometheus metrics and structured JSON task logs): the last ratio is what
+metrics and logging cost.
 
 Both workers are prefork with concurrency 2 on the same Redis; modes are interleaved and
 repeated, and the figure to read is the ratio in one run (these machines are noisy).
@@ -24,7 +26,14 @@ from urllib.parse import urlsplit, urlunsplit
 REPO_ROOT = Path(__file__).resolve().parents[2]
 QUEUE = "bench"
 SUCCEEDED = " succeeded in "
-TIMESTAMP = re.compile(r"^\[?(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})")
+# Celery's plain format ("[2026-11-25 01:02:03,456: INFO/...") or structlog's ISO timestamps.
+TIMESTAMP = re.compile(r"(\d{4}-\d\d-\d\d)[ T](\d\d:\d\d:\d\d)[,.](\d{3})")
+APPS = {"bare": "tests.benchmarks.bare_app", "unobserved": "tests.benchmarks.unobserved_app", "full": "project"}
+LABELS = {
+    "bare": "bare Celery, no result backend",
+    "unobserved": "TaskLog + database results",
+    "full": "the same + metrics + JSON task logs",
+}
 
 
 def worker_command(app: str) -> list[str]:
@@ -45,7 +54,8 @@ def run_mode(mode: str, tasks: int, env: dict, workdir: Path) -> float:
             publisher.send_task(name, args=[i, 1], queue=QUEUE, producer=producer)
 
     log_path = workdir / f"{mode}-{time.monotonic_ns()}.log"
-    app = "tests.benchmarks.bare_app" if mode == "bare" else "project"
+    app = APPS[mode]
+    env = {**env, "LOG_FORMAT": "json" if mode == "full" else "console"}
     if mode == "bare":
         # Without Django in its environment Celery applies no Django fixup and runs no app code.
         env = {key: value for key, value in env.items() if key != "DJANGO_SETTINGS_MODULE"}
@@ -63,7 +73,7 @@ def run_mode(mode: str, tasks: int, env: dict, workdir: Path) -> float:
             os.killpg(worker.pid, signal.SIGTERM)
             worker.wait(timeout=60)
     stamps = [
-        datetime.strptime(TIMESTAMP.match(line).group(1), "%Y-%m-%d %H:%M:%S,%f")
+        datetime.strptime(" ".join(TIMESTAMP.search(line).groups()), "%Y-%m-%d %H:%M:%S %f")
         for line in log_path.read_text().splitlines()
         if SUCCEEDED in line
     ]
@@ -112,20 +122,24 @@ def main() -> None:
             "DJANGO_SECRET_KEY": "bench",
             "DJANGO_DEBUG": "false",
             "PYTHONPATH": str(REPO_ROOT),
+            "CELERY_METRICS_PORT": "0",  # the per-task cost is in the handlers, not the idle server
+            "PROMETHEUS_MULTIPROC_BASE_DIR": str(workdir / "prometheus"),
         }
         subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=REPO_ROOT, env=env, check=True)
 
-        results: dict[str, list[float]] = {"bare": [], "full": []}
+        results: dict[str, list[float]] = {mode: [] for mode in APPS}
         for _ in range(args.repeats):
             for mode in results:
                 results[mode].append(run_mode(mode, args.tasks, env, workdir))
         bare = statistics.median(results["bare"])
         print(f"\n{args.tasks} trivial tasks, prefork concurrency 2, Redis broker; median of {args.repeats}")
         print(f"{'setup':<52} {'tasks/s':>8} {'vs bare':>8}")
-        for mode, label in (("bare", "bare Celery, no result backend"), ("full", "TaskLog + database results")):
+        for mode, label in LABELS.items():
             median = statistics.median(results[mode])
             runs = ", ".join(f"{r:.0f}" for r in results[mode])
             print(f"{label:<52} {median:>8.0f} {median / bare:>8.2f}   runs: {runs}")
+        observed = statistics.median(results["full"]) / statistics.median(results["unobserved"])
+        print(f"metrics + structured logging: {observed:.2f}x the throughput of the same worker without them")
     finally:
         for server in reversed(started):
             server.stop()
