@@ -494,3 +494,54 @@ def test_no_two_objects_share_a_kind_and_name(render_ci, ci_file):
     seen = [(doc["kind"], name(doc)) for doc in render_ci(ci_file)]
 
     assert len(seen) == len(set(seen)), sorted({key for key in seen if seen.count(key) > 1})
+
+
+def test_log_format_and_sentry_reach_every_pod_through_config_and_secret(minimal_values):
+    import base64
+
+    from tests.deploy.conftest import deep_merge
+
+    def settings(docs) -> dict:
+        """Every app ConfigMap and Secret (the migrate hook has copies) merged: one value each."""
+        found: dict[str, set] = {}
+        for doc in of_kind(docs, "ConfigMap"):
+            for key in ("LOG_FORMAT", "SENTRY_ENVIRONMENT", "SENTRY_TRACES_SAMPLE_RATE"):
+                if key in doc["data"]:
+                    found.setdefault(key, set()).add(doc["data"][key])
+        for doc in of_kind(docs, "Secret"):
+            if "SENTRY_DSN" in doc["data"]:
+                found.setdefault("SENTRY_DSN", set()).add(base64.b64decode(doc["data"]["SENTRY_DSN"]).decode())
+        return found
+
+    overrides = {
+        "config": {"logFormat": "console", "sentryEnvironment": "staging", "sentryTracesSampleRate": 0.1},
+        "secrets": {"sentryDsn": "https://key@sentry.invalid/1"},
+    }
+    assert settings(render_chart(deep_merge(minimal_values, overrides))) == {
+        "LOG_FORMAT": {"console"},
+        "SENTRY_ENVIRONMENT": {"staging"},
+        "SENTRY_TRACES_SAMPLE_RATE": {"0.1"},
+        "SENTRY_DSN": {"https://key@sentry.invalid/1"},
+    }
+    # Defaults: JSON lines, and an empty DSN, which leaves Sentry off.
+    assert settings(render_chart(minimal_values)) == {
+        "LOG_FORMAT": {"json"},
+        "SENTRY_ENVIRONMENT": {"production"},
+        "SENTRY_TRACES_SAMPLE_RATE": {"0"},
+        "SENTRY_DSN": {""},
+    }
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"config": {"logFormat": "xml"}},
+        {"secrets": {"sentryDsn": "not a url"}},
+        {"config": {"sentryTracesSampleRate": 2}},
+    ],
+)
+def test_the_schema_refuses_a_bad_log_format_or_sentry_value(minimal_values, overrides):
+    from tests.deploy.conftest import deep_merge
+
+    with pytest.raises(Exception, match="schema"):
+        render_chart(deep_merge(minimal_values, overrides))
