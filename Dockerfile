@@ -54,7 +54,8 @@ ENV PATH=/opt/venv/bin:$PATH \
 
 WORKDIR /app
 USER 10001:10001
-EXPOSE 8000 5555
+# web 8000, flower 5555, Prometheus metrics 9808 (web, worker and beat)
+EXPOSE 8000 5555 9808
 
 # Kubernetes probes, one set per role, replace a single image-wide HEALTHCHECK.
 # checkov:skip=CKV_DOCKER_2: each role has its own Kubernetes probes; one HEALTHCHECK cannot fit five roles

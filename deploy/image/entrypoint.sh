@@ -14,8 +14,9 @@ case "$role" in
     exec gunicorn -c python:project.gunicorn_conf project.wsgi "$@"
     ;;
   worker)
-    # Warm shutdown on SIGTERM: stop consuming, let running tasks finish.
-    exec celery -A project worker \
+    # Warm shutdown on SIGTERM: stop consuming, let running tasks finish. --quiet: no start-up
+    # banner, which Celery prints outside logging (it would break the JSON log stream).
+    exec celery -A project --quiet worker \
       --queues "${CELERY_WORKER_QUEUES:-default,long}" \
       --hostname "${CELERY_WORKER_NAME:-worker}@%h" \
       --without-mingle --without-gossip --task-events \
@@ -23,7 +24,7 @@ case "$role" in
     ;;
   beat)
     # The schedule lives in the database; the file only keeps beat's own state.
-    exec celery -A project beat \
+    exec celery -A project --quiet beat \
       --schedule "${CELERY_BEAT_SCHEDULE_FILE:-$runtime_dir/celerybeat-schedule}" \
       --loglevel "${CELERY_LOG_LEVEL:-INFO}" "$@"
     ;;
