@@ -248,6 +248,8 @@ def test_openapi_schema_lists_every_endpoint(api):
         "/api/task-progress/{task_id}/",
         "/api/revoke-task/{task_id}/",
         "/api/health/",
+        "/api/health/ready",
+        "/api/health/live",
         "/api/task-overview/",
     }
 
