@@ -4,7 +4,7 @@
 In ``settings.WORKER_HEALTH_DIR``:
 
 - ``alive``: touched by the main process's event loop every WORKER_HEALTH_INTERVAL seconds,
-  and every second while it waits to reconnect to the broker. Stale: the main loop is stuck
+  every second while it waits to reconnect to the broker, and by a thread during a shutdown. Stale: the main loop is stuck
   or gone. Busy pool processes do not matter: they are other processes.
 - ``ready``: touched on the same tick while the worker is connected, consuming from every one
   of its queues, and its canary is fresh or every pool slot is busy; removed otherwise. Its
@@ -15,10 +15,11 @@ In ``settings.WORKER_HEALTH_DIR``:
 """
 
 import logging
+import threading
 import time
 from pathlib import Path
 
-from celery import bootsteps
+from celery import bootsteps, signals
 from celery.worker import state
 from celery.worker.consumer import Consumer as CeleryConsumer
 
@@ -141,6 +142,33 @@ class HealthFiles(bootsteps.StartStopStep):
 
     def shutdown(self, c):
         self.stop(c)
+
+
+_shutdown_keepalive: threading.Thread | None = None
+
+
+@signals.worker_shutting_down.connect
+def keep_alive_while_shutting_down(**_) -> None:
+    """Main process, on SIGTERM (or another shutdown signal): the event loop stops on purpose
+    while running tasks finish, up to the pod's grace period; a thread keeps ``alive`` fresh, so
+    a kubelet that still probes a terminating pod does not cut the warm shutdown short."""
+    global _shutdown_keepalive
+    from django.conf import settings
+
+    if _shutdown_keepalive is not None:
+        return
+    interval = settings.WORKER_HEALTH_INTERVAL
+
+    def touch_until_exit():
+        while True:
+            try:
+                touch(ALIVE)
+            except OSError:
+                logger.exception("Could not touch the worker's alive file")
+            time.sleep(interval)
+
+    _shutdown_keepalive = threading.Thread(target=touch_until_exit, name="alive-during-shutdown", daemon=True)
+    _shutdown_keepalive.start()
 
 
 class Consumer(CeleryConsumer):

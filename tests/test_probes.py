@@ -445,3 +445,21 @@ def test_a_stopped_worker_main_loop_fails_liveness_within_its_window(stack):
     finally:
         os.kill(worker.pid, signal.SIGCONT)
     first_change(alive, to=True, within=30)
+
+
+def test_a_warm_shutdown_keeps_the_worker_alive_while_its_task_finishes(stack):
+    worker = stack.roles["worker-long"]
+    client = celery_app_for(worker.env["CELERY_BROKER_URL"])
+    client.send_task("app.tasks.long_running_task", args=[45, 1.0], queue="long")
+    ready_file = Path(worker.env["CELERY_WORKER_HEALTH_DIR"]) / "ready"
+    wait_until(lambda: ready_file.exists() and ready_file.read_text() == "busy", timeout=30, message="worker busy")
+    alive, ready = stack.probe("worker-long", "livenessProbe"), stack.probe("worker-long", "readinessProbe")
+    worker.service.process.send_signal(signal.SIGTERM)  # warm shutdown: the running task finishes
+    first_change(ready, to=False, within=ready.window + 15, also_passing=(alive,))
+    # Longer than the alive file may age with the event loop stopped.
+    deadline = time.monotonic() + 35
+    while time.monotonic() < deadline:
+        assert worker.service.process.poll() is None, "the worker did not wait for its task"
+        assert alive.passes(), "liveness failed during the warm shutdown"
+        time.sleep(2)
+    assert worker.service.process.wait(timeout=30) == 0
