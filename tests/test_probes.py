@@ -394,9 +394,24 @@ def test_a_hanging_database_makes_web_unready_without_tying_up_its_workers(stack
     first_change(web_ready, to=True, within=30, also_passing=(web_alive,))
 
 
+def start_long_task(stack: Stack, seconds: int) -> None:
+    """A long task on the long worker's only slot, running once this returns."""
+    worker = stack.roles["worker-long"]
+    task_id = (
+        celery_app_for(worker.env["CELERY_BROKER_URL"])
+        .send_task("app.tasks.long_running_task", args=[seconds, 1.0], queue="long")
+        .id
+    )
+    # Canaries that queued up meanwhile may run first: wait for this very task to start.
+    wait_until(
+        lambda: any(task_id in line and "task_started" in line for line in worker.service.log().splitlines()),
+        timeout=30,
+        message=f"long task {task_id} started\n{log_tail(stack, 'worker-long')}",
+    )
+
+
 def test_a_worker_busy_with_a_long_task_on_its_only_slot_stays_alive_and_ready(stack):
-    client = celery_app_for(stack.roles["worker-long"].env["CELERY_BROKER_URL"])
-    client.send_task("app.tasks.long_running_task", args=[CANARY_STALE_AFTER * 3, 1.0], queue="long")
+    start_long_task(stack, CANARY_STALE_AFTER * 3)
     ready_file = Path(stack.roles["worker-long"].env["CELERY_WORKER_HEALTH_DIR"]) / "ready"
     try:
         wait_until(lambda: ready_file.exists() and ready_file.read_text() == "busy", timeout=30, message="worker busy")
@@ -449,8 +464,7 @@ def test_a_stopped_worker_main_loop_fails_liveness_within_its_window(stack):
 
 def test_a_warm_shutdown_keeps_the_worker_alive_while_its_task_finishes(stack):
     worker = stack.roles["worker-long"]
-    client = celery_app_for(worker.env["CELERY_BROKER_URL"])
-    client.send_task("app.tasks.long_running_task", args=[45, 1.0], queue="long")
+    start_long_task(stack, 45)
     ready_file = Path(worker.env["CELERY_WORKER_HEALTH_DIR"]) / "ready"
     wait_until(lambda: ready_file.exists() and ready_file.read_text() == "busy", timeout=30, message="worker busy")
     alive, ready = stack.probe("worker-long", "livenessProbe"), stack.probe("worker-long", "readinessProbe")
