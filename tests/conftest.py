@@ -139,7 +139,8 @@ def celery_app_for(broker_url: str, **conf):
     variable names the suite's Redis; the read and write URLs are taken from settings first."""
     from celery import Celery
 
-    app = Celery("project")
+    # Not made the current app: shared tasks in later tests would publish to its broker.
+    app = Celery("project", set_as_current=False)
     app.config_from_object("django.conf:settings", namespace="CELERY")
     app.conf.broker_read_url = app.conf.broker_write_url = broker_url
     app.conf.update(conf)

@@ -21,8 +21,8 @@ import yaml
 from django_celery_beat.models import IntervalSchedule, PeriodicTask
 
 from project.embedded import EmbeddedRedis, free_port, wait_for_port
-from tests.conftest import REPO_ROOT, Service, celery_app_for, http, subprocess_env, wait_for_worker, wait_until
-from tests.deploy.monitoring_queries import all_queries, chart_rule_groups
+from tests.conftest import Service, celery_app_for, http, subprocess_env, wait_for_worker, wait_until
+from tests.deploy.monitoring_queries import MIXIN_DIR, all_queries, chart_rule_groups
 from tests.prometheus_server import PrometheusServer, ScrapeTarget, prometheus_binary
 
 pytestmark = [
@@ -32,7 +32,6 @@ pytestmark = [
 
 # Its own broker database: no other test's worker takes this workload (see tests/embedded_services.py).
 OBSERVABILITY_BROKER_DB = 8
-MIXIN_DIR = REPO_ROOT.parent / "shared" / "peers" / "celery-mixin"
 FLOWER_AUTH = ("observer", "observer-password")
 
 # The workload: exactly what Prometheus must count.

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import yaml
 
-from tests.conftest import REPO_ROOT
 from tests.deploy.conftest import CHART_DIR, deep_merge, load_values, of_kind, render_chart
 
 DASHBOARDS_DIR = CHART_DIR / "files" / "dashboards"
-MIXIN_DIR = REPO_ROOT.parent / "shared" / "peers" / "celery-mixin"
+# The celery-mixin as compiled upstream, unchanged (its SOURCE.md names the commit; MIT licence).
+MIXIN_DIR = Path(__file__).resolve().parent / "celery-mixin"
 
 # Values the chart's rules are rendered with: every alert on. allNamespaces drops the namespace
 # matcher, so the expressions also select series scraped without the operator (no namespace label).

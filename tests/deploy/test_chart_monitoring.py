@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import REPO_ROOT
 from tests.deploy import monitoring_queries
 from tests.deploy.conftest import (
     CHART_DIR,
@@ -520,8 +521,21 @@ def test_every_chart_dashboard_query_and_alert_parses(tmp_path):
     assert_all_parse(queries, tmp_path)
 
 
+SHARED_MIXIN_DIR = REPO_ROOT.parent / "shared" / "peers" / "celery-mixin"
+
+
+@pytest.mark.skipif(not SHARED_MIXIN_DIR.is_dir(), reason="no shared copy of the celery-mixin beside the repo")
+def test_the_vendored_celery_mixin_is_the_shared_one_unchanged():
+    vendored = sorted(
+        p.relative_to(monitoring_queries.MIXIN_DIR) for p in monitoring_queries.MIXIN_DIR.rglob("*") if p.is_file()
+    )
+    shared = sorted(p.relative_to(SHARED_MIXIN_DIR) for p in SHARED_MIXIN_DIR.rglob("*") if p.is_file())
+    assert vendored == shared
+    for path in vendored:
+        assert (monitoring_queries.MIXIN_DIR / path).read_bytes() == (SHARED_MIXIN_DIR / path).read_bytes(), path
+
+
 @needs_promtool
-@pytest.mark.skipif(not monitoring_queries.MIXIN_DIR.is_dir(), reason="the celery-mixin files are not beside the repo")
 def test_every_celery_mixin_query_parses_after_substitution(tmp_path):
     queries = monitoring_queries.mixin_alert_queries() + [
         (source, monitoring_queries.substitute(expression))
