@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 UNKNOWN = "unknown"
 
 _lock = threading.Lock()
-_metrics: SimpleNamespace | None = None
+_groups: dict[str, SimpleNamespace] = {}  # metric groups by name, each created on first use
 _multiprocess_dir: str | None = None
 
 # celery-exporter's buckets (seconds).
@@ -69,14 +69,20 @@ def _create() -> SimpleNamespace:
     )
 
 
-def get() -> SimpleNamespace:
-    """The metric objects, created on first use."""
-    global _metrics
-    if _metrics is None:
+def _group(name: str, create) -> SimpleNamespace:
+    """The metric group `name`, made by `create()` the first time any thread asks for it."""
+    group = _groups.get(name)
+    if group is None:
         with _lock:
-            if _metrics is None:
-                _metrics = _create()
-    return _metrics
+            group = _groups.get(name)
+            if group is None:
+                group = _groups[name] = create()
+    return group
+
+
+def get() -> SimpleNamespace:
+    """The task and worker metric objects, created on first use."""
+    return _group("worker", _create)
 
 
 def multiprocess_dir() -> str:
@@ -93,7 +99,7 @@ def setup_worker() -> None:
     global _multiprocess_dir
     if _multiprocess_dir is not None:
         return
-    if _metrics is not None:
+    if "worker" in _groups:
         logger.warning("Metrics were created before the worker set up multiprocess mode; prefork sums may be wrong")
     path = Path(multiprocess_dir())
     path.mkdir(parents=True, exist_ok=True)
@@ -132,64 +138,52 @@ def child_exited(pid: int) -> None:
 # --- Beat (app/beat_scheduler.py) ---------------------------------------------------------
 # Beat is one process: these live in the default registry, served by beat on CELERY_METRICS_PORT.
 
-_beat_metrics: SimpleNamespace | None = None
+
+def _create_beat() -> SimpleNamespace:
+    from prometheus_client import Counter, Gauge
+
+    return SimpleNamespace(
+        last_tick=Gauge(
+            "django_celery_k8s_beat_last_tick_timestamp_seconds",
+            "Unix time of the beat scheduler's last completed tick.",
+        ),
+        runs=Counter("django_celery_k8s_beat_schedule_runs", "Schedule entries that sent their task.", ["name"]),
+        errors=Counter(
+            "django_celery_k8s_beat_schedule_errors", "Schedule entries whose task could not be sent.", ["name"]
+        ),
+    )
 
 
 def beat() -> SimpleNamespace:
     """Beat's metric objects, created on first use."""
-    global _beat_metrics
-    if _beat_metrics is None:
-        with _lock:
-            if _beat_metrics is None:
-                from prometheus_client import Counter, Gauge
-
-                _beat_metrics = SimpleNamespace(
-                    last_tick=Gauge(
-                        "django_celery_k8s_beat_last_tick_timestamp_seconds",
-                        "Unix time of the beat scheduler's last completed tick.",
-                    ),
-                    runs=Counter(
-                        "django_celery_k8s_beat_schedule_runs",
-                        "Schedule entries that sent their task.",
-                        ["name"],
-                    ),
-                    errors=Counter(
-                        "django_celery_k8s_beat_schedule_errors",
-                        "Schedule entries whose task could not be sent.",
-                        ["name"],
-                    ),
-                )
-    return _beat_metrics
+    return _group("beat", _create_beat)
 
 
 # --- Cluster (app/cluster_metrics.py) -----------------------------------------------------
 # Only beat sets these: one source for the whole cluster. Default registry, served by beat.
 
-_cluster_metrics: SimpleNamespace | None = None
+
+def _create_cluster() -> SimpleNamespace:
+    from prometheus_client import Gauge
+
+    return SimpleNamespace(
+        queue_length=Gauge("celery_queue_length", "Messages waiting in the queue.", ["queue_name"]),
+        worker_up=Gauge(
+            "celery_worker_up",
+            "1 while the worker's heartbeats arrive, 0 once they stopped (killed or frozen).",
+            ["hostname"],
+        ),
+        worker_last_heartbeat=Gauge(
+            "django_celery_k8s_worker_last_heartbeat_timestamp_seconds",
+            "Unix time of the worker's last heartbeat event.",
+            ["hostname"],
+        ),
+    )
 
 
 def cluster() -> SimpleNamespace:
     """Queue lengths and worker up/down, created on first use."""
-    global _cluster_metrics
-    if _cluster_metrics is None:
-        with _lock:
-            if _cluster_metrics is None:
-                from prometheus_client import Gauge
-
-                _cluster_metrics = SimpleNamespace(
-                    queue_length=Gauge("celery_queue_length", "Messages waiting in the queue.", ["queue_name"]),
-                    worker_up=Gauge(
-                        "celery_worker_up",
-                        "1 while the worker's heartbeats arrive, 0 once they stopped (killed or frozen).",
-                        ["hostname"],
-                    ),
-                    worker_last_heartbeat=Gauge(
-                        "django_celery_k8s_worker_last_heartbeat_timestamp_seconds",
-                        "Unix time of the worker's last heartbeat event.",
-                        ["hostname"],
-                    ),
-                )
-    return _cluster_metrics
+    return _group("cluster", _create_cluster)
 
 
 def initialize_task_series(app) -> None:

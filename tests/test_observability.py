@@ -318,16 +318,17 @@ def test_every_dashboard_panel_and_alert_returns_data(degraded):
     assert not empty, "no data for:\n" + "\n".join(empty)
 
 
+def wait_for_alert(prometheus, name: str) -> dict:
+    """The one firing alert `name`, once Prometheus fires it (rules' `for` cut to 1 s here)."""
+    wait_until(lambda: prometheus.firing(name), timeout=60, interval=1, message=f"{name} firing")
+    (alert,) = prometheus.firing(name)
+    return alert
+
+
 def test_canary_alert_fires_when_health_checks_fail(degraded):
     prometheus = degraded.prometheus
     assert prometheus.value('max(django_celery_k8s_health_check_last_success_timestamp_seconds{queue_name="long"})')
-    wait_until(
-        lambda: prometheus.firing("CeleryHealthCheckCanaryFailing"),
-        timeout=60,
-        interval=1,
-        message=f"CeleryHealthCheckCanaryFailing firing; alerts: {prometheus.alerts()}",
-    )
-    (alert,) = prometheus.firing("CeleryHealthCheckCanaryFailing")
+    alert = wait_for_alert(prometheus, "CeleryHealthCheckCanaryFailing")
     assert alert["labels"]["queue_name"] == "default"
 
 
@@ -338,12 +339,6 @@ def test_worker_down_fires_when_the_worker_is_killed(workload):
     assert not prometheus.firing("CeleryWorkerDown")
     os.killpg(workload.worker.process.pid, signal.SIGKILL)
     workload.worker.process.wait()
-    wait_until(
-        lambda: prometheus.firing("CeleryWorkerDown"),
-        timeout=60,
-        interval=1,
-        message=f"CeleryWorkerDown firing; alerts: {prometheus.alerts()}",
-    )
-    (alert,) = prometheus.firing("CeleryWorkerDown")
+    alert = wait_for_alert(prometheus, "CeleryWorkerDown")
     assert alert["labels"]["hostname"] == hostname
     assert alert["labels"]["job"] == "celery-exporter"
