@@ -56,13 +56,8 @@ class EmbeddedRedis:
         return self
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process:
+            stop_process(self.process)
 
 
 class EmbeddedPostgres:
@@ -93,6 +88,17 @@ class EmbeddedPostgres:
     def stop(self) -> None:
         if self.server is not None:
             self.server.cleanup()
+
+
+def stop_process(process: subprocess.Popen, timeout: float = 10) -> None:
+    """SIGTERM, then SIGKILL if it is still running after `timeout` seconds."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def wait_for_port(port: int, *, timeout: float, process: subprocess.Popen | None = None) -> None:

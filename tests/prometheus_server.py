@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from project.embedded import free_port
+from project.embedded import free_port, stop_process
 
 
 def prometheus_binary() -> str | None:
@@ -97,13 +97,7 @@ class PrometheusServer:
         raise TimeoutError(f"prometheus not ready:\n{self.log_path.read_text()[-3000:]}")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
         self._log.close()
 
     def _get(self, path: str, **params) -> dict:
