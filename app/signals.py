@@ -18,9 +18,6 @@ from app import cluster_metrics, metrics, services
 
 logger = logging.getLogger(__name__)
 
-# Per-process start times (prefork children each have their own), keyed by task id.
-_started_at: dict[str, float] = {}
-
 
 def _logged_never_raised(what: str):
     """A handler decorator: an error is logged as "<what> failed in <handler>", never raised."""
@@ -45,9 +42,26 @@ def _queue_of(request) -> str:
     return (getattr(request, "delivery_info", None) or {}).get("routing_key") or ""
 
 
-def _runtime(task_id: str) -> dt.timedelta | None:
-    started = _started_at.pop(task_id, None)
-    return dt.timedelta(seconds=time.perf_counter() - started) if started is not None else None
+# Set on the task's request when it starts; TaskLog, metrics and the task_finished log line
+# all read this one clock. Absent where no run started in this process (the main process
+# reporting a child killed at its hard time limit).
+RUN_STARTED_AT = "run_started_at"
+
+
+@signals.task_prerun.connect
+def mark_run_started(task, **_):
+    setattr(task.request, RUN_STARTED_AT, time.perf_counter())
+
+
+def run_seconds(task) -> float | None:
+    """Seconds since this process started running `task`, or None when it did not."""
+    started = getattr(getattr(task, "request", None), RUN_STARTED_AT, None)
+    return time.perf_counter() - started if started is not None else None
+
+
+def _runtime(task) -> dt.timedelta | None:
+    seconds = run_seconds(task)
+    return dt.timedelta(seconds=seconds) if seconds is not None else None
 
 
 @signals.task_prerun.connect
@@ -62,7 +76,6 @@ def release_stale_connections(task, **_):
 @signals.task_prerun.connect
 @_never_raise
 def on_task_prerun(task_id, task, args, kwargs, **_):
-    _started_at[task_id] = time.perf_counter()
     request = task.request
     services.record_task_started(
         task_id=task_id,
@@ -80,9 +93,8 @@ def on_task_prerun(task_id, task, args, kwargs, **_):
 def on_task_postrun(task_id, task, retval, state, **_):
     if state != "SUCCESS":
         # FAILURE and RETRY are written by their own handlers, with the exception.
-        _started_at.pop(task_id, None)
         return
-    services.record_task_succeeded(task_id=task_id, result=retval, duration=_runtime(task_id))
+    services.record_task_succeeded(task_id=task_id, result=retval, duration=_runtime(task))
 
 
 @signals.task_retry.connect
@@ -93,14 +105,14 @@ def on_task_retry(request, reason, **_):
 
 @signals.task_failure.connect
 @_never_raise
-def on_task_failure(task_id, exception, einfo=None, **_):
+def on_task_failure(task_id, exception, einfo=None, sender=None, **_):
     # Also sent by the worker's main process when it kills a task at its hard time limit;
     # there no start time is known in process, and the database computes the run time.
     services.record_task_failed(
         task_id=task_id,
         exception=exception,
         traceback=str(einfo.traceback) if einfo is not None else "",
-        duration=_runtime(task_id),
+        duration=_runtime(sender),
     )
 
 
@@ -113,9 +125,6 @@ def on_task_revoked(request, sender=None, **_):
 # --- Prometheus metrics (app/metrics.py) --------------------------------------------------
 # Their own handlers, so TaskLog bookkeeping and metrics cannot fail each other; a metrics
 # error is logged and never fails a task or a publish.
-
-# Per process, keyed by task id: (start, name, queue, hostname) for runtime and tasks active.
-_metric_runs: dict[str, tuple[float, str, str, str]] = {}
 
 # Message header set by the publisher: wall-clock publish time, for the queue-wait histogram.
 SENT_AT_HEADER = "sent_at"
@@ -194,7 +203,6 @@ def metrics_task_prerun(task_id, task, **_):
     m = metrics.get()
     m.started.labels(name=name, queue_name=queue).inc()
     m.tasks_active.labels(hostname=hostname).inc()
-    _metric_runs[task_id] = (time.perf_counter(), name, queue, hostname)
     sent_at = getattr(request, SENT_AT_HEADER, None)
     if sent_at is not None and not request.is_eager:
         eta = _eta_timestamp(request.eta)
@@ -204,14 +212,15 @@ def metrics_task_prerun(task_id, task, **_):
 
 @signals.task_postrun.connect
 @_metrics_never_raise
-def metrics_task_postrun(task_id, state, **_):
-    run = _metric_runs.pop(task_id, None)
-    if run is None:
+def metrics_task_postrun(task, state, **_):
+    seconds = run_seconds(task)
+    if seconds is None:
         return
-    started, name, queue, hostname = run
+    request = task.request
+    name, queue = metrics.task_name(task.name), _queue_of(request)
     m = metrics.get()
-    m.runtime.labels(name=name, queue_name=queue).observe(time.perf_counter() - started)
-    m.tasks_active.labels(hostname=hostname).dec()
+    m.runtime.labels(name=name, queue_name=queue).observe(seconds)
+    m.tasks_active.labels(hostname=request.hostname or "").dec()
     if state == "SUCCESS":
         m.succeeded.labels(name=name, queue_name=queue).inc()
 

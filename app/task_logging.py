@@ -4,7 +4,6 @@ the parent task) that enqueued it; and one task_finished line per run gives its 
 """
 
 import logging.config
-import time
 
 import structlog
 from celery import signals as celery_signals
@@ -13,6 +12,7 @@ from django.dispatch import receiver
 from django_structlog.celery import signals as structlog_signals
 from django_structlog.celery.steps import DjangoStructLogInitStep
 
+from app.signals import run_seconds
 from project.celery import app as celery_app
 
 logger = structlog.get_logger(__name__)
@@ -35,9 +35,6 @@ celery_app.steps["worker"].add(TaskContextStep)
 
 # What a published task carries to its worker; the rest of the context belongs to the sender.
 _PROPAGATED = ("request_id", "parent_task_id")
-
-# Per-process start times (prefork children each have their own), keyed by task id.
-_started_at: dict[str, float] = {}
 
 
 @celery_signals.setup_logging.connect
@@ -66,21 +63,16 @@ def bind_task_fields(task, **_) -> None:
     )
 
 
-@celery_signals.task_prerun.connect
-def remember_start(task_id: str, **_) -> None:
-    _started_at[task_id] = time.perf_counter()
-
-
 @celery_signals.task_postrun.connect
 def log_task_finished(task_id: str, task, state: str | None = None, **_) -> None:
-    started = _started_at.pop(task_id, None)
+    seconds = run_seconds(task)
     request = task.request
     logger.info(
         "task_finished",
         task_id=task_id,
         task_name=task.name,
         state=state,
-        duration_ms=round((time.perf_counter() - started) * 1000, 3) if started is not None else None,
+        duration_ms=round(seconds * 1000, 3) if seconds is not None else None,
         retries=request.retries,
         queue=(request.delivery_info or {}).get("routing_key"),
     )
