@@ -208,6 +208,9 @@ CELERY_TASK_PUBLISH_RETRY_POLICY = {
 CELERY_BEAT_SCHEDULER = "app.beat_scheduler:DatabaseScheduler"
 
 # --- Worker metrics (app/metrics.py) ------------------------------------------
+# Where the processes keep their writable runtime files (metrics, probe files, beat's
+# heartbeat): /tmp in the image, whose root filesystem is read-only.
+RUNTIME_DIR = Path(env.str("APP_RUNTIME_DIR", default="") or tempfile.gettempdir())
 # Port on which the worker's main process serves Prometheus metrics summed over its pool
 # children; 0 turns the server off. Not CELERY_-prefixed here: not a Celery setting.
 WORKER_METRICS_PORT = env.int("CELERY_METRICS_PORT", default=9808)
@@ -217,15 +220,13 @@ WORKER_METRICS_PORT = env.int("CELERY_METRICS_PORT", default=9808)
 # prometheus-client reads that in every process it is imported in (beat, flower, manage.py
 # too) and fails on a missing folder; only the web and worker start-up set it, to their folder.
 PROMETHEUS_MULTIPROC_BASE_DIR = env.str("PROMETHEUS_MULTIPROC_BASE_DIR", default="") or str(
-    Path(env.str("APP_RUNTIME_DIR", default="") or tempfile.gettempdir()) / "prometheus-multiproc"
+    RUNTIME_DIR / "prometheus-multiproc"
 )
 
 # --- Health probes ----------------------------------------------------------
 # The worker's main process keeps its probe files here (app/worker_health.py): "alive",
 # "ready" and "canary"; the chart's exec probes only compare their age with the clock.
-WORKER_HEALTH_DIR = env.str("CELERY_WORKER_HEALTH_DIR", default="") or str(
-    Path(env.str("APP_RUNTIME_DIR", default="") or tempfile.gettempdir()) / "worker-health"
-)
+WORKER_HEALTH_DIR = env.str("CELERY_WORKER_HEALTH_DIR", default="") or str(RUNTIME_DIR / "worker-health")
 # Seconds between two writes of those files by the worker's event loop.
 WORKER_HEALTH_INTERVAL = env.float("CELERY_WORKER_HEALTH_INTERVAL", default=5.0)
 # The Consumer also marks the worker alive while it waits to reconnect to the broker.
@@ -247,9 +248,7 @@ HEALTH_READY_TIMEOUT_SECONDS = env.float("HEALTH_READY_TIMEOUT_SECONDS", default
 # The public port answers /metrics with 404.
 WEB_METRICS_PORT = env.int("WEB_METRICS_PORT", default=9808)
 # Touched by beat on every scheduler tick; beat's liveness probe reads its modification time.
-BEAT_HEARTBEAT_FILE = env.str("CELERY_BEAT_HEARTBEAT_FILE", default="") or str(
-    Path(env.str("APP_RUNTIME_DIR", default="") or tempfile.gettempdir()) / "beat-heartbeat"
-)
+BEAT_HEARTBEAT_FILE = env.str("CELERY_BEAT_HEARTBEAT_FILE", default="") or str(RUNTIME_DIR / "beat-heartbeat")
 
 # --- Cluster metrics (beat) ------------------------------------------------------------------
 # Queue lengths and worker up/down come from beat alone (app/cluster_metrics.py), served on
