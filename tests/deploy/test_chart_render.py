@@ -15,6 +15,7 @@ from tests.deploy.conftest import (
     CI_FILES,
     EXPECTED_CI_FILES,
     containers,
+    deep_merge,
     labels,
     load_values,
     merged_values,
@@ -499,8 +500,6 @@ def test_no_two_objects_share_a_kind_and_name(render_ci, ci_file):
 def test_log_format_and_sentry_reach_every_pod_through_config_and_secret(minimal_values):
     import base64
 
-    from tests.deploy.conftest import deep_merge
-
     def settings(docs) -> dict:
         """Every app ConfigMap and Secret (the migrate hook has copies) merged: one value each."""
         found: dict[str, set] = {}
@@ -541,7 +540,5 @@ def test_log_format_and_sentry_reach_every_pod_through_config_and_secret(minimal
     ],
 )
 def test_the_schema_refuses_a_bad_log_format_or_sentry_value(minimal_values, overrides):
-    from tests.deploy.conftest import deep_merge
-
     with pytest.raises(Exception, match="schema"):
         render_chart(deep_merge(minimal_values, overrides))
