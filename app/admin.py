@@ -19,8 +19,6 @@ from kombu.exceptions import OperationalError
 
 from app import services, workflows
 from app.models import ApiToken, Report, ReportStatus, ScheduledTask, TaskLog, TaskState
-from app.services import QueuedTask
-from project.celery import app as celery_app
 
 STATE_COLOURS = {
     TaskState.SUCCESS: "#2e7d32",
@@ -168,36 +166,17 @@ class TaskLogAdmin(ReadOnlyAdmin):
     def rerun_failed(self, request, queryset):
         failed = list(queryset.filter(state=TaskState.FAILURE).only("task_name", "args", "kwargs"))
         skipped = queryset.exclude(state=TaskState.FAILURE).count()
-        queued, broker_error = [], None
-        for row in failed:
-            try:
-                result = celery_app.send_task(row.task_name, args=row.args, kwargs=row.kwargs)
-            except OperationalError as exc:
-                broker_error = exc
-                break
-            queued.append(
-                QueuedTask(
-                    task_id=result.id,
-                    task_name=row.task_name,
-                    args=row.args,
-                    kwargs=row.kwargs,
-                    queue=workflows.routed_queue(row.task_name),
-                )
-            )
-        # Recorded even after a broker error: the tasks sent before it are on their way.
-        services.record_tasks_queued(tasks=queued)
+        sent, broker_error = workflows.send_again(calls=[(row.task_name, row.args, row.kwargs) for row in failed])
         if broker_error is not None:
             self.message_user(
                 request,
-                f"Broker unavailable: re-sent {len(queued)} of {len(failed)} failed task(s) before the error "
+                f"Broker unavailable: re-sent {len(sent)} of {len(failed)} failed task(s) before the error "
                 f"({broker_error}).",
                 messages.ERROR,
             )
             return
-        level = messages.SUCCESS if queued else messages.WARNING
-        self.message_user(
-            request, f"Re-sent {len(queued)} failed task(s); skipped {skipped} not in state FAILURE.", level
-        )
+        level = messages.SUCCESS if sent else messages.WARNING
+        self.message_user(request, f"Re-sent {len(sent)} failed task(s); skipped {skipped} not in state FAILURE.", level)
 
     @admin.action(description="Revoke selected running tasks", permissions=["control"])
     def revoke_running(self, request, queryset):
@@ -205,8 +184,7 @@ class TaskLogAdmin(ReadOnlyAdmin):
         skipped = queryset.exclude(state__in=RUNNING_STATES).count()
         if task_ids:
             try:
-                # One broadcast for all ids; workers mark the rows REVOKED when they act on it.
-                celery_app.control.revoke(task_ids, terminate=True, signal="SIGTERM")
+                workflows.revoke(task_ids=task_ids, terminate=True)
             except OperationalError as exc:
                 self.message_user(request, f"Broker unavailable: nothing revoked ({exc}).", messages.ERROR)
                 return

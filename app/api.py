@@ -5,7 +5,7 @@ Views are thin: validate, call app.workflows or app.selectors, shape the answer.
 
 import logging
 
-from celery.result import AsyncResult, GroupResult
+from celery.result import GroupResult
 from django.http import HttpRequest
 from kombu.exceptions import OperationalError
 from ninja import NinjaAPI, Status
@@ -113,36 +113,16 @@ def _not_found(task_id: str) -> Status:
 
 @api.get("/task-status/{task_id}/", response={200: schemas.TaskStatusOut, 404: schemas.ErrorOut}, tags=["monitoring"])
 def task_status(request, task_id: str):
-    log = selectors.task_log(task_id=task_id)
-    result = AsyncResult(task_id, app=celery_app)
-    if log is None and result.state == "PENDING":
+    state = selectors.task_state(task_id=task_id)
+    if state is None:
         group = GroupResult.restore(task_id, app=celery_app)
         if group is None:
             return _not_found(task_id)
         return Status(200, _group_status(group))
-    state = result.state
-    if state == "PENDING" and log is not None:
-        # The backend stores nothing for a queued task; TaskLog knows revoked-before-start too.
-        state = log.state
-    body = {"task_id": task_id, "task_name": log.task_name if log else result.name, "state": state}
-    body["ready"] = state in ("SUCCESS", "FAILURE", "REVOKED")
-    if state == "SUCCESS":
-        body["result"] = result.result
-    elif state == "FAILURE":
-        body["error"] = repr(result.result) if result.result is not None else log.exception if log else None
-    elif state == "PROGRESS":
-        body["result"] = result.info
-    if log is not None:
-        body.update(
-            worker=log.worker or None,
-            queue=log.queue or None,
-            retries=log.retries,
-            created_at=log.created_at,
-            started_at=log.started_at,
-            finished_at=log.finished_at,
-            duration_seconds=log.duration.total_seconds() if log.duration is not None else None,
-        )
-    return Status(200, body)
+    info = state.pop("info")
+    if state["state"] not in ("SUCCESS", "FAILURE", "REVOKED") and info is not None:
+        state["result"] = info  # PROGRESS: current, total, percent
+    return Status(200, state)
 
 
 def _group_status(group: GroupResult) -> dict:
@@ -169,19 +149,18 @@ def _group_status(group: GroupResult) -> dict:
     "/task-progress/{task_id}/", response={200: schemas.TaskProgressOut, 404: schemas.ErrorOut}, tags=["monitoring"]
 )
 def task_progress(request, task_id: str):
-    result = AsyncResult(task_id, app=celery_app)
-    state = result.state
-    if state == "PENDING" and not selectors.is_known_task_id(task_id=task_id):
+    state = selectors.task_state(task_id=task_id)
+    if state is None:
         return _not_found(task_id)
-    info = result.info if isinstance(result.info, dict) else {}
-    if state == "SUCCESS":
-        current, total = info.get("current"), info.get("total")
+    info = state["info"] or (state.get("result") if isinstance(state.get("result"), dict) else None) or {}
+    current, total, percent = info.get("current"), info.get("total"), info.get("percent")
+    if state["state"] == "SUCCESS":
         percent = 100.0
-    else:
-        current, total, percent = info.get("current"), info.get("total"), info.get("percent")
-        if state == "PENDING":
-            current, percent = 0, 0.0
-    return Status(200, {"task_id": task_id, "state": state, "current": current, "total": total, "percent": percent})
+    elif state["state"] == "PENDING":
+        current, percent = 0, 0.0
+    return Status(
+        200, {"task_id": task_id, "state": state["state"], "current": current, "total": total, "percent": percent}
+    )
 
 
 @api.post(
@@ -194,7 +173,7 @@ def revoke_task(request, task_id: str, body: schemas.RevokeIn | None = None):
     terminate = body.terminate if body else False
     if not selectors.is_known_task_id(task_id=task_id):
         return _not_found(task_id)
-    celery_app.control.revoke(task_id, terminate=terminate, signal="SIGTERM")
+    workflows.revoke(task_ids=[task_id], terminate=terminate)
     return Status(202, {"task_id": task_id, "revoke_requested": True, "terminate": terminate})
 
 

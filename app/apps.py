@@ -7,5 +7,6 @@ class CeleryDemoConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        # Imported for their side effects: Celery signal handlers, system checks and log fields.
-        from app import checks, request_logging, signals, task_logging  # noqa: F401
+        # Imported for their side effects: Celery signal handlers, system checks, log fields and
+        # the token-change receivers.
+        from app import api_tokens, checks, request_logging, signals, task_logging  # noqa: F401

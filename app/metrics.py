@@ -186,6 +186,40 @@ def cluster() -> SimpleNamespace:
     return _group("cluster", _create_cluster)
 
 
+# --- Task history recorder (app/history_recorder.py) ---------------------------------------
+# Set by the recorder (in beat); default registry, served by beat.
+
+
+def _create_history() -> SimpleNamespace:
+    from prometheus_client import Counter, Gauge, Histogram
+
+    return SimpleNamespace(
+        entries=Counter("django_celery_k8s_task_history_entries", "Stored task states written to the history."),
+        rows=Counter("django_celery_k8s_task_history_rows_written", "TaskLog rows inserted or updated."),
+        undecodable=Counter(
+            "django_celery_k8s_task_history_undecodable_entries", "History stream entries that were not a task state."
+        ),
+        lag=Histogram(
+            "django_celery_k8s_task_history_lag_seconds",
+            "Seconds from a state being stored to its TaskLog row being written.",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600),
+        ),
+        backlog=Gauge(
+            "django_celery_k8s_task_history_backlog",
+            "Stored task states not yet written to TaskLog (unread or unacknowledged stream entries).",
+        ),
+        last_batch=Gauge(
+            "django_celery_k8s_task_history_last_batch_timestamp_seconds",
+            "Unix time the recorder last wrote a batch to TaskLog.",
+        ),
+    )
+
+
+def history() -> SimpleNamespace:
+    """The history recorder's metrics, created on first use."""
+    return _group("history", _create_history)
+
+
 def initialize_task_series(app) -> None:
     """Create each registered task's counter series at 0, on its routed queue (worker main
     process, at start). A labelled series otherwise appears only at its first increment, and

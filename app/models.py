@@ -25,8 +25,8 @@ FINISHED_STATES = {TaskState.SUCCESS, TaskState.FAILURE, TaskState.REVOKED}
 class TaskLog(models.Model):
     """One row per task id: what ran, where, for how long and how it ended.
 
-    Kept by the Celery signal handlers in app/signals.py with at most one write per
-    state change; the result backend (django-celery-results) keeps the full result.
+    The durable history, written only by app/task_history.py from the states the result
+    backend stores; the live state (and full result) of a recent task is in the backend.
     """
 
     task_id = models.CharField(max_length=255, unique=True)
@@ -44,6 +44,12 @@ class TaskLog(models.Model):
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     duration = models.DurationField(null=True, blank=True, help_text="Run time of the last attempt.")
+    version = models.BigIntegerField(
+        null=True, blank=True, editable=False, help_text="Position in the history stream of the last state applied."
+    )
+    recorded_at = models.DateTimeField(
+        null=True, blank=True, editable=False, help_text="When the history last wrote this row."
+    )
 
     class Meta:
         ordering = ["-created_at"]
@@ -55,25 +61,6 @@ class TaskLog(models.Model):
     @property
     def is_finished(self) -> bool:
         return self.state in FINISHED_STATES
-
-    def mark_started(self, *, worker: str = "", queue: str = "", retries: int = 0) -> None:
-        self.state = TaskState.STARTED
-        self.worker, self.queue, self.retries = worker, queue, retries
-        self.started_at, self.finished_at, self.duration = timezone.now(), None, None
-        self.save(update_fields=["state", "worker", "queue", "retries", "started_at", "finished_at", "duration"])
-
-    def mark_success(self, result=None) -> None:
-        self._finish(TaskState.SUCCESS, result=result)
-
-    def mark_failure(self, exception: BaseException | str, traceback: str = "") -> None:
-        self._finish(TaskState.FAILURE, exception=format_exception(exception), traceback=truncate_traceback(traceback))
-
-    def _finish(self, state: str, *, result=None, exception: str = "", traceback: str = "") -> None:
-        self.state, self.result, self.exception, self.traceback = state, result, exception, traceback
-        self.finished_at = timezone.now()
-        if self.started_at:
-            self.duration = self.finished_at - self.started_at
-        self.save(update_fields=["state", "result", "exception", "traceback", "finished_at", "duration"])
 
 
 def format_exception(exception: BaseException | str) -> str:

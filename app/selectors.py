@@ -2,30 +2,97 @@
 
 import datetime as dt
 
+from celery import states
 from django.contrib.auth import get_user_model
 from django.db.models import Avg, Count, Max, Q
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
-from django_celery_results.models import TaskResult
 
+from app import api_tokens
 from app.models import ApiToken, ReportType, TaskLog, TaskState
+from project.celery import app as celery_app
 
 
 def task_log(*, task_id: str) -> TaskLog | None:
     return TaskLog.objects.filter(task_id=task_id).first()
 
 
-def task_result(*, task_id: str) -> TaskResult | None:
-    return TaskResult.objects.filter(task_id=task_id).first()
+def task_state(*, task_id: str) -> dict | None:
+    """A task's state for the API, from one place at a time: the result backend while it keeps
+    the task (CELERY_RESULT_EXPIRES), then the history. None for an id never handed out here:
+    Celery itself answers PENDING for any id."""
+    backend = celery_app.backend
+    meta = backend.stored_meta(task_id)
+    if meta is not None:
+        return _state_from_meta(task_id, meta, backend)
+    log = task_log(task_id=task_id)
+    return _state_from_log(log) if log is not None else None
+
+
+def _state_from_meta(task_id: str, meta: dict, backend) -> dict:
+    state = meta.get("status") or states.PENDING
+    result = meta.get("result")
+    body = {
+        "task_id": task_id,
+        "task_name": meta.get("name") or meta.get("task_name"),
+        "state": state,
+        "ready": state in states.READY_STATES,
+        "worker": meta.get("worker") or None,
+        "queue": meta.get("queue") or None,
+        "retries": meta.get("retries"),
+        "created_at": _datetime(meta.get("date_created")),
+        "started_at": _datetime(meta.get("date_started")),
+        "finished_at": _datetime(meta.get("date_done")),
+        "duration_seconds": meta.get("runtime"),
+        "info": None,
+    }
+    if state == states.SUCCESS:
+        body["result"] = result
+    elif state in states.EXCEPTION_STATES:
+        body["error"] = repr(backend.exception_to_python(result)) if isinstance(result, dict) else result
+    else:
+        body["info"] = result if isinstance(result, dict) else None  # PROGRESS: current, total, percent
+    return body
+
+
+def _state_from_log(log: TaskLog) -> dict:
+    body = {
+        "task_id": log.task_id,
+        "task_name": log.task_name,
+        "state": log.state,
+        "ready": log.is_finished,
+        "worker": log.worker or None,
+        "queue": log.queue or None,
+        "retries": log.retries,
+        "created_at": log.created_at,
+        "started_at": log.started_at,
+        "finished_at": log.finished_at,
+        "duration_seconds": log.duration.total_seconds() if log.duration is not None else None,
+        "info": None,
+    }
+    if log.state == TaskState.SUCCESS:
+        body["result"] = log.result
+    elif log.state in (TaskState.FAILURE, TaskState.REVOKED):
+        body["error"] = log.exception or None
+    return body
+
+
+def _datetime(value) -> dt.datetime | None:
+    if not value or isinstance(value, dt.datetime):
+        return value or None
+    return dt.datetime.fromisoformat(value)
 
 
 def is_known_task_id(*, task_id: str) -> bool:
-    """Celery answers PENDING for any id; only ids in TaskLog or TaskResult really exist."""
-    return TaskLog.objects.filter(task_id=task_id).exists() or TaskResult.objects.filter(task_id=task_id).exists()
+    """Handed out here: stored in the result backend (queued or later), or in the history."""
+    return celery_app.backend.stored_meta(task_id) is not None or TaskLog.objects.filter(task_id=task_id).exists()
 
 
-def active_api_token(*, secret: str) -> ApiToken | None:
-    return ApiToken.objects.filter(digest=ApiToken.digest_of(secret), is_active=True).first()
+def active_api_token(*, secret: str) -> str | None:
+    """The digest of `secret` if it names an active token, else None (app/api_tokens.py: no
+    database query per request, and exact: a disabled or deleted token is refused at once)."""
+    digest = ApiToken.digest_of(secret)
+    return digest if api_tokens.is_active(digest) else None
 
 
 def user_emails(*, user_ids: list[int]) -> dict[int, str]:

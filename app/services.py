@@ -8,139 +8,38 @@ import json
 import logging
 import statistics
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError
 from django.core.mail import send_mail
 from django.db import transaction
-from django.db.models import DurationField, ExpressionWrapper, F, Q
-from django.db.models.functions import Now
+from django.db.models import Q
 from django.utils import timezone
 from django_celery_beat.models import CrontabSchedule, IntervalSchedule, PeriodicTask
 
 from app import selectors
 from app.models import (
+    FINISHED_STATES,
     ApiToken,
     Report,
     ReportStatus,
     ScheduledTask,
     ScheduleType,
     TaskLog,
-    TaskState,
     format_exception,
-    truncate_traceback,
 )
 
 logger = logging.getLogger(__name__)
 
-RESULT_MAX_JSON_CHARS = 64_000
-
-
-# --- Task bookkeeping (called from app/signals.py and the API) -----------------
-
-
-@dataclass(frozen=True)
-class QueuedTask:
-    task_id: str
-    task_name: str
-    args: list
-    kwargs: dict
-    queue: str = ""
-
-
-def record_tasks_queued(*, tasks: Iterable[QueuedTask]) -> None:
-    """Remember ids handed out to a client, so their status reads "queued", not "unknown".
-
-    One INSERT for the whole batch; rows a fast worker already wrote are left alone.
-    """
-    rows = [
-        TaskLog(task_id=t.task_id, task_name=t.task_name, args=t.args, kwargs=t.kwargs, queue=t.queue) for t in tasks
-    ]
-    TaskLog.objects.bulk_create(rows, ignore_conflicts=True)
-
-
-def record_task_started(
-    *, task_id: str, task_name: str, args: list, kwargs: dict, worker: str, queue: str, retries: int
-) -> None:
-    """One upsert: the row may or may not exist (the API writes one, beat and chains do not)."""
-    now = timezone.now()
-    row = TaskLog(
-        task_id=task_id,
-        task_name=task_name,
-        state=TaskState.STARTED,
-        args=args,
-        kwargs=kwargs,
-        worker=worker,
-        queue=queue,
-        retries=retries,
-        created_at=now,
-        started_at=now,
-    )
-    TaskLog.objects.bulk_create(
-        [row],
-        update_conflicts=True,
-        unique_fields=["task_id"],
-        update_fields=["state", "worker", "queue", "retries", "started_at", "exception", "traceback"],
-    )
-
-
-def record_task_succeeded(*, task_id: str, result, duration: dt.timedelta | None) -> None:
-    TaskLog.objects.filter(task_id=task_id).update(
-        state=TaskState.SUCCESS,
-        result=_storable_result(result),
-        finished_at=timezone.now(),
-        duration=duration,
-    )
-
-
-def record_task_retried(*, task_id: str, reason: BaseException | str) -> None:
-    TaskLog.objects.filter(task_id=task_id).update(state=TaskState.RETRY, exception=format_exception(reason))
-
-
-def record_task_failed(
-    *, task_id: str, exception: BaseException, traceback: str, duration: dt.timedelta | None
-) -> None:
-    """Also called by the worker's main process for a task killed at its hard time limit:
-    then the run time is not known in process, so the database works it out."""
-    if duration is None:
-        duration = ExpressionWrapper(Now() - F("started_at"), output_field=DurationField())
-    TaskLog.objects.filter(task_id=task_id).update(
-        state=TaskState.FAILURE,
-        exception=format_exception(exception),
-        traceback=truncate_traceback(traceback),
-        finished_at=timezone.now(),
-        duration=duration,
-    )
-
-
-def record_task_revoked(*, task_id: str, task_name: str) -> None:
-    now = timezone.now()
-    TaskLog.objects.bulk_create(
-        [TaskLog(task_id=task_id, task_name=task_name, state=TaskState.REVOKED, created_at=now, finished_at=now)],
-        update_conflicts=True,
-        unique_fields=["task_id"],
-        update_fields=["state", "finished_at"],
-    )
-
-
-def _storable_result(result):
-    """Results are JSON already (JSON-only serializer); very large ones are summarised."""
-    try:
-        size = len(json.dumps(result))
-    except (TypeError, ValueError):
-        return {"unserializable": repr(result)[:200]}
-    if size > RESULT_MAX_JSON_CHARS:
-        return {"truncated": True, "json_chars": size}
-    return result
+# --- Task history -------------------------------------------------------------
+# TaskLog is written only by app/task_history.py, from the states the result backend stores.
 
 
 def cleanup_task_logs(*, days: int) -> int:
     """Delete finished task history older than `days`; unfinished rows are kept."""
     cutoff = timezone.now() - dt.timedelta(days=days)
-    finished = Q(state__in=[TaskState.SUCCESS, TaskState.FAILURE, TaskState.REVOKED])
-    deleted, _ = TaskLog.objects.filter(finished, created_at__lt=cutoff).delete()
+    deleted, _ = TaskLog.objects.filter(state__in=FINISHED_STATES, created_at__lt=cutoff).delete()
     return deleted
 
 

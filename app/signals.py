@@ -1,9 +1,9 @@
-"""Celery signal handlers that keep TaskLog up to date.
+"""Celery signal handlers: the clock of each task run, database connection hygiene, and the
+Prometheus metrics (app/metrics.py).
 
-Each handler owns one state change and makes at most one database write for it:
-prerun STARTED, postrun SUCCESS, retry RETRY, failure FAILURE, revoked REVOKED.
-A bookkeeping error is logged and never fails the task. Metrics and structured logs
-hook into these same handlers.
+The task history (TaskLog) is not kept here: every state the result backend stores reaches
+it in the same step (app/result_backend.py), so no handler writes to the database on a task's
+path. Metrics handlers log their errors and never fail a task or a publish.
 """
 
 import datetime as dt
@@ -14,7 +14,7 @@ import time
 from celery import signals
 from django.db import close_old_connections
 
-from app import cluster_metrics, metrics, services
+from app import cluster_metrics, history_recorder, metrics
 
 logger = logging.getLogger(__name__)
 
@@ -35,22 +35,23 @@ def _logged_never_raised(what: str):
     return decorator
 
 
-_never_raise = _logged_never_raised("TaskLog bookkeeping")
-
-
 def _queue_of(request) -> str:
     return (getattr(request, "delivery_info", None) or {}).get("routing_key") or ""
 
 
-# Set on the task's request when it starts; TaskLog, metrics and the task_finished log line
-# all read this one clock. Absent where no run started in this process (the main process
-# reporting a child killed at its hard time limit).
+# Set on the task's request when it starts; the result backend (run time and start in the
+# stored state), metrics and the task_finished log line all read this one clock. Absent where
+# no run started in this process (the main process reporting a child killed at its hard time
+# limit, or a revoked task).
 RUN_STARTED_AT = "run_started_at"
+RUN_STARTED_WALL = "run_started_wall"
 
 
 @signals.task_prerun.connect
 def mark_run_started(task, **_):
-    setattr(task.request, RUN_STARTED_AT, time.perf_counter())
+    request = task.request
+    setattr(request, RUN_STARTED_WALL, time.time())
+    setattr(request, RUN_STARTED_AT, time.perf_counter())
 
 
 def run_seconds(task) -> float | None:
@@ -59,74 +60,20 @@ def run_seconds(task) -> float | None:
     return time.perf_counter() - started if started is not None else None
 
 
-def _runtime(task) -> dt.timedelta | None:
-    seconds = run_seconds(task)
-    return dt.timedelta(seconds=seconds) if seconds is not None else None
-
-
 @signals.task_prerun.connect
 def release_stale_connections(task, **_):
     """What Django does at the start of each request: drop connections past CONN_MAX_AGE or
-    broken by an error, and health-check the others before their next use. Not for eager
-    calls: they run inside the caller's process, perhaps inside its transaction."""
+    broken by an error, and health-check the others before their next use (no query until a
+    task uses the database). Not for eager calls: they run inside the caller's process,
+    perhaps inside its transaction."""
     if not task.request.is_eager:
         close_old_connections()
 
 
-@signals.task_prerun.connect
-@_never_raise
-def on_task_prerun(task_id, task, args, kwargs, **_):
-    request = task.request
-    services.record_task_started(
-        task_id=task_id,
-        task_name=task.name,
-        args=list(args or []),
-        kwargs=dict(kwargs or {}),
-        worker=request.hostname or "",
-        queue=_queue_of(request),
-        retries=request.retries or 0,
-    )
-
-
-@signals.task_postrun.connect
-@_never_raise
-def on_task_postrun(task_id, task, retval, state, **_):
-    if state != "SUCCESS":
-        # FAILURE and RETRY are written by their own handlers, with the exception.
-        return
-    services.record_task_succeeded(task_id=task_id, result=retval, duration=_runtime(task))
-
-
-@signals.task_retry.connect
-@_never_raise
-def on_task_retry(request, reason, **_):
-    services.record_task_retried(task_id=request.id, reason=reason)
-
-
-@signals.task_failure.connect
-@_never_raise
-def on_task_failure(task_id, exception, einfo=None, sender=None, **_):
-    # Also sent by the worker's main process when it kills a task at its hard time limit;
-    # there no start time is known in process, and the database computes the run time.
-    services.record_task_failed(
-        task_id=task_id,
-        exception=exception,
-        traceback=str(einfo.traceback) if einfo is not None else "",
-        duration=_runtime(sender),
-    )
-
-
-@signals.task_revoked.connect
-@_never_raise
-def on_task_revoked(request, sender=None, **_):
-    services.record_task_revoked(task_id=request.id, task_name=getattr(sender, "name", "") or request.task or "")
-
-
 # --- Prometheus metrics (app/metrics.py) --------------------------------------------------
-# Their own handlers, so TaskLog bookkeeping and metrics cannot fail each other; a metrics
-# error is logged and never fails a task or a publish.
 
-# Message header set by the publisher: wall-clock publish time, for the queue-wait histogram.
+# Message header set by the publisher: wall-clock publish time, for the queue-wait histogram
+# and the state's date_created.
 SENT_AT_HEADER = "sent_at"
 
 
@@ -167,6 +114,13 @@ def metrics_worker_ready(sender=None, **_):
 def metrics_beat_init(sender=None, **_):
     # Beat's metrics server, queue lengths and worker up/down, with the app beat runs with.
     cluster_metrics.start(sender.app)
+
+
+@signals.beat_init.connect
+@_logged_never_raised("Starting the task history recorder")
+def history_recorder_beat_init(sender=None, **_):
+    # Beat, a singleton that idles between ticks, folds the history stream into TaskLog.
+    history_recorder.start(sender.app)
 
 
 @signals.worker_process_shutdown.connect

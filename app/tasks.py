@@ -19,6 +19,9 @@ logger = logging.getLogger(__name__)
 
 # Safe to redeliver: the task's effect is the same however many times it runs.
 IDEMPOTENT = {"acks_late": True, "reject_on_worker_lost": True}
+# Tasks that run for seconds store a STARTED state (with the worker and start time) when they
+# begin; short ones do not: for them it would cost a second result write per task (README).
+TRACK_STARTED = {"track_started": True}
 
 RETRY_MAX_RETRIES = 5
 RETRY_BACKOFF_MAX_SECONDS = 60
@@ -61,7 +64,7 @@ def debug_task(self) -> dict:
 # --- Long-running tasks -------------------------------------------------------------
 
 
-@shared_task(bind=True, **IDEMPOTENT)
+@shared_task(bind=True, **IDEMPOTENT, **TRACK_STARTED)
 def long_running_task(self, total_steps: int, step_seconds: float = 1.0) -> dict:
     """Work through `total_steps`, reporting PROGRESS {current, total, percent} after each.
 
@@ -76,7 +79,7 @@ def long_running_task(self, total_steps: int, step_seconds: float = 1.0) -> dict
     return {"current": total_steps, "total": total_steps, "percent": 100.0, "status": "complete"}
 
 
-@shared_task(bind=True, soft_time_limit=10, time_limit=15)
+@shared_task(bind=True, soft_time_limit=10, time_limit=15, **TRACK_STARTED)
 def time_limited_task(self, duration: float, cleanup_seconds: float = 0.0) -> dict:
     """Work for `duration` seconds in 0.1 s steps under a soft (10 s) and hard (15 s) limit.
 
@@ -129,7 +132,7 @@ def task_with_retry(self, fail_probability: float = 0.5, fail_times: int | None 
 # --- Database operations --------------------------------------------------------
 
 
-@shared_task(**IDEMPOTENT)
+@shared_task(**IDEMPOTENT, **TRACK_STARTED)
 def create_users_batch(count: int, prefix: str) -> dict:
     """Create users prefix_00001..prefix_<count> in bulk.
 
@@ -222,7 +225,7 @@ def workflow_step_3(value: int) -> dict:
 # --- Reports ------------------------------------------------------------------------------
 
 
-@shared_task(bind=True, **IDEMPOTENT)
+@shared_task(bind=True, **IDEMPOTENT, **TRACK_STARTED)
 def generate_report(self, report_id: int) -> dict:
     """Compute the Report row's content from the database.
 

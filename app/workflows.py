@@ -6,15 +6,14 @@ connection timeout and retry policy set in settings; nothing is recorded then.
 
 from dataclasses import dataclass, field
 
-from celery import chain, chord, group
+from celery import chain, chord, current_app, group
 from celery.result import AsyncResult, GroupResult
 from celery.utils import uuid
 from django.conf import settings
 from django.db import transaction
 from kombu.exceptions import OperationalError
 
-from app import services, tasks
-from app.services import QueuedTask
+from app import result_backend, services, tasks
 
 
 @dataclass
@@ -31,18 +30,17 @@ def routed_queue(task_name: str) -> str:
     return route["queue"] if route else settings.CELERY_TASK_DEFAULT_QUEUE
 
 
-def _record(*pairs: tuple) -> None:
-    """pairs: (task_id, signature or task, args, kwargs)."""
-    services.record_tasks_queued(
-        tasks=[
-            QueuedTask(
-                task_id=task_id,
-                task_name=task.name,
-                args=list(args),
-                kwargs=dict(kwargs),
-                queue=routed_queue(task.name),
+def record_queued(*pairs: tuple) -> None:
+    """Store "queued" for ids handed out to a client, in the result backend (and so in the
+    history), so their status reads queued, not unknown. pairs: (task_id, task name, args,
+    kwargs). With the Redis backend, one round trip for all; a state a fast worker already
+    stored is left alone."""
+    current_app.backend.record_queued(
+        [
+            result_backend.queued_meta(
+                task_id=task_id, task_name=name, args=list(args), kwargs=dict(kwargs), queue=routed_queue(name)
             )
-            for task_id, task, args, kwargs in pairs
+            for task_id, name, args, kwargs in pairs
         ]
     )
 
@@ -50,7 +48,7 @@ def _record(*pairs: tuple) -> None:
 def start_simple(*, operation: str, x: float, y: float) -> Started:
     task = {"add": tasks.add, "multiply": tasks.multiply}[operation]
     result = task.delay(x, y)
-    _record((result.id, task, [x, y], {}))
+    record_queued((result.id, task.name, [x, y], {}))
     return Started(task_id=result.id, task_ids=[result.id])
 
 
@@ -58,10 +56,10 @@ def start_chain(*, value: int) -> Started:
     """step_1(value) -> step_2 -> step_3; the chain's id is its last step's."""
     result = chain(tasks.workflow_step_1.s(value), tasks.workflow_step_2.s(), tasks.workflow_step_3.s())()
     ids = [result.parent.parent.id, result.parent.id, result.id]
-    _record(
-        (ids[0], tasks.workflow_step_1, [value], {}),
-        (ids[1], tasks.workflow_step_2, [], {}),
-        (ids[2], tasks.workflow_step_3, [], {}),
+    record_queued(
+        (ids[0], tasks.workflow_step_1.name, [value], {}),
+        (ids[1], tasks.workflow_step_2.name, [], {}),
+        (ids[2], tasks.workflow_step_3.name, [], {}),
     )
     return Started(task_id=result.id, task_ids=ids)
 
@@ -72,7 +70,7 @@ def start_group(*, operation: str, pairs: list[tuple[float, float]]) -> Started:
     # Saved so GET /api/task-status/<group id>/ can find the group's members later.
     result.save()
     ids = [child.id for child in result.results]
-    _record(*[(task_id, task, [x, y], {}) for task_id, (x, y) in zip(ids, pairs, strict=True)])
+    record_queued(*[(task_id, task.name, [x, y], {}) for task_id, (x, y) in zip(ids, pairs, strict=True)])
     return Started(task_id=result.id, task_ids=ids, group_id=result.id)
 
 
@@ -82,19 +80,19 @@ def start_chord(*, chunks: list[list[float]]) -> Started:
         tasks.aggregate_results.s()
     )
     header_ids = [child.id for child in result.parent.results]
-    _record(
+    record_queued(
         *[
-            (task_id, tasks.process_data_chunk, [i, chunk], {})
+            (task_id, tasks.process_data_chunk.name, [i, chunk], {})
             for i, (task_id, chunk) in enumerate(zip(header_ids, chunks, strict=True))
         ],
-        (result.id, tasks.aggregate_results, [], {}),
+        (result.id, tasks.aggregate_results.name, [], {}),
     )
     return Started(task_id=result.id, task_ids=[*header_ids, result.id], group_id=result.parent.id)
 
 
 def start_long_running(*, total_steps: int, step_seconds: float) -> Started:
     result = tasks.long_running_task.delay(total_steps, step_seconds)
-    _record((result.id, tasks.long_running_task, [total_steps, step_seconds], {}))
+    record_queued((result.id, tasks.long_running_task.name, [total_steps, step_seconds], {}))
     return Started(task_id=result.id, task_ids=[result.id])
 
 
@@ -105,20 +103,20 @@ def start_time_limited(*, duration: float, soft_time_limit: float | None, time_l
     if time_limit is not None:
         options["time_limit"] = time_limit
     result = tasks.time_limited_task.apply_async(args=[duration], **options)
-    _record((result.id, tasks.time_limited_task, [duration], {}))
+    record_queued((result.id, tasks.time_limited_task.name, [duration], {}))
     return Started(task_id=result.id, task_ids=[result.id])
 
 
 def start_retry(*, fail_probability: float, fail_times: int | None) -> Started:
     kwargs = {"fail_probability": fail_probability, "fail_times": fail_times}
     result = tasks.task_with_retry.apply_async(kwargs=kwargs)
-    _record((result.id, tasks.task_with_retry, [], kwargs))
+    record_queued((result.id, tasks.task_with_retry.name, [], kwargs))
     return Started(task_id=result.id, task_ids=[result.id])
 
 
 def start_create_users(*, count: int, prefix: str) -> Started:
     result = tasks.create_users_batch.delay(count, prefix)
-    _record((result.id, tasks.create_users_batch, [count, prefix], {}))
+    record_queued((result.id, tasks.create_users_batch.name, [count, prefix], {}))
     return Started(task_id=result.id, task_ids=[result.id])
 
 
@@ -135,5 +133,29 @@ def start_report(*, report_type: str, filters: dict) -> Started:
         if report is not None:
             services.fail_report(report_id=report.pk, error=f"could not enqueue: {exc}")
         raise
-    _record((task_id, tasks.generate_report, [report.pk], {}))
+    record_queued((task_id, tasks.generate_report.name, [report.pk], {}))
     return Started(task_id=task_id, task_ids=[task_id], report_id=report.pk)
+
+
+def send_again(*, calls: list[tuple[str, list, dict]]) -> tuple[list[str], OperationalError | None]:
+    """Send each (task name, args, kwargs) again, under a new id, and record the ids sent.
+
+    Stops at the first broker error and returns it with the ids sent before it (those are
+    recorded: they are on their way)."""
+    sent, error = [], None
+    for name, args, kwargs in calls:
+        try:
+            result = current_app.send_task(name, args=args, kwargs=kwargs)
+        except OperationalError as exc:
+            error = exc
+            break
+        sent.append((result.id, name, args, kwargs))
+    if sent:
+        record_queued(*sent)
+    return [task_id for task_id, *_ in sent], error
+
+
+def revoke(*, task_ids: list[str], terminate: bool) -> None:
+    """One broadcast for all ids; a worker that holds or later receives one stores it REVOKED.
+    terminate: also stop a running one (SIGTERM to its pool process)."""
+    current_app.control.revoke(task_ids, terminate=terminate, signal="SIGTERM")

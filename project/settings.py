@@ -1,6 +1,7 @@
 """Django settings, read only from the environment (see .env.sample for every variable)."""
 
 import logging
+import os
 import tempfile
 from pathlib import Path
 
@@ -147,12 +148,43 @@ if DEBUG:
 # https://docs.celeryq.dev/en/stable/userguide/configuration.html
 
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="redis://127.0.0.1:6379/0")
-# django-celery-results' table, written with one upsert per state (app/result_backend.py).
-CELERY_RESULT_BACKEND = "app.result_backend:UpsertDatabaseBackend"
+# Where a task's live state is kept (app/result_backend.py): a redis:// or rediss:// URL (the
+# broker's own when it is Redis), or django-db (the database, for a deployment without Redis:
+# several database round trips per state). Each stored state also reaches TaskLog. Not named
+# CELERY_RESULT_BACKEND: Celery reads that variable itself, and would bypass the history.
+if "CELERY_RESULT_BACKEND" in os.environ:
+    raise ImproperlyConfigured(
+        "Set RESULT_BACKEND_URL, not CELERY_RESULT_BACKEND: Celery reads CELERY_RESULT_BACKEND directly "
+        "and would store results without the task history."
+    )
+RESULT_BACKEND_URL = env.str("RESULT_BACKEND_URL", default="") or (
+    CELERY_BROKER_URL if CELERY_BROKER_URL.startswith(("redis://", "rediss://")) else "django-db"
+)
+if RESULT_BACKEND_URL == "django-db":
+    CELERY_RESULT_BACKEND = "app.result_backend:UpsertDatabaseBackend"
+elif RESULT_BACKEND_URL.startswith(("redis://", "rediss://")):
+    CELERY_RESULT_BACKEND = f"app.result_backend:RedisStateBackend+{RESULT_BACKEND_URL}"
+else:
+    raise ImproperlyConfigured(
+        f"RESULT_BACKEND_URL must be a redis:// or rediss:// URL, or django-db; got {RESULT_BACKEND_URL!r}."
+    )
 CELERY_CACHE_BACKEND = "django-cache"
+# Name, args, worker, queue and retries in every stored state: the history is built from them.
 CELERY_RESULT_EXTENDED = True
 CELERY_RESULT_EXPIRES = env.int("CELERY_RESULT_EXPIRES", default=86400)
-CELERY_TASK_TRACK_STARTED = True
+# No STARTED state for short tasks: measured, storing it costs a short task a second backend
+# write. Tasks that run for seconds (the long queue's) ask for it themselves (track_started).
+CELERY_TASK_TRACK_STARTED = False
+
+# --- Task history (app/task_history.py, app/history_recorder.py) ------------------------------
+# With a Redis result backend every stored state is appended to a stream, and a recorder folds
+# it into TaskLog in batches. Beat runs one; manage.py record_task_history runs another.
+TASK_HISTORY_RECORDER = env.bool("TASK_HISTORY_RECORDER", default=True)
+# Entries per batch (one database transaction), seconds a read waits for new entries, and seconds
+# after which the entries a stopped recorder had read are taken over by a live one.
+TASK_HISTORY_BATCH_SIZE = env.int("TASK_HISTORY_BATCH_SIZE", default=500)
+TASK_HISTORY_BLOCK_SECONDS = env.float("TASK_HISTORY_BLOCK_SECONDS", default=1.0)
+TASK_HISTORY_CLAIM_IDLE_SECONDS = env.float("TASK_HISTORY_CLAIM_IDLE_SECONDS", default=30.0)
 
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_TASK_SERIALIZER = "json"

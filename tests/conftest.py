@@ -63,7 +63,16 @@ def database_url_for_subprocess() -> str:
 
 
 def subprocess_env(**overrides) -> dict:
-    env = {**os.environ, "DATABASE_URL": database_url_for_subprocess(), "PYTHONUNBUFFERED": "1"}
+    """The test process's environment for a child: the test database, and this process's result
+    backend (a worker on another broker still stores states where the tests read them)."""
+    from django.conf import settings
+
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url_for_subprocess(),
+        "RESULT_BACKEND_URL": settings.RESULT_BACKEND_URL,
+        "PYTHONUNBUFFERED": "1",
+    }
     env.update({key: str(value) for key, value in overrides.items()})
     return env
 
@@ -162,6 +171,30 @@ def amqp_worker(amqp_app, django_db_setup, django_db_blocker, service_log_dir):
         service = start_worker(amqp_app, broker_url=amqp_app.broker_url_for_workers, log_dir=service_log_dir)
     yield service
     service.stop()
+
+
+@pytest.fixture
+def task_history(transactional_db):
+    """A history recorder, in a thread of this process, folding the stored states of this test's
+    tasks into TaskLog (beat runs one in production). The stream starts empty: states stored by
+    earlier tests are not this test's history."""
+    import threading
+
+    from app import history_recorder
+
+    client, stream = celery_app.backend.history_stream_client()
+    client.delete(stream)
+    recorder = history_recorder.HistoryRecorder(
+        client=client,
+        stream=stream,
+        settings=history_recorder.RecorderSettings(block_seconds=0.1),
+        consumer=f"tests-{uuid.uuid4().hex[:6]}",
+    )
+    thread = threading.Thread(target=recorder.run, name="test-history-recorder", daemon=True)
+    thread.start()
+    yield recorder
+    recorder.stop()
+    thread.join(timeout=10)
 
 
 @dataclass

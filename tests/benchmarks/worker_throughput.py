@@ -28,8 +28,9 @@ QUEUE = "bench"
 SUCCEEDED = " succeeded in "
 # Celery's plain format ("[2026-11-25 01:02:03,456: INFO/...") or structlog's ISO timestamps.
 TIMESTAMP = re.compile(r"(\d{4}-\d\d-\d\d)[ T](\d\d:\d\d:\d\d)[,.](\d{3})")
-APPS = {"bare": "tests.benchmarks.bare_app", "unobserved": "tests.benchmarks.unobserved_app", "full": "project"}
+APPS = {"bare": "tests.benchmarks.bare_app", "stock": "tests.benchmarks.stock_app", "unobserved": "tests.benchmarks.unobserved_app", "full": "project"}
 LABELS = {
+    "stock": "stock",
     "bare": "bare Celery, no result backend",
     "unobserved": "TaskLog + database results",
     "full": "the same + metrics + JSON task logs",
@@ -48,7 +49,7 @@ def run_mode(mode: str, tasks: int, env: dict, workdir: Path) -> float:
     from celery import Celery
 
     publisher = Celery(broker=env["CELERY_BROKER_URL"])
-    name = "bench.add" if mode == "bare" else "app.tasks.add"
+    name = "bench.add" if mode in ("bare", "stock") else "app.tasks.add"
     with publisher.producer_or_acquire() as producer:
         for i in range(tasks):
             publisher.send_task(name, args=[i, 1], queue=QUEUE, producer=producer)
@@ -56,7 +57,7 @@ def run_mode(mode: str, tasks: int, env: dict, workdir: Path) -> float:
     log_path = workdir / f"{mode}-{time.monotonic_ns()}.log"
     app = APPS[mode]
     env = {**env, "LOG_FORMAT": "json" if mode == "full" else "console"}
-    if mode == "bare":
+    if mode in ("bare", "stock"):
         # Without Django in its environment Celery applies no Django fixup and runs no app code.
         env = {key: value for key, value in env.items() if key != "DJANGO_SETTINGS_MODULE"}
     with open(log_path, "wb") as log:
