@@ -38,8 +38,14 @@ test: $(STAMP) $(CHECKOV_STAMP) ## Run the test suite (embedded PostgreSQL/Redis
 check: $(STAMP) ## Django system checks (includes the broker visibility-timeout check)
 	DJANGO_DEBUG=true $(PY) manage.py check
 
-bench: $(STAMP) ## Worker throughput: bare Celery vs this project's bookkeeping; probe CPU cost vs celery inspect ping (ratios, one run)
-	$(PY) -m tests.benchmarks.worker_throughput
+BENCH_STAMP := $(VENV)/.installed-bench
+
+$(BENCH_STAMP): requirements-bench.txt | $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-bench.txt
+	touch $(BENCH_STAMP)
+
+bench: $(STAMP) $(BENCH_STAMP) ## Throughput vs stock Celery, chord vs group, API vs empty view, start-up, memory, capacity model, probe cost (ratios, one run)
+	$(PY) -m tests.benchmarks.run
 	$(PY) -m tests.benchmarks.probe_cost
 
 IMAGE ?= django-celery-k8s

@@ -5,6 +5,7 @@ Views are thin: validate, call app.workflows or app.selectors, shape the answer.
 
 import logging
 
+import redis
 from celery.result import GroupResult
 from django.http import HttpRequest
 from kombu.exceptions import OperationalError
@@ -42,6 +43,15 @@ def broker_unavailable(request, exc):
     logger.warning("broker unavailable: %s", exc)
     return api.create_response(
         request, {"detail": "The message broker is unavailable; nothing was queued. Retry later."}, status=503
+    )
+
+
+@api.exception_handler(redis.exceptions.ConnectionError)
+@api.exception_handler(redis.exceptions.TimeoutError)
+def result_backend_unavailable(request, exc):
+    logger.warning("result backend unavailable: %s", exc)
+    return api.create_response(
+        request, {"detail": "The result backend is unavailable; task states cannot be read now. Retry later."}, status=503
     )
 
 

@@ -65,12 +65,20 @@ def _cache_is_shared() -> bool:
 def _new_generation() -> None:
     try:
         cache.set(GENERATION_KEY, uuid.uuid4().hex, timeout=None)
-    except Exception:
-        # Processes then see the change when their copy expires (MAX_SNAPSHOT_AGE_SECONDS).
-        logger.exception("Could not publish an API token change to the cache")
+    except Exception as exc:
+        # Processes then see the change when their copy expires (MAX_SNAPSHOT_AGE_SECONDS), or at
+        # once if the cache lost the key (e.g. make run's first start: its Redis is not up yet).
+        logger.warning(
+            "Cache unavailable (%r): other processes see this token change within %.0f s",
+            exc,
+            MAX_SNAPSHOT_AGE_SECONDS,
+        )
 
 
 @receiver(post_save, sender=ApiToken)
 @receiver(post_delete, sender=ApiToken)
 def token_changed(**_) -> None:
+    # Now, so that this process sees its own change inside the transaction, and again once the
+    # transaction commits: a process that reloaded in between read the rows before the change.
+    _new_generation()
     transaction.on_commit(_new_generation)

@@ -237,10 +237,18 @@ def initialize_task_series(app) -> None:
     m.rejected.labels(name=UNKNOWN, queue_name=app.conf.task_default_queue)
 
 
+_registered: set[str] = set()
+
+
 def task_name(name: str | None) -> str:
     """A registered task's name, else "unknown": labels stay bounded."""
+    if name in _registered:  # on every task: a set lookup, not the app's registry behind a proxy
+        return name
     if not name:
         return UNKNOWN
     from celery import current_app
 
-    return name if name in current_app.tasks else UNKNOWN
+    if name in current_app.tasks:
+        _registered.add(name)
+        return name
+    return UNKNOWN

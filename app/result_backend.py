@@ -169,7 +169,8 @@ class RedisStateBackend(RedisBackend):
             return 0
         keys = [HISTORY_STREAM, *(self.get_key_for_task(meta["task_id"]) for meta in metas)]
         args = [int(self.expires or 0), *(self.encode(meta) for meta in metas)]
-        return self.ensure(self._record_queued, (keys, args))
+        # Called in a web request, after the publish: one quick retry, never Celery's 20 seconds.
+        return self.ensure(self._record_queued, (keys, args), max_retries=1, interval_start=0.2, interval_max=0.2)
 
     def _record_queued(self, keys: list, args: list) -> int:
         return self._queued_script(keys=keys, args=args)

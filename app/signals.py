@@ -140,13 +140,13 @@ def metrics_before_publish(headers=None, **_):
 @_metrics_never_raise
 def metrics_after_publish(headers=None, routing_key=None, **_):
     name = metrics.task_name((headers or {}).get("task"))
-    metrics.get().sent.labels(name=name, queue_name=routing_key or "").inc()
+    metrics.get().sent.labels(name, routing_key or "").inc()
 
 
 @signals.task_received.connect
 @_metrics_never_raise
 def metrics_task_received(request, **_):
-    metrics.get().received.labels(name=metrics.task_name(request.name), queue_name=_queue_of(request)).inc()
+    metrics.get().received.labels(metrics.task_name(request.name), _queue_of(request)).inc()
 
 
 @signals.task_prerun.connect
@@ -155,13 +155,13 @@ def metrics_task_prerun(task_id, task, **_):
     request = task.request
     name, queue, hostname = metrics.task_name(task.name), _queue_of(request), request.hostname or ""
     m = metrics.get()
-    m.started.labels(name=name, queue_name=queue).inc()
-    m.tasks_active.labels(hostname=hostname).inc()
+    m.started.labels(name, queue).inc()
+    m.tasks_active.labels(hostname).inc()
     sent_at = getattr(request, SENT_AT_HEADER, None)
     if sent_at is not None and not request.is_eager:
         eta = _eta_timestamp(request.eta)
         waiting_since = max(float(sent_at), eta) if eta is not None else float(sent_at)
-        m.queue_wait.labels(name=name, queue_name=queue).observe(max(0.0, time.time() - waiting_since))
+        m.queue_wait.labels(name, queue).observe(max(0.0, time.time() - waiting_since))
 
 
 @signals.task_postrun.connect
@@ -173,10 +173,10 @@ def metrics_task_postrun(task, state, **_):
     request = task.request
     name, queue = metrics.task_name(task.name), _queue_of(request)
     m = metrics.get()
-    m.runtime.labels(name=name, queue_name=queue).observe(seconds)
-    m.tasks_active.labels(hostname=request.hostname or "").dec()
+    m.runtime.labels(name, queue).observe(seconds)
+    m.tasks_active.labels(request.hostname or "").dec()
     if state == "SUCCESS":
-        m.succeeded.labels(name=name, queue_name=queue).inc()
+        m.succeeded.labels(name, queue).inc()
 
 
 @signals.task_retry.connect

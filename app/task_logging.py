@@ -1,16 +1,19 @@
 """Structured logs for Celery. Worker and beat log through Django's LOGGING; every line a task
 logs carries its id, name, queue and retry count, plus the request id of the web request (or
-the parent task) that enqueued it; and one task_finished line per run gives its state and runtime.
+the parent task) that enqueued it; and one task_finished line per run gives its state, runtime
+and, for a retry or a failure, the exception (Celery's own per-task lines only with
+LOG_CELERY_TASK_LINES: project/logging_config.py).
 """
 
 import logging.config
 
 import structlog
+from celery import bootsteps
 from celery import signals as celery_signals
 from django.conf import settings
 from django.dispatch import receiver
 from django_structlog.celery import signals as structlog_signals
-from django_structlog.celery.steps import DjangoStructLogInitStep
+from django_structlog.celery.receivers import CeleryReceiver
 
 from app.signals import run_seconds
 from project.celery import app as celery_app
@@ -18,20 +21,29 @@ from project.celery import app as celery_app
 logger = structlog.get_logger(__name__)
 
 
-class TaskContextStep(DjangoStructLogInitStep):
-    """django-structlog's worker receivers: each task binds the context found in its headers,
-    and every task it publishes (a chain's next step, a chord's callback) carries it on.
-    Its publish receivers are dropped: django-structlog's app config already connected its own
-    (DJANGO_STRUCTLOG_CELERY_ENABLED), and with both every publish would be logged twice."""
+class TaskFailureLogStep(bootsteps.Step):
+    """django-structlog's worker receivers for what goes wrong: retries, failures, revokes,
+    unknown and rejected messages each log a line. A run's context is bound by
+    bind_task_context below instead of its prerun receiver (one call; measured, a tenth of a
+    trivial task's pool-process time went to its receivers and signals), and its publish
+    receivers are connected once already by its app config (DJANGO_STRUCTLOG_CELERY_ENABLED)."""
 
     def __init__(self, parent, **kwargs) -> None:
         super().__init__(parent, **kwargs)
-        celery_signals.before_task_publish.disconnect(self.receiver.receiver_before_task_publish)
-        celery_signals.after_task_publish.disconnect(self.receiver.receiver_after_task_publish)
+        self.receiver = CeleryReceiver()
+        celery_signals.task_retry.connect(self.receiver.receiver_task_retry)
+        celery_signals.task_failure.connect(self.receiver.receiver_task_failure)
+        celery_signals.task_revoked.connect(self.receiver.receiver_task_revoked)
+        celery_signals.task_unknown.connect(self.receiver.receiver_task_unknown)
+        celery_signals.task_rejected.connect(self.receiver.receiver_task_rejected)
 
 
 # Imported while the worker loads Django, before it builds its blueprint from these steps.
-celery_app.steps["worker"].add(TaskContextStep)
+celery_app.steps["worker"].add(TaskFailureLogStep)
+
+# The header django-structlog's publish receiver fills with the sender's context.
+CONTEXT_HEADER = "__django_structlog__"
+EXCEPTION_MAX_CHARS = 500
 
 # What a published task carries to its worker; the rest of the context belongs to the sender.
 _PROPAGATED = ("request_id", "parent_task_id")
@@ -53,20 +65,31 @@ def keep_only_propagated_context(context: dict, **_) -> None:
     context.update(kept)
 
 
-@receiver(structlog_signals.bind_extra_task_metadata)
-def bind_task_fields(task, **_) -> None:
+@celery_signals.task_prerun.connect
+def bind_task_context(task_id: str, task, **_) -> None:
+    """Every line this run logs carries the task's id, name, queue and retries, and the request id
+    (and parent task id) it was published with."""
     request = task.request
-    structlog.contextvars.bind_contextvars(
+    if request.is_eager:
+        return  # run inside its caller, whose context (a request's id) stays
+    context = dict(getattr(request, CONTEXT_HEADER, None) or {})
+    context.update(
+        task_id=task_id,
         task_name=task.name,
         queue=(request.delivery_info or {}).get("routing_key"),
         retries=request.retries,
     )
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(**context)
 
 
 @celery_signals.task_postrun.connect
-def log_task_finished(task_id: str, task, state: str | None = None, **_) -> None:
+def log_task_finished(task_id: str, task, state: str | None = None, retval=None, **_) -> None:
     seconds = run_seconds(task)
     request = task.request
+    fields = {}
+    if isinstance(retval, BaseException):  # a retry's reason, or the failure
+        fields["exception"] = repr(retval)[:EXCEPTION_MAX_CHARS]
     logger.info(
         "task_finished",
         task_id=task_id,
@@ -75,6 +98,7 @@ def log_task_finished(task_id: str, task, state: str | None = None, **_) -> None
         duration_ms=round(seconds * 1000, 3) if seconds is not None else None,
         retries=request.retries,
         queue=(request.delivery_info or {}).get("routing_key"),
+        **fields,
     )
     if not request.is_eager:
         # Nothing after this belongs to the task (a solo pool logs its own lines in this thread);

@@ -4,6 +4,7 @@ A publish that fails (broker down) raises kombu's OperationalError within the
 connection timeout and retry policy set in settings; nothing is recorded then.
 """
 
+import logging
 from dataclasses import dataclass, field
 
 from celery import chain, chord, current_app, group
@@ -14,6 +15,8 @@ from django.db import transaction
 from kombu.exceptions import OperationalError
 
 from app import result_backend, services, tasks
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -35,14 +38,19 @@ def record_queued(*pairs: tuple) -> None:
     history), so their status reads queued, not unknown. pairs: (task_id, task name, args,
     kwargs). With the Redis backend, one round trip for all; a state a fast worker already
     stored is left alone."""
-    current_app.backend.record_queued(
-        [
-            result_backend.queued_meta(
-                task_id=task_id, task_name=name, args=list(args), kwargs=dict(kwargs), queue=routed_queue(name)
-            )
-            for task_id, name, args, kwargs in pairs
-        ]
-    )
+    backend = current_app.backend
+    metas = [
+        result_backend.queued_meta(
+            task_id=task_id, task_name=name, args=list(args), kwargs=dict(kwargs), queue=routed_queue(name)
+        )
+        for task_id, name, args, kwargs in pairs
+    ]
+    try:
+        backend.record_queued(metas)
+    except Exception as exc:
+        # The tasks are on their way: the client still gets their ids, and each one's state is
+        # known from its first stored state on. Only "queued" is not, until then.
+        logger.warning("Could not record %d queued task id(s) in the result backend: %r", len(metas), exc)
 
 
 def start_simple(*, operation: str, x: float, y: float) -> Started:

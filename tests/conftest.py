@@ -117,15 +117,18 @@ def service_log_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("services")
 
 
-def start_worker(app, *, broker_url: str, log_dir: Path, concurrency: int = 2) -> Service:
+def start_worker(
+    app, *, broker_url: str, log_dir: Path, concurrency: int = 2, app_module: str = "project", **env
+) -> Service:
+    """A prefork worker on `broker_url` consuming default and long, ready to take tasks."""
     hostname = f"test-{uuid.uuid4().hex[:8]}@localhost"
     command = [
-        sys.executable, "-m", "celery", "-A", "project", "worker",
+        sys.executable, "-m", "celery", "-A", app_module, "worker",
         "-Q", "default,long", "-c", str(concurrency), "--pool", "prefork",
         "-n", hostname, "--without-mingle", "--without-gossip", "--purge", "-E", "-l", "info",
     ]  # fmt: skip
     service = Service(
-        f"worker-{hostname.split('@')[0]}", command, subprocess_env(CELERY_BROKER_URL=broker_url), log_dir
+        f"worker-{hostname.split('@')[0]}", command, subprocess_env(CELERY_BROKER_URL=broker_url, **env), log_dir
     )
     wait_for_worker(app, hostname, service)
     service.hostname = hostname

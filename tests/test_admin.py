@@ -18,10 +18,11 @@ from django.utils import timezone
 from django_celery_beat.models import PeriodicTask
 
 from app import admin as admin_module
-from app import selectors, services
+from app import selectors, services, workflows
 from app.models import ApiToken, Report, ReportStatus, ReportType, ScheduledTask, ScheduleType, TaskLog, TaskState
 from project.celery import app as celery_app
 from project.embedded import free_port
+from tests.conftest import wait_until
 
 pytestmark = pytest.mark.django_db
 
@@ -83,7 +84,7 @@ def broker_down(monkeypatch):
     down = Celery("broker-down", set_as_current=False)
     down.config_from_object("django.conf:settings", namespace="CELERY")
     down.conf.broker_write_url = f"redis://127.0.0.1:{free_port()}/0"
-    monkeypatch.setattr(admin_module, "celery_app", down)
+    monkeypatch.setattr(workflows, "current_app", down)
     yield down
     down.close()
 
@@ -267,7 +268,11 @@ def test_changelist_makes_no_query_per_row(admin_client, model, make_row):
 # --- TaskLog actions against the real broker ---------------------------------------------------------
 
 
-def test_rerun_action_resends_failed_tasks_and_skips_the_rest(admin_client):
+def rows_other_than(*rows) -> list[TaskLog]:
+    return list(TaskLog.objects.exclude(pk__in=[row.pk for row in rows]))
+
+
+def test_rerun_action_resends_failed_tasks_and_skips_the_rest(admin_client, task_history):
     failed = task_log(state=TaskState.FAILURE, task_name="app.tasks.add", args=[2, 3], kwargs={})
     succeeded = task_log(state=TaskState.SUCCESS, task_name="app.tasks.multiply", args=[4, 5])
 
@@ -275,21 +280,26 @@ def test_rerun_action_resends_failed_tasks_and_skips_the_rest(admin_client):
 
     assert response.status_code == 200
     assert messages_of(response) == ["Re-sent 1 failed task(s); skipped 1 not in state FAILURE."]
-    new_rows = TaskLog.objects.exclude(pk__in=[failed.pk, succeeded.pk])
-    assert [(r.task_name, r.args, r.kwargs, r.state, r.queue) for r in new_rows] == [
-        ("app.tasks.add", [2, 3], {}, TaskState.PENDING, "default")
-    ]
-    assert new_rows[0].task_id != failed.task_id
+    [rerun] = wait_until(lambda: rows_other_than(failed, succeeded), message="the re-sent task recorded")
+    assert (rerun.task_name, rerun.args, rerun.kwargs, rerun.state, rerun.queue) == (
+        "app.tasks.add",
+        [2, 3],
+        {},
+        TaskState.PENDING,
+        "default",
+    )
+    assert rerun.task_id != failed.task_id
+    assert celery_app.backend.stored_meta(rerun.task_id)["status"] == "PENDING"  # queued, known to the API
     failed.refresh_from_db()
     assert failed.state == TaskState.FAILURE
 
 
-def test_rerun_action_records_the_queue_the_task_is_routed_to(admin_client):
+def test_rerun_action_records_the_queue_the_task_is_routed_to(admin_client, task_history):
     failed = task_log(state=TaskState.FAILURE, task_name="app.tasks.long_running_task", args=[1, 0.0])
 
     run_action(admin_client, "tasklog", "rerun_failed", [failed])
 
-    rerun = TaskLog.objects.exclude(pk=failed.pk).get()
+    [rerun] = wait_until(lambda: rows_other_than(failed), message="the re-sent task recorded")
     assert (rerun.task_name, rerun.args, rerun.queue) == ("app.tasks.long_running_task", [1, 0.0], "long")
 
 
@@ -437,6 +447,6 @@ def test_adding_a_token_shows_its_secret_once_and_stores_only_the_digest(admin_c
     assert token.digest == ApiToken.digest_of(secret)
     assert token.prefix == secret[:8]
     assert secret not in {token.name, token.prefix, token.digest}
-    assert selectors.active_api_token(secret=secret) == token
+    assert selectors.active_api_token(secret=secret) == token.digest
     for url in (changelist("apitoken"), change_page(token)):
         assert secret not in admin_client.get(url).content.decode()

@@ -9,9 +9,16 @@ import time
 import pytest
 
 from app.models import ApiToken, Report, ReportStatus, TaskLog, TaskState
+from app.result_backend import HISTORY_STREAM
+from project.celery import app as celery_app
 from tests.conftest import http
 
 pytestmark = pytest.mark.django_db
+
+
+def history_length() -> int:
+    """Entries in the suite's history stream: each id recorded as queued appends one."""
+    return celery_app.backend.client.xlen(HISTORY_STREAM)
 
 ENQUEUE_CASES = [
     ("/api/simple-task/", {"operation": "multiply", "x": 6, "y": 7}, ["app.tasks.multiply"]),
@@ -40,9 +47,9 @@ def test_enqueue_returns_202_with_ids_recorded_as_queued(api, path, body, task_n
     data = response.json()
     assert data["status_url"] == f"/api/task-status/{data['task_id']}/"
     assert data["progress_url"] == f"/api/task-progress/{data['task_id']}/"
-    logs = {log.task_id: log for log in TaskLog.objects.filter(task_id__in=data["task_ids"])}
-    assert [logs[task_id].task_name for task_id in data["task_ids"]] == task_names
-    assert {log.state for log in logs.values()} == {TaskState.PENDING}
+    stored = [celery_app.backend.stored_meta(task_id) for task_id in data["task_ids"]]
+    assert [meta["name"] for meta in stored] == task_names
+    assert {meta["status"] for meta in stored} == {"PENDING"}
 
 
 def test_status_of_a_queued_task_is_pending_not_unknown(api):
@@ -65,12 +72,24 @@ def test_progress_of_a_queued_task_is_zero(api):
 
 
 def test_status_reads_a_finished_task_from_the_result_backend(api):
-    from django_celery_results.models import TaskResult
+    from celery import states
+    from celery.app.task import Context
 
-    TaskResult.objects.create(task_id="done-1", task_name="app.tasks.add", status="SUCCESS", result="5")
-    TaskLog.objects.create(task_id="done-1", task_name="app.tasks.add", state=TaskState.SUCCESS, retries=1)
+    run = Context(id="done-1", task="app.tasks.add", args=[2, 3], retries=1, hostname="w@h")
+    celery_app.backend.store_result("done-1", 5, states.SUCCESS, request=run)
+    try:
+        data = api.get("/api/task-status/done-1/").json()
+    finally:
+        celery_app.backend.forget("done-1")
 
-    data = api.get("/api/task-status/done-1/").json()
+    assert (data["state"], data["result"], data["ready"], data["retries"]) == ("SUCCESS", 5, True, 1)
+    assert (data["task_name"], data["worker"]) == ("app.tasks.add", "w@h")
+
+
+def test_status_of_a_task_whose_result_expired_comes_from_the_history(api):
+    TaskLog.objects.create(task_id="old-1", task_name="app.tasks.add", state=TaskState.SUCCESS, result=5, retries=1)
+
+    data = api.get("/api/task-status/old-1/").json()
 
     assert (data["state"], data["result"], data["ready"], data["retries"]) == ("SUCCESS", 5, True, 1)
 
@@ -155,12 +174,13 @@ BAD_INPUT_CASES = [
     ("path", "body", "field"), BAD_INPUT_CASES, ids=[f"{c[0]}-{c[2]}-{i}" for i, c in enumerate(BAD_INPUT_CASES)]
 )
 def test_bad_input_is_a_422_naming_the_field_and_queues_nothing(api, path, body, field):
+    before = history_length()
     response = api.post(path, body)
 
     assert response.status_code == 422, response.content
     assert response["Content-Type"] == "application/json; charset=utf-8"
     assert field in json.dumps(response.json()["detail"])
-    assert TaskLog.objects.count() == 0
+    assert history_length() == before
     assert Report.objects.count() == 0
 
 
@@ -269,6 +289,7 @@ def test_unreachable_broker_is_a_fast_503_and_queues_nothing(start_web, api_toke
 
     base = start_web(CELERY_BROKER_URL=f"redis://127.0.0.1:{free_port()}/0")
     headers = {"Authorization": f"Bearer {api_token}", "Content-Type": "application/json"}
+    before = history_length()
 
     for path, body, _names in ENQUEUE_CASES:
         started = time.monotonic()
@@ -277,7 +298,7 @@ def test_unreachable_broker_is_a_fast_503_and_queues_nothing(start_web, api_toke
         assert status == 503, (path, content)
         assert json.loads(content)["detail"].startswith("The message broker is unavailable")
         assert elapsed < 2.0, f"{path} took {elapsed:.2f} s"
-    assert TaskLog.objects.count() == 0
+    assert history_length() == before  # no id recorded as queued
     # The report row is kept, marked failed, so the request loses nothing silently.
     assert list(Report.objects.values_list("status", flat=True)) == [ReportStatus.FAILED]
 

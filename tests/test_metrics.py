@@ -80,7 +80,7 @@ def test_every_registered_task_has_its_series_at_zero_before_its_first_run(metri
 
 
 @pytest.mark.integration
-def test_prefork_sums_are_exact(metrics_worker):
+def test_prefork_sums_are_exact(metrics_worker, task_history):
     _app, port, hostname, multiproc_dir, service = metrics_worker
     sent_before = {
         name: REGISTRY.get_sample_value("celery_task_sent_total", {"name": name, "queue_name": "default"}) or 0.0
@@ -159,7 +159,6 @@ def test_metrics_failure_never_fails_a_task(monkeypatch, caplog):
     result = tasks.add.apply(args=(2, 3))
     assert result.successful()
     assert result.result == 5
-    assert TaskLog.objects.get(task_id=result.id).state == "SUCCESS"
     assert "Metrics update failed" in caplog.text
 
 

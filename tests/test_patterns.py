@@ -1,6 +1,6 @@
 """Every Celery pattern, run by a real prefork worker over a real broker (Redis, and RabbitMQ
-when RABBITMQ_URL is given). Results travel through the django-celery-results database
-backend and TaskLog is written by the worker's signal handlers."""
+when RABBITMQ_URL is given). States go to the Redis result backend, and the history recorder
+folds them into TaskLog."""
 
 import time
 
@@ -11,7 +11,7 @@ from app import workflows
 from app.models import TaskLog, TaskState
 from tests.conftest import wait_until
 
-pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("task_history")]
 
 
 def task_log_state(task_id: str, *states: str) -> TaskLog | None:
@@ -19,8 +19,8 @@ def task_log_state(task_id: str, *states: str) -> TaskLog | None:
 
 
 def succeeded_logs(task_ids: list[str]) -> dict[str, TaskLog]:
-    """TaskLog rows once all are SUCCESS. The result backend stores a result before the
-    task_postrun handler writes TaskLog, so a caller's .get() can return a moment earlier."""
+    """TaskLog rows once all are SUCCESS: the recorder writes them a moment after the result
+    backend stored the state a caller's .get() returns."""
 
     def all_succeeded():
         logs = {log.task_id: log for log in TaskLog.objects.filter(task_id__in=task_ids, state=TaskState.SUCCESS)}

@@ -8,95 +8,15 @@ from django.core.exceptions import ValidationError
 from django.utils import timezone
 from django_celery_beat.models import PeriodicTask
 
-from app import selectors, services
+from app import result_backend, selectors, services
 from app.models import Report, ReportStatus, ScheduledTask, ScheduleType, TaskLog, TaskState
-from app.services import QueuedTask
 
 pytestmark = pytest.mark.django_db
 
 User = get_user_model()
 
 
-# --- Task bookkeeping ----------------------------------------------------------
-
-
-def test_task_lifecycle_is_one_row_updated_per_state():
-    services.record_tasks_queued(tasks=[QueuedTask("t1", "app.tasks.add", [1, 2], {}, "default")])
-    services.record_task_started(
-        task_id="t1", task_name="app.tasks.add", args=[1, 2], kwargs={}, worker="w@h", queue="default", retries=0
-    )
-    services.record_task_succeeded(task_id="t1", result=3, duration=dt.timedelta(milliseconds=5))
-
-    log = TaskLog.objects.get(task_id="t1")
-    assert (log.state, log.result, log.worker, log.queue) == (TaskState.SUCCESS, 3, "w@h", "default")
-    assert log.duration == dt.timedelta(milliseconds=5)
-    assert log.started_at is not None
-    assert log.finished_at >= log.started_at
-
-
-def test_a_worker_faster_than_the_api_is_not_overwritten_by_the_queued_record():
-    services.record_task_started(
-        task_id="t2", task_name="app.tasks.add", args=[1, 2], kwargs={}, worker="w@h", queue="default", retries=0
-    )
-    services.record_tasks_queued(tasks=[QueuedTask("t2", "app.tasks.add", [1, 2], {}, "default")])
-
-    assert TaskLog.objects.get(task_id="t2").state == TaskState.STARTED
-
-
-def test_a_retried_attempt_clears_the_previous_reason_and_counts_retries():
-    services.record_task_started(task_id="t3", task_name="x", args=[], kwargs={}, worker="w", queue="q", retries=0)
-    services.record_task_retried(task_id="t3", reason=RuntimeError("flaky"))
-    assert TaskLog.objects.get(task_id="t3").exception == "RuntimeError: flaky"
-
-    services.record_task_started(task_id="t3", task_name="x", args=[], kwargs={}, worker="w", queue="q", retries=1)
-
-    log = TaskLog.objects.get(task_id="t3")
-    assert (log.state, log.retries, log.exception) == (TaskState.STARTED, 1, "")
-
-
-def test_failure_without_a_known_run_time_is_computed_by_the_database():
-    services.record_task_started(task_id="t4", task_name="x", args=[], kwargs={}, worker="w", queue="q", retries=0)
-    TaskLog.objects.filter(task_id="t4").update(started_at=timezone.now() - dt.timedelta(seconds=30))
-
-    services.record_task_failed(task_id="t4", exception=TimeoutError("hard limit"), traceback="tb", duration=None)
-
-    log = TaskLog.objects.get(task_id="t4")
-    assert log.state == TaskState.FAILURE
-    assert log.exception == "TimeoutError: hard limit"
-    assert 29 <= log.duration.total_seconds() <= 60
-
-
-def test_revoked_before_start_creates_the_row():
-    services.record_task_revoked(task_id="t5", task_name="app.tasks.long_running_task")
-
-    log = TaskLog.objects.get(task_id="t5")
-    assert (log.state, log.task_name) == (TaskState.REVOKED, "app.tasks.long_running_task")
-
-
-def test_huge_results_are_summarised_and_long_tracebacks_trimmed():
-    services.record_task_started(task_id="t6", task_name="x", args=[], kwargs={}, worker="w", queue="q", retries=0)
-    services.record_task_succeeded(task_id="t6", result="x" * 100_000, duration=None)
-    services.record_task_started(task_id="t7", task_name="x", args=[], kwargs={}, worker="w", queue="q", retries=0)
-    services.record_task_failed(task_id="t7", exception=ValueError("v"), traceback="y" * 50_000 + "END", duration=None)
-
-    assert TaskLog.objects.get(task_id="t6").result == {"truncated": True, "json_chars": 100_002}
-    traceback = TaskLog.objects.get(task_id="t7").traceback
-    assert traceback.startswith("...(truncated)")
-    assert traceback.endswith("END")
-    assert len(traceback) < 10_100
-
-
-def test_model_helpers_mark_started_success_and_failure():
-    log = TaskLog.objects.create(task_id="m1", task_name="x")
-    log.mark_started(worker="w", queue="default", retries=0)
-    log.mark_success({"ok": True})
-    log.refresh_from_db()
-    assert (log.state, log.result, log.is_finished) == (TaskState.SUCCESS, {"ok": True}, True)
-    assert log.duration is not None
-
-    log.mark_failure(ValueError("bad"), "traceback text")
-    log.refresh_from_db()
-    assert (log.state, log.exception, log.traceback) == (TaskState.FAILURE, "ValueError: bad", "traceback text")
+# --- Task history (TaskLog is folded in tests/test_task_history.py) ---------------
 
 
 def test_cleanup_task_logs_deletes_only_old_finished_rows():
@@ -278,37 +198,35 @@ def test_default_schedules_are_created_once():
 # --- Selectors ----------------------------------------------------------------------
 
 
-def test_known_task_ids_come_from_task_log_or_task_result():
-    from django_celery_results.models import TaskResult
+def test_known_task_ids_are_those_the_result_backend_or_the_history_holds():
+    from project.celery import app
 
-    TaskLog.objects.create(task_id="in-log", task_name="x")
-    TaskResult.objects.create(task_id="in-results", status="SUCCESS")
+    TaskLog.objects.create(task_id="in-history", task_name="x")  # its live state expired
+    app.backend.record_queued(
+        [result_backend.queued_meta(task_id="queued-1", task_name="app.tasks.add", args=[], kwargs={}, queue="default")]
+    )
+    try:
+        assert selectors.is_known_task_id(task_id="in-history")
+        assert selectors.is_known_task_id(task_id="queued-1")
+        assert not selectors.is_known_task_id(task_id="nowhere")
+    finally:
+        app.backend.forget("queued-1")
 
-    assert selectors.is_known_task_id(task_id="in-log")
-    assert selectors.is_known_task_id(task_id="in-results")
-    assert not selectors.is_known_task_id(task_id="nowhere")
 
-
-# --- Result backend -------------------------------------------------------------------
-
-
-def test_result_backend_keeps_one_row_per_task_and_the_start_time():
+def test_a_task_state_comes_from_the_result_backend_while_it_keeps_it_then_from_the_history():
     from celery import states
-    from django_celery_results.models import TaskResult
 
     from project.celery import app
 
-    backend = app.backend
-    backend.store_result("rb-1", None, states.STARTED)
-    started_at = TaskResult.objects.get(task_id="rb-1").date_started
-    backend.store_result("rb-1", {"answer": 42}, states.SUCCESS)
+    app.backend.store_result("state-1", 42, states.SUCCESS)
+    TaskLog.objects.create(task_id="state-1", task_name="app.tasks.add", state=TaskState.SUCCESS, result=41)
+    try:
+        assert selectors.task_state(task_id="state-1")["result"] == 42  # the backend's, not merged
+    finally:
+        app.backend.forget("state-1")
 
-    row = TaskResult.objects.get(task_id="rb-1")
-    assert (row.status, row.date_started) == ("SUCCESS", started_at)
-    assert started_at is not None
-    assert row.date_done >= started_at
-    assert backend.get_task_meta("rb-1")["result"] == {"answer": 42}
-    assert type(backend).__name__ == "UpsertDatabaseBackend"
+    assert selectors.task_state(task_id="state-1")["result"] == 41  # expired there: the history's
+    assert selectors.task_state(task_id="never-handed-out") is None
 
 
 def test_a_scheduled_task_cannot_take_the_name_of_another_beat_task():

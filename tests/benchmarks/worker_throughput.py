@@ -1,102 +1,153 @@
-"""Worker throughput on trivial tasks: bare Celery, this project's bookkeeping without its
-observability (TaskLog written by signal handlers + the database result backend), and the full
-worker (the same plus Prometheus metrics and structured JSON task logs): the last ratio is what
-metrics and logging cost.
+"""Worker throughput on trivial tasks, side by side in one run:
 
-Both workers are prefork with concurrency 2 on the same Redis; modes are interleaved and
-repeated, and the figure to read is the ratio in one run (these machines are noisy).
-Throughput is worker-side: tasks between the first and the last "succeeded" log line.
+- bare: Celery alone, no result backend, no task events;
+- stock: Celery configured like the project (same Redis broker and Redis result backend with
+  extended results, task events on, JSON, prefetch 1, acks_late), no Django, no project code;
+- unobserved: the project's worker without its Prometheus metrics and structured task logs;
+- full: the project's worker as the image runs it.
 
-    make bench            # uses DATABASE_URL / REDIS_URL if set, embedded servers otherwise
+Every worker is prefork with concurrency 2 and consumes a queue filled beforehand; throughput is
+worker side, from the first to the last completion (stored results' date_done; bare Celery's
+"succeeded" log lines). After each full run the history
+recorder drains what the run stored (it runs in beat, not on the worker's path): its rate is the
+history writer's own capacity, and every task must then be in TaskLog. The history's lag while
+workers run at full speed is measured by the capacity model (tests/benchmarks/capacity.py).
+
+    python -m tests.benchmarks.worker_throughput --tasks 2000 --repeats 3
 """
 
 import argparse
-import os
-import re
-import signal
-import statistics
-import subprocess
 import sys
-import tempfile
 import time
-from datetime import datetime
+from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-QUEUE = "bench"
-SUCCEEDED = " succeeded in "
-# Celery's plain format ("[2026-11-25 01:02:03,456: INFO/...") or structlog's ISO timestamps.
-TIMESTAMP = re.compile(r"(\d{4}-\d\d-\d\d)[ T](\d\d:\d\d:\d\d)[,.](\d{3})")
-APPS = {"bare": "tests.benchmarks.bare_app", "stock": "tests.benchmarks.stock_app", "unobserved": "tests.benchmarks.unobserved_app", "full": "project"}
+from tests.benchmarks import harness
+
+APPS = {
+    "bare": "tests.benchmarks.bare_app",
+    "stock": "tests.benchmarks.stock_app",
+    "unobserved": "tests.benchmarks.unobserved_app",
+    "full": "project",
+}
 LABELS = {
-    "stock": "stock",
-    "bare": "bare Celery, no result backend",
-    "unobserved": "TaskLog + database results",
-    "full": "the same + metrics + JSON task logs",
+    "bare": "bare Celery (no results, no events)",
+    "stock": "stock Celery configured like the project",
+    "unobserved": "project worker without metrics and JSON logs",
+    "full": "project worker, full",
 }
 
 
-def worker_command(app: str) -> list[str]:
-    return [
-        sys.executable, "-m", "celery", "-A", app, "worker", "-Q", QUEUE, "-c", "2", "--pool", "prefork",
-        "--without-mingle", "--without-gossip", "-l", "info",
-    ]  # fmt: skip
+@dataclass
+class Throughput:
+    runs: dict[str, list[float]] = field(default_factory=lambda: {mode: [] for mode in APPS})
+    drains: list[float] = field(default_factory=list)  # tasks/s the recorder wrote to TaskLog
+
+    def median(self, mode: str) -> float:
+        return harness.median(self.runs[mode])
 
 
-def run_mode(mode: str, tasks: int, env: dict, workdir: Path) -> float:
-    """Fill the queue, start a worker, wait for every task, return tasks per second."""
-    from celery import Celery
+def run_mode(mode: str, tasks: int, env: dict, workdir: Path, database_url: str, result: Throughput) -> None:
+    import redis
 
-    publisher = Celery(broker=env["CELERY_BROKER_URL"])
+    broker_url = env["CELERY_BROKER_URL"]
+    redis.Redis.from_url(broker_url).flushdb()
+    harness.truncate_history(database_url)
     name = "bench.add" if mode in ("bare", "stock") else "app.tasks.add"
-    with publisher.producer_or_acquire() as producer:
-        for i in range(tasks):
-            publisher.send_task(name, args=[i, 1], queue=QUEUE, producer=producer)
-
-    log_path = workdir / f"{mode}-{time.monotonic_ns()}.log"
-    app = APPS[mode]
-    env = {**env, "LOG_FORMAT": "json" if mode == "full" else "console"}
+    harness.fill_queue(broker_url, name, tasks)
     if mode in ("bare", "stock"):
         # Without Django in its environment Celery applies no Django fixup and runs no app code.
         env = {key: value for key, value in env.items() if key != "DJANGO_SETTINGS_MODULE"}
-    with open(log_path, "wb") as log:
-        worker = subprocess.Popen(
-            worker_command(app), cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        deadline = time.monotonic() + 300
-        try:
-            while log_path.read_text(errors="replace").count(SUCCEEDED) < tasks:
-                if worker.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"{mode} worker stopped early:\n{log_path.read_text()[-2000:]}")
-                time.sleep(0.2)
-        finally:
-            os.killpg(worker.pid, signal.SIGTERM)
-            worker.wait(timeout=60)
-    stamps = [
-        datetime.strptime(" ".join(TIMESTAMP.search(line).groups()), "%Y-%m-%d %H:%M:%S %f")
-        for line in log_path.read_text().splitlines()
-        if SUCCEEDED in line
-    ]
-    return (len(stamps) - 1) / (max(stamps) - min(stamps)).total_seconds()
+    worker = harness.Process(harness.worker_command(APPS[mode]), env, workdir / f"{mode}-{time.monotonic_ns()}.log")
+    deadline = time.monotonic() + 300
+    try:
+        while _finished(mode, worker, broker_url) < tasks:
+            if not worker.alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"{mode} worker stopped early:\n{worker.log()[-2000:]}")
+            time.sleep(0.2)
+    finally:
+        worker.stop()
+    # Worker-side completion times: the stored results' (bare Celery stores none: its log lines).
+    stamps = harness.succeeded_stamps(worker.log()) if mode == "bare" else harness.done_stamps(broker_url)
+    if len(stamps) != tasks:
+        raise RuntimeError(f"{mode}: {len(stamps)} completion times for {tasks} tasks")
+    result.runs[mode].append(harness.rate_between_first_and_last(stamps))
+    if mode == "full":
+        result.drains.append(_drain_history(env, workdir, database_url, tasks))
 
 
-def prepare_database(database_url: str) -> str:
-    """A dedicated, migrated database next to the given one."""
+def _finished(mode: str, worker: harness.Process, broker_url: str) -> int:
+    """Tasks done so far: Celery's log lines (bare, stock), else the states stored in the history
+    stream (one per trivial task; the project's workers log no per-task line without JSON logs)."""
+    if mode in ("bare", "stock"):
+        return harness.finished_count(worker.log())
+    import redis
+
+    from app.result_backend import HISTORY_STREAM
+
+    return redis.Redis.from_url(broker_url).xlen(HISTORY_STREAM)
+
+
+def _drain_history(env: dict, workdir: Path, database_url: str, tasks: int) -> float:
+    """The recorder started on the full run's backlog: tasks written to TaskLog per second, once
+    every one of them is there (the completeness check)."""
     import psycopg
+    import redis
 
-    parts = urlsplit(database_url)
-    admin = psycopg.connect(
-        host=parts.hostname or dict(p.split("=") for p in parts.query.split("&") if p).get("host"),
-        port=parts.port or 5432,
-        user=parts.username or "postgres",
-        dbname=parts.path.lstrip("/") or "postgres",
-        autocommit=True,
+    from app.result_backend import HISTORY_STREAM
+
+    client = redis.Redis.from_url(env["CELERY_BROKER_URL"])
+    recorder = harness.Process(
+        [sys.executable, "manage.py", "record_task_history"], env, workdir / f"recorder-{time.monotonic_ns()}.log"
     )
-    admin.execute("DROP DATABASE IF EXISTS celery_bench")
-    admin.execute("CREATE DATABASE celery_bench")
-    admin.close()
-    return urlunsplit(parts._replace(path="/celery_bench"))
+    try:
+        deadline = time.monotonic() + 300
+        while "Recording task history" not in recorder.log():
+            if not recorder.alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the recorder did not start:\n{recorder.log()[-2000:]}")
+            time.sleep(0.01)
+        started = time.monotonic()
+        while client.xlen(HISTORY_STREAM):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the recorder did not drain the history stream")
+            time.sleep(0.02)
+        seconds = time.monotonic() - started
+    finally:
+        recorder.stop()
+    with psycopg.connect(database_url.replace("postgres://", "postgresql://", 1)) as conn:
+        (recorded,) = conn.execute("SELECT count(*) FROM app_tasklog WHERE state = 'SUCCESS'").fetchone()
+    if recorded != tasks:
+        raise RuntimeError(f"the history holds {recorded} of {tasks} finished tasks")
+    return tasks / seconds
+
+
+def measure(servers: harness.Servers, database_url: str, tasks: int, repeats: int) -> Throughput:
+    env = harness.base_env(database_url, servers.redis(12), servers.workdir)
+    result = Throughput()
+    for _ in range(repeats):
+        for mode in APPS:
+            run_mode(mode, tasks, env, servers.workdir, database_url, result)
+    return result
+
+
+def report(result: Throughput, tasks: int, repeats: int) -> list[str]:
+    bare, stock = result.median("bare"), result.median("stock")
+    lines = [
+        f"Worker throughput: {tasks} trivial tasks, prefork concurrency 2, Redis broker; median of {repeats}",
+        f"  {'setup':<52} {'tasks/s':>8} {'vs stock':>9} {'vs bare':>8}   runs",
+    ]
+    for mode, label in LABELS.items():
+        median = result.median(mode)
+        runs = ", ".join(f"{r:.0f}" for r in result.runs[mode])
+        lines.append(f"  {label:<52} {median:>8.0f} {median / stock:>9.2f} {median / bare:>8.2f}   {runs}")
+    full, unobserved = result.median("full"), result.median("unobserved")
+    lines.append(f"  full vs the same worker without metrics and JSON logs: {full / unobserved:.2f}x")
+    if result.drains:
+        lines.append(
+            f"  history recorder, draining each full run's {tasks} states: {harness.median(result.drains):.0f} "
+            f"tasks/s into TaskLog (runs: {', '.join(f'{d:.0f}' for d in result.drains)}); every task recorded"
+        )
+    return lines
 
 
 def main() -> None:
@@ -104,46 +155,10 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-
-    from project.embedded import EmbeddedPostgres, EmbeddedRedis
-
-    workdir = Path(tempfile.mkdtemp(prefix="celery-bench-"))
-    started = []
-    try:
-        if not os.environ.get("DATABASE_URL"):
-            started.append(EmbeddedPostgres(workdir / "pg" / "data").start())
-            os.environ["DATABASE_URL"] = started[-1].url
-        if not os.environ.get("REDIS_URL"):
-            started.append(EmbeddedRedis(workdir=workdir).start())
-            os.environ["REDIS_URL"] = started[-1].url
-        env = {
-            **os.environ,
-            "DATABASE_URL": prepare_database(os.environ["DATABASE_URL"]),
-            "CELERY_BROKER_URL": os.environ["REDIS_URL"].rstrip("/") + "/12",
-            "DJANGO_SECRET_KEY": "bench",
-            "DJANGO_DEBUG": "false",
-            "PYTHONPATH": str(REPO_ROOT),
-            "CELERY_METRICS_PORT": "0",  # the per-task cost is in the handlers, not the idle server
-            "PROMETHEUS_MULTIPROC_BASE_DIR": str(workdir / "prometheus"),
-        }
-        subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=REPO_ROOT, env=env, check=True)
-
-        results: dict[str, list[float]] = {mode: [] for mode in APPS}
-        for _ in range(args.repeats):
-            for mode in results:
-                results[mode].append(run_mode(mode, args.tasks, env, workdir))
-        bare = statistics.median(results["bare"])
-        print(f"\n{args.tasks} trivial tasks, prefork concurrency 2, Redis broker; median of {args.repeats}")
-        print(f"{'setup':<52} {'tasks/s':>8} {'vs bare':>8}")
-        for mode, label in LABELS.items():
-            median = statistics.median(results[mode])
-            runs = ", ".join(f"{r:.0f}" for r in results[mode])
-            print(f"{label:<52} {median:>8.0f} {median / bare:>8.2f}   runs: {runs}")
-        observed = statistics.median(results["full"]) / statistics.median(results["unobserved"])
-        print(f"metrics + structured logging: {observed:.2f}x the throughput of the same worker without them")
-    finally:
-        for server in reversed(started):
-            server.stop()
+    with harness.servers() as servers:
+        database_url = harness.fresh_database(servers.database_url)
+        result = measure(servers, database_url, args.tasks, args.repeats)
+    print("\n".join(report(result, args.tasks, args.repeats)))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,129 @@
+"""Start-up time and idle memory of each role, started through the image's entrypoint
+(deploy/image/entrypoint.sh) as Kubernetes starts them.
+
+- worker: from spawn to its "ready." log line (consuming, able to take a task);
+- web: from spawn to the first 200 on /api/health/live (gunicorn, 2 workers);
+- idle memory: proportional set size (PSS: shared pages split between the processes sharing
+  them) of each role's whole process tree, after it has settled: web (master + 2 workers),
+  worker (main + 2 pool processes), beat (with the history recorder), flower.
+
+    python -m tests.benchmarks.startup_memory --repeats 3
+"""
+
+import argparse
+import os
+import time
+import urllib.request
+
+from project.embedded import free_port
+from tests.benchmarks import harness
+
+ENTRYPOINT = str(harness.REPO_ROOT / "deploy" / "image" / "entrypoint.sh")
+SETTLE_SECONDS = 8
+
+
+def role_env(servers: harness.Servers, database_url: str, **extra) -> dict:
+    import sys
+    from pathlib import Path
+
+    env = harness.base_env(
+        database_url,
+        servers.redis(12),
+        servers.workdir,
+        CACHE_URL=servers.redis(11),
+        DJANGO_SETTINGS_MODULE="project.settings",
+        DJANGO_ALLOWED_HOSTS="127.0.0.1,localhost",
+        APP_RUNTIME_DIR=servers.workdir,
+        GUNICORN_WORKER_TMP_DIR=servers.workdir,
+        WEB_CONCURRENCY=2,
+        CELERY_WORKER_CONCURRENCY=2,
+        FLOWER_BASIC_AUTH="bench:bench",
+        FLOWER_ADDRESS="127.0.0.1",
+        PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+        **extra,
+    )
+    return env
+
+
+def start_role(role: str, env: dict, servers: harness.Servers) -> harness.Process:
+    return harness.Process(["sh", ENTRYPOINT, role], env, servers.workdir / f"{role}-{time.monotonic_ns()}.log")
+
+
+def web_first_200(env: dict, servers: harness.Servers) -> tuple[float, harness.Process]:
+    port = int(env["PORT"])
+    web = start_role("web", env, servers)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health/live", timeout=1) as response:
+                if response.status == 200:
+                    return time.monotonic() - web.started, web
+        except OSError:
+            pass
+        if not web.alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"web did not answer:\n{web.log()[-2000:]}")
+        time.sleep(0.005)
+
+
+def pss_mb(process: harness.Process) -> float:
+    import psutil
+
+    root = psutil.Process(process.pid)
+    return sum(member.memory_full_info().pss for member in [root, *root.children(recursive=True)]) / 1e6
+
+
+def measure(servers: harness.Servers, database_url: str, repeats: int) -> dict:
+    startup: dict[str, list[float]] = {"worker": [], "web": []}
+    for _ in range(repeats):
+        worker = start_role("worker", role_env(servers, database_url), servers)
+        try:
+            startup["worker"].append(harness.wait_ready(worker))
+        finally:
+            worker.stop()
+        seconds, web = web_first_200(role_env(servers, database_url, PORT=free_port(), WEB_METRICS_PORT=free_port()), servers)
+        web.stop()
+        startup["web"].append(seconds)
+
+    roles = {
+        "web": role_env(servers, database_url, PORT=free_port(), WEB_METRICS_PORT=free_port()),
+        "worker": role_env(servers, database_url, CELERY_METRICS_PORT=free_port()),
+        "beat": role_env(servers, database_url, CELERY_METRICS_PORT=free_port()),
+        "flower": role_env(servers, database_url, FLOWER_PORT=free_port()),
+    }
+    started = {role: start_role(role, env, servers) for role, env in roles.items()}
+    try:
+        time.sleep(SETTLE_SECONDS)
+        for role, process in started.items():
+            if not process.alive():
+                raise RuntimeError(f"{role} stopped:\n{process.log()[-2000:]}")
+        memory = {role: pss_mb(process) for role, process in started.items()}
+    finally:
+        for process in started.values():
+            process.stop()
+    return {"startup": startup, "memory": memory}
+
+
+def report(result: dict, repeats: int) -> list[str]:
+    startup, memory = result["startup"], result["memory"]
+    return [
+        f"Start-up (median of {repeats}) and idle memory (PSS of each role's process tree)",
+        f"  worker, spawn to ready:   {harness.median(startup['worker']):.2f} s   runs: "
+        + ", ".join(f"{t:.2f}" for t in startup["worker"]),
+        f"  web, spawn to first 200:  {harness.median(startup['web']):.2f} s   runs: "
+        + ", ".join(f"{t:.2f}" for t in startup["web"]),
+        "  idle PSS: " + ", ".join(f"{role} {mb:.0f} MB" for role, mb in memory.items())
+        + f"; all four: {sum(memory.values()):.0f} MB",
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    with harness.servers() as servers:
+        database_url = harness.fresh_database(servers.database_url)
+        print("\n".join(report(measure(servers, database_url, args.repeats), args.repeats)))
+
+
+if __name__ == "__main__":
+    main()
