@@ -3,13 +3,16 @@
 Views are thin: validate, call app.workflows or app.selectors, shape the answer.
 """
 
+import json
 import logging
 
 import redis
 from celery.result import GroupResult
 from django.http import HttpRequest
+from django.shortcuts import render
 from kombu.exceptions import OperationalError
 from ninja import NinjaAPI, Status
+from ninja.openapi.docs import Swagger
 from ninja.security import HttpBearer
 
 import project
@@ -24,11 +27,23 @@ class BearerToken(HttpBearer):
         return selectors.active_api_token(secret=token)
 
 
+class LocalSwagger(Swagger):
+    """Swagger UI from django-ninja's own template and static files (settings add both), never a
+    CDN: django-ninja renders its local page only when it is an installed app."""
+
+    def render_page(self, request, api, **kwargs):
+        self.settings["url"] = self.get_openapi_url(api, kwargs)
+        # Bearer tokens only: "Try it out" has no CSRF token to send.
+        context = {"swagger_settings": json.dumps(self.settings, indent=1), "api": api, "add_csrf": False}
+        return render(request, self.template, context)
+
+
 api = NinjaAPI(
     title="Celery patterns API",
     version=project.__version__,
     description="Start Celery tasks of every pattern and watch them run. "
     "Mutating endpoints need `Authorization: Bearer <token>` (see `manage.py create_api_token`).",
+    docs=LocalSwagger(),
     docs_url="/docs",
     openapi_url="/openapi.json",
     urls_namespace="api",

@@ -68,7 +68,7 @@ def keep_only_propagated_context(context: dict, **_) -> None:
 @celery_signals.task_prerun.connect
 def bind_task_context(task_id: str, task, **_) -> None:
     """Every line this run logs carries the task's id, name, queue and retries, and the request id
-    (and parent task id) it was published with."""
+    (and parent task id) it was published with; with LOG_CELERY_TASK_LINES a task_started line."""
     request = task.request
     if request.is_eager:
         return  # run inside its caller, whose context (a request's id) stays
@@ -81,6 +81,8 @@ def bind_task_context(task_id: str, task, **_) -> None:
     )
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(**context)
+    if settings.LOG_CELERY_TASK_LINES:
+        logger.info("task_started")
 
 
 @celery_signals.task_postrun.connect

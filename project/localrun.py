@@ -184,8 +184,11 @@ def main() -> int:
         print(f"manage.py bootstrap_local failed (exit code {bootstrap.returncode}); nothing started.")
         return bootstrap.returncode
 
+    # bootstrap_local ran Django's system checks; Celery need not run them again in each server.
+    os.environ.setdefault("CELERY_SKIP_CHECKS", "1")
     python = sys.executable
-    celery = (python, "-m", "celery", "-A", "project")
+    # The image's way: Celery's worker and beat commands without the `celery` group's plugins.
+    celery_command = (python, "-m", "project.celery_command")
     queues = ",".join(
         [os.environ.get("CELERY_DEFAULT_QUEUE") or "default", os.environ.get("CELERY_LONG_QUEUE") or "long"]
     )
@@ -206,7 +209,7 @@ def main() -> int:
     manager.add_process(
         "worker",
         command(
-            *celery, "worker", "-Q", queues, "-c", "2", "--without-mingle", "--without-gossip",
+            *celery_command, "worker", "-Q", queues, "-c", "2", "--without-mingle", "--without-gossip",
             "-E", "-l", "info", "-n", "local@%h",
         ),
         env={**os.environ, "CELERY_METRICS_PORT": str(metrics_ports["worker"])},
@@ -214,12 +217,14 @@ def main() -> int:
     )  # fmt: skip
     manager.add_process(
         "beat",
-        command(*celery, "beat", "-l", "info", "-s", str(var_dir / "celerybeat-schedule")),
+        command(*celery_command, "beat", "-l", "info", "-s", str(var_dir / "celerybeat-schedule")),
         env={**os.environ, "CELERY_METRICS_PORT": str(metrics_ports["beat"])},
         cwd=BASE_DIR,
     )
     manager.add_process(
-        "flower", command(*celery, "flower", "--address=127.0.0.1", f"--port={flower_port}"), cwd=BASE_DIR
+        "flower",
+        command(python, "-m", "celery", "-A", "project.flower_app", "flower", "--address=127.0.0.1", f"--port={flower_port}"),
+        cwd=BASE_DIR,
     )
 
     web = f"http://127.0.0.1:{web_port}"

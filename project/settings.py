@@ -1,5 +1,6 @@
 """Django settings, read only from the environment (see .env.sample for every variable)."""
 
+import importlib.util
 import logging
 import os
 import tempfile
@@ -33,7 +34,9 @@ ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=["localhost", "127.0.0.
 CSRF_TRUSTED_ORIGINS = env.list("DJANGO_CSRF_TRUSTED_ORIGINS", default=[])
 
 INSTALLED_APPS = [
-    "django.contrib.admin",
+    # Without autodiscovery: only the web's URLconf loads the admin modules (project/urls.py), so
+    # workers, beat and flower start without them.
+    "django.contrib.admin.apps.SimpleAdminConfig",
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
@@ -43,8 +46,6 @@ INSTALLED_APPS = [
     "django_celery_results",
     "django_celery_beat",
     "django_prometheus",
-    # Listed so its docs page serves Swagger UI from local static files, not a CDN.
-    "ninja",
     "django_structlog",
     "app",
 ]
@@ -70,10 +71,15 @@ MIDDLEWARE = [
 ROOT_URLCONF = "project.urls"
 WSGI_APPLICATION = "project.wsgi.application"
 
+# django-ninja's Swagger UI template and files, served locally (app/api.py), never from a CDN. Not
+# an installed app: that would import django-ninja and pydantic in every process, a tenth of a
+# second of a worker's start.
+NINJA_DIR = Path(importlib.util.find_spec("ninja").origin).parent
+
 TEMPLATES = [
     {
         "BACKEND": "django.template.backends.django.DjangoTemplates",
-        "DIRS": [],
+        "DIRS": [NINJA_DIR / "templates"],
         "APP_DIRS": True,
         "OPTIONS": {
             "context_processors": [
@@ -136,6 +142,7 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATIC_ROOT = env.path("DJANGO_STATIC_ROOT", default=BASE_DIR / "staticfiles")
+STATICFILES_DIRS = [NINJA_DIR / "static"]
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"},

@@ -6,6 +6,9 @@ from django.views.generic import RedirectView
 
 from app.api import api
 
+# The admin modules of every app, loaded by the web only (settings: SimpleAdminConfig).
+admin.autodiscover()
+
 urlpatterns = [
     path("", RedirectView.as_view(url="/api/docs", permanent=False)),
     path("admin/", admin.site.urls),

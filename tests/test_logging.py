@@ -10,6 +10,7 @@ import urllib.request
 import uuid
 
 import pytest
+import structlog
 
 from project.embedded import free_port, wait_for_port
 from tests.conftest import REPO_ROOT, Service, celery_app_for, subprocess_env, wait_for_worker, wait_until
@@ -180,15 +181,13 @@ def test_a_request_id_reaches_every_worker_line_of_its_chord_including_the_callb
     assert callback["task_name"] == "app.tasks.aggregate_results"
     assert callback["state"] == "SUCCESS"
     assert callback["request_id"] == request_id
-    # The callback was published, once, by the worker that ran the last chunk.
+    # The callback was published by the worker that ran the last chunk.
     assert callback["parent_task_id"] in header_ids
-    assert len(lines_with(lines, event="task_enqueued", child_task_id=callback_id)) == 1
 
-    # Every line a chord task logged (Celery's own included) carries the request id.
+    # One line per run, by default: no task_started line, no Celery received/succeeded lines.
     task_lines = [line for line in lines if line.get("task_id") in task_ids]
-    assert {line["event"] for line in task_lines} >= {"task_started", "task_finished"}
-    assert all(line["request_id"] == request_id for line in task_lines)
-    assert any(line["logger"].startswith("celery") for line in task_lines)
+    assert [line["event"] for line in task_lines] == ["task_finished"] * len(task_ids)
+    assert not [line for line in lines if " received" in line["event"] or " succeeded in " in line["event"]]
 
 
 @pytest.mark.django_db(transaction=True)
@@ -216,9 +215,59 @@ def test_a_retried_task_logs_each_run_with_its_state_and_retry_count(json_web, j
 
     lines = task_finished_lines(json_worker, [task_id], count=2)
 
-    runs = [line for line in lines_with(lines, event="task_finished") if line["task_id"] == task_id]
+    # By retry count: the second run can finish before the first has logged its end.
+    runs = sorted(
+        (line for line in lines_with(lines, event="task_finished") if line["task_id"] == task_id),
+        key=lambda line: line["retries"],
+    )
     assert [(run["state"], run["retries"]) for run in runs] == [("RETRY", 0), ("SUCCESS", 1)]
     assert all(run["request_id"] == request_id and run["task_name"] == "app.tasks.task_with_retry" for run in runs)
+    assert "TransientError" in runs[0]["exception"]  # the retry's reason
+    assert "exception" not in runs[1]
+
+
+@pytest.fixture(scope="module")
+def every_line_worker(broker_url, django_db_setup, django_db_blocker, service_log_dir, tmp_path_factory):
+    """A worker with LOG_CELERY_TASK_LINES on (Celery's own lines for every task too), started as
+    the image starts it, on a queue of its own."""
+    hostname = f"every-line-{uuid.uuid4().hex[:8]}@localhost"
+    command = [
+        sys.executable, "-m", "project.celery_command", "--quiet", "worker",
+        "-Q", "every-line", "-c", "1", "--pool", "prefork", "-n", hostname,
+        "--without-mingle", "--without-gossip", "--purge", "-l", "info",
+    ]  # fmt: skip
+    env = subprocess_env(
+        CELERY_BROKER_URL=broker_url,
+        LOG_FORMAT="json",
+        LOG_CELERY_TASK_LINES="true",
+        CELERY_METRICS_PORT=0,
+        PROMETHEUS_MULTIPROC_BASE_DIR=tmp_path_factory.mktemp("every-line-metrics"),
+    )
+    with django_db_blocker.unblock():
+        service = Service(f"worker-{hostname.split('@')[0]}", command, env, service_log_dir)
+        try:
+            wait_for_worker(celery_app_for(broker_url), hostname, service)
+        except Exception:
+            service.stop()
+            raise
+    yield service
+    service.stop()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_with_celery_task_lines_on_every_task_also_logs_received_started_and_succeeded(every_line_worker, broker_url):
+    app = celery_app_for(broker_url)
+    with structlog.contextvars.bound_contextvars(request_id="r-1"):  # as a web request would
+        task_id = app.send_task("app.tasks.add", args=[2, 3], queue="every-line").id
+
+    lines = task_finished_lines(every_line_worker, [task_id])
+
+    mentioning = [line for line in lines if task_id in json.dumps(line)]
+    events = [line["event"] for line in mentioning]
+    assert any(event.endswith(f"[{task_id}] received") for event in events)
+    assert "task_started" in events
+    assert any(f"[{task_id}] succeeded in" in event for event in events)
+    assert all(line["request_id"] == "r-1" for line in mentioning if line.get("task_id") == task_id)
 
 
 @pytest.mark.django_db(transaction=True)

@@ -9,14 +9,19 @@ role="${1:-web}"
 
 runtime_dir="${APP_RUNTIME_DIR:-/tmp}"
 
+# Celery runs Django's system checks at every worker, beat and flower start (a tenth of a second
+# each). The migrate role runs them all once per rollout, before any of these start.
+export CELERY_SKIP_CHECKS="${CELERY_SKIP_CHECKS:-1}"
+
 case "$role" in
   web)
     exec gunicorn -c python:project.gunicorn_conf project.wsgi "$@"
     ;;
   worker)
     # Warm shutdown on SIGTERM: stop consuming, let running tasks finish. --quiet: no start-up
-    # banner, which Celery prints outside logging (it would break the JSON log stream).
-    exec celery -A project --quiet worker \
+    # banner, which Celery prints outside logging (it would break the JSON log stream). Celery's
+    # own worker command, without the `celery` group's plugins (project/celery_command.py).
+    exec python -m project.celery_command --quiet worker \
       --queues "${CELERY_WORKER_QUEUES:-default,long}" \
       --hostname "${CELERY_WORKER_NAME:-worker}@%h" \
       --without-mingle --without-gossip --task-events \
@@ -24,7 +29,7 @@ case "$role" in
     ;;
   beat)
     # The schedule lives in the database; the file only keeps beat's own state.
-    exec celery -A project --quiet beat \
+    exec python -m project.celery_command --quiet beat \
       --schedule "${CELERY_BEAT_SCHEDULE_FILE:-$runtime_dir/celerybeat-schedule}" \
       --loglevel "${CELERY_LOG_LEVEL:-INFO}" "$@"
     ;;
@@ -34,8 +39,9 @@ case "$role" in
       echo "or FLOWER_AUTH_PROVIDER with FLOWER_AUTH and FLOWER_OAUTH2_KEY/SECRET/REDIRECT_URI (OAuth)." >&2
       exit 64
     fi
-    # Flower reads its other FLOWER_* variables itself (FLOWER_URL_PREFIX, FLOWER_PORT...).
-    exec celery -A project flower --address="${FLOWER_ADDRESS:-0.0.0.0}" --port="${FLOWER_PORT:-5555}" "$@"
+    # Flower reads its other FLOWER_* variables itself (FLOWER_URL_PREFIX, FLOWER_PORT...). Its app
+    # has the project's Celery settings without Django's models (project/flower_app.py).
+    exec celery -A project.flower_app flower --address="${FLOWER_ADDRESS:-0.0.0.0}" --port="${FLOWER_PORT:-5555}" "$@"
     ;;
   migrate)
     exec python manage.py migrate_with_lock "$@"

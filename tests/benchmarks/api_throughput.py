@@ -30,7 +30,7 @@ POST_BODY = json.dumps({"operation": "add", "x": 2, "y": 3})
 
 
 def _wrk(url: str, seconds: float, script: Path | None) -> float:
-    command = ["wrk", "-t2", f"-c{CONNECTIONS}", f"-d{seconds}s", *(["-s", str(script)] if script else []), url]
+    command = ["wrk", "-t2", f"-c{CONNECTIONS}", f"-d{seconds:g}s", *(["-s", str(script)] if script else []), url]
     output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     if "Non-2xx" in output:
         raise RuntimeError(f"errors under load:\n{output}")

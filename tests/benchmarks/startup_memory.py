@@ -5,7 +5,8 @@
 - web: from spawn to the first 200 on /api/health/live (gunicorn, 2 workers);
 - idle memory: proportional set size (PSS: shared pages split between the processes sharing
   them) of each role's whole process tree, after it has settled: web (master + 2 workers),
-  worker (main + 2 pool processes), beat (with the history recorder), flower.
+  worker (main + 2 pool processes), beat (with the history recorder), flower; measured after a
+  warm-up (requests to web, a few tasks to the worker), as they idle in a cluster.
 
     python -m tests.benchmarks.startup_memory --repeats 3
 """
@@ -65,6 +66,41 @@ def web_first_200(env: dict, servers: harness.Servers) -> tuple[float, harness.P
         time.sleep(0.005)
 
 
+def _warm_up(web_env: dict, worker_env: dict) -> None:
+    """Idle after some work, as in a cluster: web requests reach both gunicorn workers (health,
+    the schema, a 404), and the worker runs a few tasks."""
+    port = int(web_env["PORT"])
+    for path in ["/api/health/live", "/api/openapi.json", "/api/task-status/none/"] * 10:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5).read()
+        except OSError:
+            pass  # the 404 answers with an HTTPError: served all the same
+    harness.fill_queue(worker_env["CELERY_BROKER_URL"], "app.tasks.add", 20, queue="default")
+    time.sleep(2)
+
+
+def _bare_django_first_200(servers: harness.Servers, database_url: str) -> tuple[float, harness.Process]:
+    port = free_port()
+    env = role_env(servers, database_url, PORT=port, WEB_METRICS_PORT=0)
+    env["DJANGO_SETTINGS_MODULE"] = "tests.benchmarks.bare_django"
+    command = [
+        "gunicorn", "-c", "python:project.gunicorn_conf", "tests.benchmarks.bare_django:application",
+        "--bind", f"127.0.0.1:{port}",
+    ]  # fmt: skip
+    process = harness.Process(command, env, servers.workdir / f"bare-django-{port}.log")
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health/live", timeout=1) as response:
+                if response.status == 200:
+                    return time.monotonic() - process.started, process
+        except OSError:
+            pass
+        if not process.alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"bare Django did not answer:\n{process.log()[-2000:]}")
+        time.sleep(0.005)
+
+
 def pss_mb(process: harness.Process) -> float:
     import psutil
 
@@ -73,7 +109,7 @@ def pss_mb(process: harness.Process) -> float:
 
 
 def measure(servers: harness.Servers, database_url: str, repeats: int) -> dict:
-    startup: dict[str, list[float]] = {"worker": [], "web": []}
+    startup: dict[str, list[float]] = {"worker": [], "web": [], "stock worker": [], "bare Django web": []}
     for _ in range(repeats):
         worker = start_role("worker", role_env(servers, database_url), servers)
         try:
@@ -83,6 +119,19 @@ def measure(servers: harness.Servers, database_url: str, repeats: int) -> dict:
         seconds, web = web_first_200(role_env(servers, database_url, PORT=free_port(), WEB_METRICS_PORT=free_port()), servers)
         web.stop()
         startup["web"].append(seconds)
+        # The baselines, side by side: stock Celery's worker (no Django) and a bare Django project
+        # under the same gunicorn settings.
+        env = {key: value for key, value in role_env(servers, database_url).items() if key != "DJANGO_SETTINGS_MODULE"}
+        stock = harness.Process(
+            harness.worker_command("tests.benchmarks.stock_app"), env, servers.workdir / "stock-start.log"
+        )
+        try:
+            startup["stock worker"].append(harness.wait_ready(stock))
+        finally:
+            stock.stop()
+        seconds, bare = _bare_django_first_200(servers, database_url)
+        bare.stop()
+        startup["bare Django web"].append(seconds)
 
     roles = {
         "web": role_env(servers, database_url, PORT=free_port(), WEB_METRICS_PORT=free_port()),
@@ -96,6 +145,8 @@ def measure(servers: harness.Servers, database_url: str, repeats: int) -> dict:
         for role, process in started.items():
             if not process.alive():
                 raise RuntimeError(f"{role} stopped:\n{process.log()[-2000:]}")
+        _warm_up(roles["web"], roles["worker"])
+        time.sleep(2)
         memory = {role: pss_mb(process) for role, process in started.items()}
     finally:
         for process in started.values():
@@ -105,11 +156,14 @@ def measure(servers: harness.Servers, database_url: str, repeats: int) -> dict:
 
 def report(result: dict, repeats: int) -> list[str]:
     startup, memory = result["startup"], result["memory"]
+    worker, stock = harness.median(startup["worker"]), harness.median(startup["stock worker"])
+    web, bare = harness.median(startup["web"]), harness.median(startup["bare Django web"])
     return [
         f"Start-up (median of {repeats}) and idle memory (PSS of each role's process tree)",
-        f"  worker, spawn to ready:   {harness.median(startup['worker']):.2f} s   runs: "
+        f"  worker, spawn to ready:   {worker:.2f} s (stock Celery's worker {stock:.2f} s: {worker / stock:.2f}x)   "
+        + "runs: "
         + ", ".join(f"{t:.2f}" for t in startup["worker"]),
-        f"  web, spawn to first 200:  {harness.median(startup['web']):.2f} s   runs: "
+        f"  web, spawn to first 200:  {web:.2f} s (a bare Django project {bare:.2f} s: {web / bare:.2f}x)   runs: "
         + ", ".join(f"{t:.2f}" for t in startup["web"]),
         "  idle PSS: " + ", ".join(f"{role} {mb:.0f} MB" for role, mb in memory.items())
         + f"; all four: {sum(memory.values()):.0f} MB",
