@@ -8,6 +8,7 @@ only, which the tests stop and start again. Exec probes run as commands with tha
 port they name.
 """
 
+import json
 import os
 import shutil
 import signal
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import redis
 
 from project.embedded import EmbeddedPostgres, EmbeddedRedis, free_port, wait_for_port
 from tests.conftest import REPO_ROOT, Service, celery_app_for, http, wait_until
@@ -267,7 +269,11 @@ def test_the_canary_ran_on_the_worker_and_is_recorded(stack):
 
     def succeeded_lines():
         lines = stack.roles["worker-long"].service.log().splitlines()
-        return [line for line in lines if "app.tasks.health_check" in line and "succeeded" in line]
+        return [
+            line
+            for line in lines
+            if '"task_finished"' in line and "app.tasks.health_check" in line and '"SUCCESS"' in line
+        ]
 
     wait_until(succeeded_lines, timeout=CANARY_INTERVAL * 5, message="a health_check canary on the long worker")
     assert time.time() - canary.stat().st_mtime < CANARY_INTERVAL * 3
@@ -402,12 +408,15 @@ def start_long_task(stack: Stack, seconds: int) -> None:
         .send_task("app.tasks.long_running_task", args=[seconds, 1.0], queue="long")
         .id
     )
-    # Canaries that queued up meanwhile may run first: wait for this very task to start.
-    wait_until(
-        lambda: any(task_id in line and "task_started" in line for line in worker.service.log().splitlines()),
-        timeout=30,
-        message=f"long task {task_id} started\n{log_tail(stack, 'worker-long')}",
-    )
+    # Canaries that queued up meanwhile may run first: wait for this very task to start (it stores
+    # STARTED in the stack's result backend, its broker's Redis).
+    results = redis.Redis.from_url(worker.env["CELERY_BROKER_URL"])
+
+    def started() -> bool:
+        raw = results.get(f"celery-task-meta-{task_id}")
+        return bool(raw) and json.loads(raw)["status"] in ("STARTED", "PROGRESS")
+
+    wait_until(started, timeout=30, message=f"long task {task_id} started\n{log_tail(stack, 'worker-long')}")
 
 
 def test_a_worker_busy_with_a_long_task_on_its_only_slot_stays_alive_and_ready(stack):
