@@ -187,10 +187,12 @@ CELERY_TASK_TRACK_STARTED = False
 # With a Redis result backend every stored state is appended to a stream, and a recorder folds
 # it into TaskLog in batches. Beat runs one; manage.py record_task_history runs another.
 TASK_HISTORY_RECORDER = env.bool("TASK_HISTORY_RECORDER", default=True)
-# Entries per batch (one database transaction), seconds a read waits for new entries, and seconds
-# after which the entries a stopped recorder had read are taken over by a live one.
+# Entries per batch (one database transaction); seconds a read waits for new entries; seconds a
+# short batch waits for more to gather (the history's lag for that saving); and seconds after
+# which the entries a stopped recorder had read are taken over by a live one.
 TASK_HISTORY_BATCH_SIZE = env.int("TASK_HISTORY_BATCH_SIZE", default=500)
 TASK_HISTORY_BLOCK_SECONDS = env.float("TASK_HISTORY_BLOCK_SECONDS", default=1.0)
+TASK_HISTORY_LINGER_SECONDS = env.float("TASK_HISTORY_LINGER_SECONDS", default=0.25)
 TASK_HISTORY_CLAIM_IDLE_SECONDS = env.float("TASK_HISTORY_CLAIM_IDLE_SECONDS", default=30.0)
 
 CELERY_ACCEPT_CONTENT = ["json"]

@@ -111,6 +111,32 @@ def fresh_database(database_url: str, name: str = "celery_bench") -> str:
     return url
 
 
+def history_rows(database_url: str) -> int:
+    """TaskLog rows in a final state."""
+    with _admin_connection(database_url) as conn:
+        (count,) = conn.execute("SELECT count(*) FROM app_tasklog WHERE state IN ('SUCCESS', 'FAILURE')").fetchone()
+    return count
+
+
+def database_done_stamps(database_url: str) -> list[datetime]:
+    """When each result the database backend stored was stored."""
+    with _admin_connection(database_url) as conn:
+        rows = conn.execute("SELECT date_done FROM django_celery_results_taskresult WHERE status = 'SUCCESS'")
+        return [done.replace(tzinfo=None) for (done,) in rows.fetchall()]
+
+
+def purge_queue(broker_url: str, queue: str = QUEUE) -> None:
+    """Empty a queue of an AMQP broker (a Redis one is emptied with its database)."""
+    from kombu import Connection
+
+    with Connection(broker_url) as conn:
+        channel = conn.default_channel
+        try:
+            channel.queue_purge(queue)
+        except conn.channel_errors:
+            pass  # not declared yet
+
+
 def truncate_history(database_url: str) -> None:
     with _admin_connection(database_url) as conn:
         conn.execute("TRUNCATE app_tasklog, django_celery_results_taskresult, django_celery_results_chordcounter")

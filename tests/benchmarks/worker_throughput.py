@@ -4,19 +4,23 @@
 - stock: Celery configured like the project (same Redis broker and Redis result backend with
   extended results, task events on, JSON, prefetch 1, acks_late), no Django, no project code;
 - unobserved: the project's worker without its Prometheus metrics and structured task logs;
-- full: the project's worker as the image runs it.
+- full: the project's worker as the image runs it (Redis broker, Redis results);
+- full, database results: the same with RESULT_BACKEND_URL=django-db;
+- with RABBITMQ_URL set, the full worker on RabbitMQ with Redis results and with database
+  results: the two choices of a RabbitMQ deployment.
 
 Every worker is prefork with concurrency 2 and consumes a queue filled beforehand; throughput is
 worker side, from the first to the last completion (stored results' date_done; bare Celery's
-"succeeded" log lines). After each full run the history
-recorder drains what the run stored (it runs in beat, not on the worker's path): its rate is the
-history writer's own capacity, and every task must then be in TaskLog. The history's lag while
-workers run at full speed is measured by the capacity model (tests/benchmarks/capacity.py).
+"succeeded" log lines). After each full run the history recorder drains what the run stored (it
+runs in beat, not on the worker's path): its rate is the history writer's own capacity, and every
+task must then be in TaskLog. The history's lag while workers run at full speed is measured by
+the capacity model (tests/benchmarks/capacity.py).
 
     python -m tests.benchmarks.worker_throughput --tasks 2000 --repeats 3
 """
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -24,79 +28,104 @@ from pathlib import Path
 
 from tests.benchmarks import harness
 
-APPS = {
-    "bare": "tests.benchmarks.bare_app",
-    "stock": "tests.benchmarks.stock_app",
-    "unobserved": "tests.benchmarks.unobserved_app",
-    "full": "project",
-}
-LABELS = {
-    "bare": "bare Celery (no results, no events)",
-    "stock": "stock Celery configured like the project",
-    "unobserved": "project worker without metrics and JSON logs",
-    "full": "project worker, full",
+
+@dataclass(frozen=True)
+class Mode:
+    label: str
+    app: str
+    broker: str = "redis"  # or "amqp"
+    results: str | None = "redis"  # "redis", "django-db" or None
+
+    @property
+    def project(self) -> bool:
+        return not self.app.startswith(("tests.benchmarks.bare_app", "tests.benchmarks.stock_app"))
+
+
+MODES = {
+    "bare": Mode("bare Celery (no results, no events)", "tests.benchmarks.bare_app", results=None),
+    "stock": Mode("stock Celery configured like the project", "tests.benchmarks.stock_app"),
+    "unobserved": Mode("project worker without metrics and JSON logs", "tests.benchmarks.unobserved_app"),
+    "full": Mode("project worker, full", "project"),
+    "full-db": Mode("project worker, database results", "project", results="django-db"),
+    "amqp-redis": Mode("project worker on RabbitMQ, Redis results", "project", broker="amqp"),
+    "amqp-db": Mode("project worker on RabbitMQ, database results", "project", broker="amqp", results="django-db"),
 }
 
 
 @dataclass
 class Throughput:
-    runs: dict[str, list[float]] = field(default_factory=lambda: {mode: [] for mode in APPS})
+    modes: list[str]
+    runs: dict[str, list[float]] = field(default_factory=dict)
     drains: list[float] = field(default_factory=list)  # tasks/s the recorder wrote to TaskLog
 
     def median(self, mode: str) -> float:
         return harness.median(self.runs[mode])
 
 
-def run_mode(mode: str, tasks: int, env: dict, workdir: Path, database_url: str, result: Throughput) -> None:
+def run_mode(name: str, tasks: int, env: dict, workdir: Path, database_url: str, result: Throughput) -> None:
     import redis
 
-    broker_url = env["CELERY_BROKER_URL"]
-    redis.Redis.from_url(broker_url).flushdb()
+    mode = MODES[name]
+    redis_url = env["CELERY_BROKER_URL"]
+    redis.Redis.from_url(redis_url).flushdb()
     harness.truncate_history(database_url)
-    name = "bench.add" if mode in ("bare", "stock") else "app.tasks.add"
-    harness.fill_queue(broker_url, name, tasks)
-    if mode in ("bare", "stock"):
+    broker_url = os.environ["RABBITMQ_URL"] if mode.broker == "amqp" else redis_url
+    env = {**env, "CELERY_BROKER_URL": broker_url}
+    if mode.project:
+        env["RESULT_BACKEND_URL"] = "django-db" if mode.results == "django-db" else redis_url
+    else:
         # Without Django in its environment Celery applies no Django fixup and runs no app code.
         env = {key: value for key, value in env.items() if key != "DJANGO_SETTINGS_MODULE"}
-    worker = harness.Process(harness.worker_command(APPS[mode]), env, workdir / f"{mode}-{time.monotonic_ns()}.log")
+    if mode.broker == "amqp":
+        harness.purge_queue(broker_url)
+    harness.fill_queue(broker_url, "app.tasks.add" if mode.project else "bench.add", tasks)
+    worker = harness.Process(harness.worker_command(mode.app), env, workdir / f"{name}-{time.monotonic_ns()}.log")
     deadline = time.monotonic() + 300
     try:
-        while _finished(mode, worker, broker_url) < tasks:
+        while _finished(mode, worker, redis_url, database_url) < tasks:
             if not worker.alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"{mode} worker stopped early:\n{worker.log()[-2000:]}")
+                raise RuntimeError(f"{name} worker stopped early:\n{worker.log()[-2000:]}")
             time.sleep(0.2)
     finally:
         worker.stop()
     # Worker-side completion times: the stored results' (bare Celery stores none: its log lines).
-    stamps = harness.succeeded_stamps(worker.log()) if mode == "bare" else harness.done_stamps(broker_url)
+    if mode.results is None:
+        stamps = harness.succeeded_stamps(worker.log())
+    elif mode.results == "django-db":
+        stamps = harness.database_done_stamps(database_url)
+    else:
+        stamps = harness.done_stamps(redis_url)
     if len(stamps) != tasks:
-        raise RuntimeError(f"{mode}: {len(stamps)} completion times for {tasks} tasks")
-    result.runs[mode].append(harness.rate_between_first_and_last(stamps))
-    if mode == "full":
+        raise RuntimeError(f"{name}: {len(stamps)} completion times for {tasks} tasks")
+    result.runs.setdefault(name, []).append(harness.rate_between_first_and_last(stamps))
+    if name == "full":
         result.drains.append(_drain_history(env, workdir, database_url, tasks))
+    elif mode.results == "django-db" and harness.history_rows(database_url) != tasks:
+        raise RuntimeError(f"{name}: the database backend did not write every task to TaskLog")
 
 
-def _finished(mode: str, worker: harness.Process, broker_url: str) -> int:
-    """Tasks done so far: Celery's log lines (bare, stock), else the states stored in the history
-    stream (one per trivial task; the project's workers log no per-task line without JSON logs)."""
-    if mode in ("bare", "stock"):
+def _finished(mode: Mode, worker: harness.Process, redis_url: str, database_url: str) -> int:
+    """Tasks done so far: Celery's log lines (bare, stock), else the stored states: the history
+    stream's entries (one per trivial task) or the database's rows."""
+    if not mode.project:
         return harness.finished_count(worker.log())
+    if mode.results == "django-db":
+        return harness.history_rows(database_url)
     import redis
 
     from app.result_backend import HISTORY_STREAM
 
-    return redis.Redis.from_url(broker_url).xlen(HISTORY_STREAM)
+    return redis.Redis.from_url(redis_url).xlen(HISTORY_STREAM)
 
 
 def _drain_history(env: dict, workdir: Path, database_url: str, tasks: int) -> float:
     """The recorder started on the full run's backlog: tasks written to TaskLog per second, once
     every one of them is there (the completeness check)."""
-    import psycopg
     import redis
 
     from app.result_backend import HISTORY_STREAM
 
-    client = redis.Redis.from_url(env["CELERY_BROKER_URL"])
+    client = redis.Redis.from_url(env["RESULT_BACKEND_URL"])
     recorder = harness.Process(
         [sys.executable, "manage.py", "record_task_history"], env, workdir / f"recorder-{time.monotonic_ns()}.log"
     )
@@ -114,39 +143,50 @@ def _drain_history(env: dict, workdir: Path, database_url: str, tasks: int) -> f
         seconds = time.monotonic() - started
     finally:
         recorder.stop()
-    with psycopg.connect(database_url.replace("postgres://", "postgresql://", 1)) as conn:
-        (recorded,) = conn.execute("SELECT count(*) FROM app_tasklog WHERE state = 'SUCCESS'").fetchone()
+    recorded = harness.history_rows(database_url)
     if recorded != tasks:
         raise RuntimeError(f"the history holds {recorded} of {tasks} finished tasks")
     return tasks / seconds
 
 
+def modes_here() -> list[str]:
+    """Every mode; the RabbitMQ ones only where RABBITMQ_URL names a broker."""
+    return [name for name, mode in MODES.items() if mode.broker != "amqp" or os.environ.get("RABBITMQ_URL")]
+
+
 def measure(servers: harness.Servers, database_url: str, tasks: int, repeats: int) -> Throughput:
     env = harness.base_env(database_url, servers.redis(12), servers.workdir)
-    result = Throughput()
+    result = Throughput(modes=modes_here())
     for _ in range(repeats):
-        for mode in APPS:
-            run_mode(mode, tasks, env, servers.workdir, database_url, result)
+        for name in result.modes:
+            run_mode(name, tasks, env, servers.workdir, database_url, result)
     return result
 
 
 def report(result: Throughput, tasks: int, repeats: int) -> list[str]:
     bare, stock = result.median("bare"), result.median("stock")
     lines = [
-        f"Worker throughput: {tasks} trivial tasks, prefork concurrency 2, Redis broker; median of {repeats}",
+        f"Worker throughput: {tasks} trivial tasks, prefork concurrency 2; median of {repeats}",
         f"  {'setup':<52} {'tasks/s':>8} {'vs stock':>9} {'vs bare':>8}   runs",
     ]
-    for mode, label in LABELS.items():
-        median = result.median(mode)
-        runs = ", ".join(f"{r:.0f}" for r in result.runs[mode])
-        lines.append(f"  {label:<52} {median:>8.0f} {median / stock:>9.2f} {median / bare:>8.2f}   {runs}")
+    for name in result.modes:
+        median = result.median(name)
+        runs = ", ".join(f"{r:.0f}" for r in result.runs[name])
+        lines.append(f"  {MODES[name].label:<52} {median:>8.0f} {median / stock:>9.2f} {median / bare:>8.2f}   {runs}")
     full, unobserved = result.median("full"), result.median("unobserved")
     lines.append(f"  full vs the same worker without metrics and JSON logs: {full / unobserved:.2f}x")
-    if result.drains:
+    lines.append(f"  database results vs Redis results, same worker: {result.median('full-db') / full:.2f}x")
+    if "amqp-db" in result.runs:
         lines.append(
-            f"  history recorder, draining each full run's {tasks} states: {harness.median(result.drains):.0f} "
-            f"tasks/s into TaskLog (runs: {', '.join(f'{d:.0f}' for d in result.drains)}); every task recorded"
+            "  on RabbitMQ, database results vs Redis results: "
+            f"{result.median('amqp-db') / result.median('amqp-redis'):.2f}x"
         )
+    else:
+        lines.append("  (RabbitMQ modes skipped: no RABBITMQ_URL)")
+    lines.append(
+        f"  history recorder, draining each full run's {tasks} states: {harness.median(result.drains):.0f} "
+        f"tasks/s into TaskLog (runs: {', '.join(f'{d:.0f}' for d in result.drains)}); every task recorded"
+    )
     return lines
 
 

@@ -542,3 +542,21 @@ def test_log_format_and_sentry_reach_every_pod_through_config_and_secret(minimal
 def test_the_schema_refuses_a_bad_log_format_or_sentry_value(minimal_values, overrides):
     with pytest.raises(Exception, match="schema"):
         render_chart(deep_merge(minimal_values, overrides))
+
+
+def test_the_result_backend_url_reaches_the_secret_only_when_set(minimal_values):
+    import base64
+
+    def result_backends(docs) -> set:
+        return {
+            base64.b64decode(doc["data"]["RESULT_BACKEND_URL"]).decode()
+            for doc in of_kind(docs, "Secret")
+            if "RESULT_BACKEND_URL" in doc["data"]
+        }
+
+    url = "rediss://:secret@results.example:6380/0?ssl_cert_reqs=required"
+    assert result_backends(render_chart(deep_merge(minimal_values, {"secrets": {"resultBackendUrl": url}}))) == {url}
+    # Unset: the app derives it (the broker's Redis; the database beside RabbitMQ).
+    assert result_backends(render_chart(minimal_values)) == set()
+    with pytest.raises(Exception, match="schema"):
+        render_chart(deep_merge(minimal_values, {"secrets": {"resultBackendUrl": "memcached://x"}}))
