@@ -176,7 +176,9 @@ class TaskLogAdmin(ReadOnlyAdmin):
             )
             return
         level = messages.SUCCESS if sent else messages.WARNING
-        self.message_user(request, f"Re-sent {len(sent)} failed task(s); skipped {skipped} not in state FAILURE.", level)
+        self.message_user(
+            request, f"Re-sent {len(sent)} failed task(s); skipped {skipped} not in state FAILURE.", level
+        )
 
     @admin.action(description="Revoke selected running tasks", permissions=["control"])
     def revoke_running(self, request, queryset):

@@ -66,7 +66,9 @@ def broker_unavailable(request, exc):
 def result_backend_unavailable(request, exc):
     logger.warning("result backend unavailable: %s", exc)
     return api.create_response(
-        request, {"detail": "The result backend is unavailable; task states cannot be read now. Retry later."}, status=503
+        request,
+        {"detail": "The result backend is unavailable; task states cannot be read now. Retry later."},
+        status=503,
     )
 
 

@@ -214,7 +214,6 @@ class HistoryRecorder:
         except Exception:
             logger.exception("Metrics update failed in the history recorder")
 
-
     def _report_backlog(self) -> None:
         """celery_task_history_backlog, at most once a second."""
         now = time.monotonic()

@@ -223,7 +223,9 @@ def main() -> int:
     )
     manager.add_process(
         "flower",
-        command(python, "-m", "celery", "-A", "project.flower_app", "flower", "--address=127.0.0.1", f"--port={flower_port}"),
+        command(
+            python, "-m", "celery", "-A", "project.flower_app", "flower", "--address=127.0.0.1", f"--port={flower_port}"
+        ),
         cwd=BASE_DIR,
     )
 

@@ -11,4 +11,4 @@ application = get_wsgi_application()
 # The URLconf (the admin, the API and its schemas) now rather than at each worker's first
 # request: gunicorn imports this module once in the master (preload_app), and the workers it
 # forks share those pages and answer their first request without importing anything.
-get_resolver().url_patterns
+get_resolver().resolve("/api/health/live")

@@ -20,6 +20,7 @@ def history_length() -> int:
     """Entries in the suite's history stream: each id recorded as queued appends one."""
     return celery_app.backend.client.xlen(HISTORY_STREAM)
 
+
 ENQUEUE_CASES = [
     ("/api/simple-task/", {"operation": "multiply", "x": 6, "y": 7}, ["app.tasks.multiply"]),
     ("/api/chain-tasks/", {"value": 3}, [f"app.tasks.workflow_step_{n}" for n in (1, 2, 3)]),

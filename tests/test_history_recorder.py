@@ -52,7 +52,9 @@ def recorder(backend, **settings) -> HistoryRecorder:
 
 
 def store_success(backend, task_id: str, result=3) -> None:
-    backend.store_result(task_id, result, states.SUCCESS, request=Context(id=task_id, task="app.tasks.add", args=[1, 2]))
+    backend.store_result(
+        task_id, result, states.SUCCESS, request=Context(id=task_id, task="app.tasks.add", args=[1, 2])
+    )
 
 
 def test_a_batch_is_written_then_acknowledged_and_deleted_from_the_stream(backend):
@@ -137,7 +139,9 @@ def kill_while_holding_a_batch(service: Service, client, consumer: str) -> None:
     """SIGKILL the recorder at a moment it has read entries and not acknowledged them."""
 
     def holding() -> bool:
-        return any(c["name"].decode() == consumer and c["pending"] for c in client.xinfo_consumers(HISTORY_STREAM, GROUP))
+        return any(
+            c["name"].decode() == consumer and c["pending"] for c in client.xinfo_consumers(HISTORY_STREAM, GROUP)
+        )
 
     wait_until(holding, timeout=60, interval=0.002, message=f"recorder {consumer} holding a batch")
     os.killpg(service.process.pid, signal.SIGKILL)
@@ -161,7 +165,8 @@ def test_killing_the_recorder_mid_stream_loses_and_doubles_nothing(redis_url, se
         with app.producer_or_acquire() as producer:
             adds = [app.send_task("app.tasks.add", args=[i, 1], producer=producer).id for i in range(1200)]
             failing = [
-                app.send_task("app.tasks.aggregate_results", args=[[{"bad": i}]], producer=producer).id for i in range(60)
+                app.send_task("app.tasks.aggregate_results", args=[[{"bad": i}]], producer=producer).id
+                for i in range(60)
             ]
             retried = [
                 app.send_task(

@@ -51,7 +51,9 @@ def history(backend) -> list[dict]:
 
 
 def test_a_stored_state_is_the_result_key_and_one_history_entry_alike(backend):
-    run = request(**{SENT_AT_HEADER: time.time() - 1, RUN_STARTED_WALL: time.time(), RUN_STARTED_AT: time.perf_counter()})
+    run = request(
+        **{SENT_AT_HEADER: time.time() - 1, RUN_STARTED_WALL: time.time(), RUN_STARTED_AT: time.perf_counter()}
+    )
 
     backend.store_result("t1", 3, states.SUCCESS, request=run)
 
@@ -154,7 +156,12 @@ def test_the_database_backend_keeps_one_row_per_task_and_its_history_in_the_same
     assert row.date_done >= started_at
     assert backend.get_task_meta("db-1")["result"] == {"answer": 42}
     log = TaskLog.objects.get(task_id="db-1")
-    assert (log.state, log.result, log.worker, log.duration is not None) == (TaskState.SUCCESS, {"answer": 42}, "w1@host", True)
+    assert (log.state, log.result, log.worker, log.duration is not None) == (
+        TaskState.SUCCESS,
+        {"answer": 42},
+        "w1@host",
+        True,
+    )
 
 
 @pytest.mark.django_db
@@ -200,7 +207,10 @@ def backend_for(**env) -> subprocess.CompletedProcess:
         ({"CELERY_BROKER_URL": "redis://cache:6379/2"}, "RedisStateBackend+redis://cache:6379/2"),
         ({"CELERY_BROKER_URL": "amqp://guest@mq//"}, "UpsertDatabaseBackend"),
         (
-            {"CELERY_BROKER_URL": "amqp://guest@mq//", "RESULT_BACKEND_URL": "rediss://results:6380/0?ssl_cert_reqs=required"},
+            {
+                "CELERY_BROKER_URL": "amqp://guest@mq//",
+                "RESULT_BACKEND_URL": "rediss://results:6380/0?ssl_cert_reqs=required",
+            },
             "RedisStateBackend+rediss://results:6380/0?ssl_cert_reqs=required",
         ),
         ({"CELERY_BROKER_URL": "redis://cache:6379/2", "RESULT_BACKEND_URL": "django-db"}, "UpsertDatabaseBackend"),

@@ -51,8 +51,18 @@ def test_a_task_is_one_row_from_queued_to_success():
     )
 
     log = TaskLog.objects.get(task_id="t1")
-    assert (log.state, log.result, log.worker, log.queue, log.args) == (TaskState.SUCCESS, 3, "w1@host", "default", [1, 2])
-    assert (log.created_at, log.started_at, log.finished_at) == (T0, T0 + dt.timedelta(seconds=1), T0 + dt.timedelta(seconds=1.5))
+    assert (log.state, log.result, log.worker, log.queue, log.args) == (
+        TaskState.SUCCESS,
+        3,
+        "w1@host",
+        "default",
+        [1, 2],
+    )
+    assert (log.created_at, log.started_at, log.finished_at) == (
+        T0,
+        T0 + dt.timedelta(seconds=1),
+        T0 + dt.timedelta(seconds=1.5),
+    )
     assert log.duration == dt.timedelta(seconds=0.5)
     assert (log.version, log.recorded_at is not None) == (3, True)
 
@@ -137,7 +147,11 @@ def test_revoked_before_it_ever_ran_is_a_row():
     task_history.apply([Entry(meta("t8", "REVOKED", result=revoked, date_done=iso(1)), position=60)])
 
     log = TaskLog.objects.get(task_id="t8")
-    assert (log.state, log.task_name, log.exception) == (TaskState.REVOKED, "app.tasks.add", "TaskRevokedError: revoked")
+    assert (log.state, log.task_name, log.exception) == (
+        TaskState.REVOKED,
+        "app.tasks.add",
+        "TaskRevokedError: revoked",
+    )
 
 
 def test_huge_results_are_summarised_and_long_tracebacks_trimmed():
@@ -145,7 +159,12 @@ def test_huge_results_are_summarised_and_long_tracebacks_trimmed():
         [
             Entry(meta("t9", "SUCCESS", result="x" * 100_000, date_done=iso(1)), position=70),
             Entry(
-                meta("t10", "FAILURE", result={"exc_type": "ValueError", "exc_message": ["v"]}, traceback="y" * 50_000 + "END"),
+                meta(
+                    "t10",
+                    "FAILURE",
+                    result={"exc_type": "ValueError", "exc_message": ["v"]},
+                    traceback="y" * 50_000 + "END",
+                ),
                 position=71,
             ),
         ]

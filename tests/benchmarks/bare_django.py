@@ -10,7 +10,7 @@ import os
 from django.http import JsonResponse
 from django.urls import path
 
-SECRET_KEY = "bench"  # noqa: S105 - a benchmark's throwaway
+SECRET_KEY = "bench"
 DEBUG = False
 ALLOWED_HOSTS = ["127.0.0.1", "localhost"]
 ROOT_URLCONF = __name__

@@ -115,8 +115,7 @@ def report(scales: list[Scale]) -> list[str]:
     names = ["workers", *SHARED]
     lines = [
         f"Capacity: the full worker at 1-8 pool processes, {scales[0].tasks} trivial tasks each; this machine: 2 cores",
-        f"  {'pool processes':>14} {'tasks/s':>8} {'history p99':>12}   CPU ms per task: "
-        + ", ".join(names),
+        f"  {'pool processes':>14} {'tasks/s':>8} {'history p99':>12}   CPU ms per task: " + ", ".join(names),
     ]
     for s in scales:
         cpu = "  ".join(f"{s.cpu_ms_per_task[name]:6.3f}" for name in names)

@@ -57,7 +57,9 @@ def run_once(kind: str, size: int, env: dict, workdir) -> float:
     )
     ids = json.loads(published.stdout.strip().splitlines()[-1])
     waited_for = [ids["last"]] if ids["last"] else ids["parts"]
-    worker = harness.Process(harness.worker_command("project"), env, workdir / f"chord-{kind}-{time.monotonic_ns()}.log")
+    worker = harness.Process(
+        harness.worker_command("project"), env, workdir / f"chord-{kind}-{time.monotonic_ns()}.log"
+    )
     try:
         deadline = time.monotonic() + 300
         while not all((meta := _meta(client, task_id)) and meta["status"] == "SUCCESS" for task_id in waited_for):

@@ -62,6 +62,7 @@ def setup_django() -> None:
     django.setup()
     logging.disable(logging.INFO)  # no line per task this process publishes
 
+
 @contextmanager
 def servers():
     from project.embedded import EmbeddedPostgres, EmbeddedRedis
@@ -254,7 +255,12 @@ def cpu_seconds(pids: list[int]) -> float:
             process = psutil.Process(pid)
             for member in [process, *process.children(recursive=True)]:
                 times = member.cpu_times()
-                total += times.user + times.system + getattr(times, "children_user", 0) + getattr(times, "children_system", 0)
+                total += (
+                    times.user
+                    + times.system
+                    + getattr(times, "children_user", 0)
+                    + getattr(times, "children_system", 0)
+                )
         except psutil.NoSuchProcess:
             continue
     return total

@@ -116,7 +116,9 @@ def measure(servers: harness.Servers, database_url: str, repeats: int) -> dict:
             startup["worker"].append(harness.wait_ready(worker))
         finally:
             worker.stop()
-        seconds, web = web_first_200(role_env(servers, database_url, PORT=free_port(), WEB_METRICS_PORT=free_port()), servers)
+        seconds, web = web_first_200(
+            role_env(servers, database_url, PORT=free_port(), WEB_METRICS_PORT=free_port()), servers
+        )
         web.stop()
         startup["web"].append(seconds)
         # The baselines, side by side: stock Celery's worker (no Django) and a bare Django project
@@ -165,7 +167,8 @@ def report(result: dict, repeats: int) -> list[str]:
         + ", ".join(f"{t:.2f}" for t in startup["worker"]),
         f"  web, spawn to first 200:  {web:.2f} s (a bare Django project {bare:.2f} s: {web / bare:.2f}x)   runs: "
         + ", ".join(f"{t:.2f}" for t in startup["web"]),
-        "  idle PSS: " + ", ".join(f"{role} {mb:.0f} MB" for role, mb in memory.items())
+        "  idle PSS: "
+        + ", ".join(f"{role} {mb:.0f} MB" for role, mb in memory.items())
         + f"; all four: {sum(memory.values()):.0f} MB",
     ]
 
