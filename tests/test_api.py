@@ -306,3 +306,51 @@ def test_unreachable_broker_is_a_fast_503_and_queues_nothing(start_web, api_toke
     status, content = http("GET", base + "/api/health/")
     assert status == 503
     assert json.loads(content)["checks"]["broker"]["healthy"] is False
+
+
+def test_an_enqueue_makes_no_database_query(api, django_assert_num_queries):
+    api.post("/api/simple-task/", {"x": 1, "y": 2})  # this process loads the active tokens once
+
+    # The token from this process's copy (checked against the cache's generation), the task to
+    # the broker, its id to the result backend: the database is not on the path.
+    with django_assert_num_queries(0):
+        assert api.post("/api/simple-task/", {"x": 1, "y": 2}).status_code == 202
+
+
+@pytest.mark.integration
+@pytest.mark.django_db(transaction=True)
+def test_a_disabled_or_deleted_token_is_refused_by_every_web_process_on_the_next_request(service_log_dir):
+    import sys
+
+    from app import services
+    from project.embedded import free_port, wait_for_port
+    from tests.conftest import Service, subprocess_env
+
+    port = free_port()
+    command = [sys.executable, "-m", "gunicorn", "-c", "python:project.gunicorn_conf", "project.wsgi"]
+    env = subprocess_env(PORT=port, WEB_METRICS_PORT=0, WEB_CONCURRENCY=2, GUNICORN_WORKER_TMP_DIR="/tmp")
+    web = Service(f"web-tokens-{port}", command, env, service_log_dir)
+    token, secret = services.create_api_token(name="rotating")
+
+    def statuses() -> set[int]:
+        # New connections, spread over both gunicorn workers.
+        body, headers = json.dumps({"x": 1, "y": 2}).encode(), {"Authorization": f"Bearer {secret}"}
+        headers["Content-Type"] = "application/json"
+        return {http("POST", f"http://127.0.0.1:{port}/api/simple-task/", body, headers)[0] for _ in range(8)}
+
+    try:
+        wait_for_port(port, timeout=30, process=web.process)
+        assert statuses() == {202}
+
+        token.is_active = False  # as the admin saves it
+        token.save()
+        assert statuses() == {401}
+
+        token.is_active = True
+        token.save()
+        assert statuses() == {202}
+
+        token.delete()
+        assert statuses() == {401}
+    finally:
+        web.stop()
