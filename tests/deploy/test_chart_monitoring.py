@@ -49,6 +49,7 @@ ALERTS = {
     "CeleryQueueBacklogGrowing",
     "CeleryTaskRuntimeP95High",
     "CeleryBeatNotTicking",
+    "CeleryTaskHistoryBehind",
     "CeleryHealthCheckCanaryFailing",
     "WebHighErrorRate",
     "WebHighLatencyP95",
@@ -269,6 +270,7 @@ def test_without_beat_and_flower_their_monitors_and_beat_alerts_are_not_rendered
         "CeleryWorkerDown",
         "CeleryQueueBacklogGrowing",
         "CeleryBeatNotTicking",
+        "CeleryTaskHistoryBehind",
         "CeleryHealthCheckCanaryFailing",
     }
 
