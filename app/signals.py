@@ -8,6 +8,7 @@ path. Metrics handlers log their errors and never fail a task or a publish.
 
 import datetime as dt
 import functools
+import gc
 import logging
 import time
 
@@ -88,6 +89,14 @@ def _eta_timestamp(eta) -> float | None:
     if eta.tzinfo is None:
         eta = eta.replace(tzinfo=dt.UTC)
     return eta.timestamp()
+
+
+@signals.worker_init.connect
+def freeze_before_the_pool_forks(**_):
+    """Worker main process, Django and the tasks imported, the pool not yet forked: every object
+    so far moves to a permanent generation, so the pool processes' garbage collections never write
+    to (and so copy) the pages they share with it."""
+    gc.freeze()
 
 
 @signals.celeryd_init.connect

@@ -4,6 +4,7 @@ Used as `gunicorn -c python:project.gunicorn_conf project.wsgi` (see deploy/imag
 https://docs.gunicorn.org/en/stable/settings.html
 """
 
+import gc
 import os
 import tempfile
 from pathlib import Path
@@ -79,6 +80,12 @@ preload_app = True
 
 def on_starting(server):
     server.log.info("Web metrics: multiprocess directory %s", WEB_METRICS_DIR)
+
+
+def pre_fork(server, worker):
+    """Master, before each worker is forked: the preloaded app's objects move to a permanent
+    generation, so the workers' garbage collections never write to (and so copy) those pages."""
+    gc.freeze()
 
 
 def post_fork(server, worker):
