@@ -145,10 +145,14 @@ def plot(scales: list[Scale], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure, axes = pyplot.subplots(figsize=(10, 4.6), dpi=100)
     xs = [s.processes for s in scales]
-    axes.plot(xs, [s.rate for s in scales], marker="o", linewidth=2, color="C0", label="measured on this 2-core machine")
+    axes.plot(
+        xs, [s.rate for s in scales], marker="o", linewidth=2, color="C0", label="measured on this 2-core machine"
+    )
     axes.plot(xs, [scales[0].rate * x for x in xs], linestyle=":", color="grey", label="linear in pool processes")
     total_ms = harness.median([sum(s.cpu_ms_per_task.values()) for s in scales])
-    axes.axhline(2000 / total_ms, color="black", linewidth=1, label=f"this machine's 2 cores full ({2000 / total_ms:,.0f}/s)")
+    axes.axhline(
+        2000 / total_ms, color="black", linewidth=1, label=f"this machine's 2 cores full ({2000 / total_ms:,.0f}/s)"
+    )
     styles = ("--", "-.", ":", (0, (5, 1)))
     for index, (name, rate) in enumerate(sorted(ceilings(scales).items(), key=lambda kv: kv[1])):
         label = f"{name}: one core full ({rate:,.0f}/s)"
