@@ -180,8 +180,9 @@ CELERY_CACHE_BACKEND = "django-cache"
 CELERY_RESULT_EXTENDED = True
 CELERY_RESULT_EXPIRES = env.int("CELERY_RESULT_EXPIRES", default=86400)
 # No STARTED state for short tasks: measured, storing it costs a short task a second backend
-# write. Tasks that run for seconds (the long queue's) ask for it themselves (track_started).
-CELERY_TASK_TRACK_STARTED = False
+# write and a tenth of a worker's throughput (README). Tasks that run for seconds (the long
+# queue's) ask for it themselves (track_started); true stores it for every task.
+CELERY_TASK_TRACK_STARTED = env.bool("CELERY_TASK_TRACK_STARTED", default=False)
 
 # --- Task history (app/task_history.py, app/history_recorder.py) ------------------------------
 # With a Redis result backend every stored state is appended to a stream, and a recorder folds

@@ -5,6 +5,8 @@
   extended results, task events on, JSON, prefetch 1, acks_late), no Django, no project code;
 - unobserved: the project's worker without its Prometheus metrics and structured task logs;
 - full: the project's worker as the image runs it (Redis broker, Redis results);
+- full, STARTED stored for every task (CELERY_TASK_TRACK_STARTED=true; by default only the long
+  queue's tasks store it);
 - full, database results: the same with RESULT_BACKEND_URL=django-db;
 - with RABBITMQ_URL set, the full worker on RabbitMQ with Redis results and with database
   results: the two choices of a RabbitMQ deployment.
@@ -35,6 +37,7 @@ class Mode:
     app: str
     broker: str = "redis"  # or "amqp"
     results: str | None = "redis"  # "redis", "django-db" or None
+    env: tuple = ()  # more settings, (name, value) pairs
 
     @property
     def project(self) -> bool:
@@ -46,6 +49,9 @@ MODES = {
     "stock": Mode("stock Celery configured like the project", "tests.benchmarks.stock_app"),
     "unobserved": Mode("project worker without metrics and JSON logs", "tests.benchmarks.unobserved_app"),
     "full": Mode("project worker, full", "project"),
+    "full-started": Mode(
+        "project worker, STARTED stored for every task", "project", env=(("CELERY_TASK_TRACK_STARTED", "true"),)
+    ),
     "full-db": Mode("project worker, database results", "project", results="django-db"),
     "amqp-redis": Mode("project worker on RabbitMQ, Redis results", "project", broker="amqp"),
     "amqp-db": Mode("project worker on RabbitMQ, database results", "project", broker="amqp", results="django-db"),
@@ -70,7 +76,7 @@ def run_mode(name: str, tasks: int, env: dict, workdir: Path, database_url: str,
     redis.Redis.from_url(redis_url).flushdb()
     harness.truncate_history(database_url)
     broker_url = os.environ["RABBITMQ_URL"] if mode.broker == "amqp" else redis_url
-    env = {**env, "CELERY_BROKER_URL": broker_url}
+    env = {**env, "CELERY_BROKER_URL": broker_url, **dict(mode.env)}
     if mode.project:
         env["RESULT_BACKEND_URL"] = "django-db" if mode.results == "django-db" else redis_url
     else:
@@ -115,7 +121,9 @@ def _finished(mode: Mode, worker: harness.Process, redis_url: str, database_url:
 
     from app.result_backend import HISTORY_STREAM
 
-    return redis.Redis.from_url(redis_url).xlen(HISTORY_STREAM)
+    # With STARTED stored too, two entries per task.
+    per_task = 2 if dict(mode.env).get("CELERY_TASK_TRACK_STARTED") == "true" else 1
+    return redis.Redis.from_url(redis_url).xlen(HISTORY_STREAM) // per_task
 
 
 def _drain_history(env: dict, workdir: Path, database_url: str, tasks: int) -> float:
@@ -175,6 +183,7 @@ def report(result: Throughput, tasks: int, repeats: int) -> list[str]:
         lines.append(f"  {MODES[name].label:<52} {median:>8.0f} {median / stock:>9.2f} {median / bare:>8.2f}   {runs}")
     full, unobserved = result.median("full"), result.median("unobserved")
     lines.append(f"  full vs the same worker without metrics and JSON logs: {full / unobserved:.2f}x")
+    lines.append(f"  STARTED stored for every task vs not (the default): {result.median('full-started') / full:.2f}x")
     lines.append(f"  database results vs Redis results, same worker: {result.median('full-db') / full:.2f}x")
     if "amqp-db" in result.runs:
         lines.append(
