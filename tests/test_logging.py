@@ -45,29 +45,42 @@ def broker_url() -> str:
     return f"{os.environ['REDIS_URL'].rstrip('/')}/{LOGGING_BROKER_DB}"
 
 
-@pytest.fixture(scope="module")
-def json_worker(broker_url, django_db_setup, django_db_blocker, service_log_dir, tmp_path_factory):
-    """A real prefork worker logging JSON. --quiet: no start-up banner, which Celery prints
-    rather than logs, so every line of its output is a log line."""
-    hostname = f"logs-{uuid.uuid4().hex[:8]}@localhost"
+def start_json_worker(broker_url, log_dir, metrics_dir, *, name: str, queues: str, concurrency: int, **env) -> Service:
+    """A real prefork worker logging JSON, started as the image starts it. --quiet: no start-up
+    banner, which Celery prints rather than logs, so every line of its output is a log line."""
+    hostname = f"{name}-{uuid.uuid4().hex[:8]}@localhost"
     command = [
-        sys.executable, "-m", "celery", "-A", "project", "--quiet", "worker",
-        "-Q", "default,long", "-c", "2", "--pool", "prefork", "-n", hostname,
+        sys.executable, "-m", "project.celery_command", "--quiet", "worker",
+        "-Q", queues, "-c", str(concurrency), "--pool", "prefork", "-n", hostname,
         "--without-mingle", "--without-gossip", "--purge", "-l", "info",
     ]  # fmt: skip
     env = subprocess_env(
         CELERY_BROKER_URL=broker_url,
         LOG_FORMAT="json",
         CELERY_METRICS_PORT=0,
-        PROMETHEUS_MULTIPROC_BASE_DIR=tmp_path_factory.mktemp("worker-metrics"),
+        PROMETHEUS_MULTIPROC_BASE_DIR=metrics_dir,
+        **env,
     )
+    service = Service(f"worker-{hostname.split('@')[0]}", command, env, log_dir)
+    try:
+        wait_for_worker(celery_app_for(broker_url), hostname, service)
+    except Exception:
+        service.stop()
+        raise
+    return service
+
+
+@pytest.fixture(scope="module")
+def json_worker(broker_url, django_db_setup, django_db_blocker, service_log_dir, tmp_path_factory):
     with django_db_blocker.unblock():
-        service = Service(f"worker-{hostname.split('@')[0]}", command, env, service_log_dir)
-        try:
-            wait_for_worker(celery_app_for(broker_url), hostname, service)
-        except Exception:
-            service.stop()
-            raise
+        service = start_json_worker(
+            broker_url,
+            service_log_dir,
+            tmp_path_factory.mktemp("worker-metrics"),
+            name="logs",
+            queues="default,long",
+            concurrency=2,
+        )
     yield service
     service.stop()
 
@@ -228,28 +241,18 @@ def test_a_retried_task_logs_each_run_with_its_state_and_retry_count(json_web, j
 
 @pytest.fixture(scope="module")
 def every_line_worker(broker_url, django_db_setup, django_db_blocker, service_log_dir, tmp_path_factory):
-    """A worker with LOG_CELERY_TASK_LINES on (Celery's own lines for every task too), started as
-    the image starts it, on a queue of its own."""
-    hostname = f"every-line-{uuid.uuid4().hex[:8]}@localhost"
-    command = [
-        sys.executable, "-m", "project.celery_command", "--quiet", "worker",
-        "-Q", "every-line", "-c", "1", "--pool", "prefork", "-n", hostname,
-        "--without-mingle", "--without-gossip", "--purge", "-l", "info",
-    ]  # fmt: skip
-    env = subprocess_env(
-        CELERY_BROKER_URL=broker_url,
-        LOG_FORMAT="json",
-        LOG_CELERY_TASK_LINES="true",
-        CELERY_METRICS_PORT=0,
-        PROMETHEUS_MULTIPROC_BASE_DIR=tmp_path_factory.mktemp("every-line-metrics"),
-    )
+    """A worker with LOG_CELERY_TASK_LINES on (Celery's own lines for every task too), on a queue
+    of its own."""
     with django_db_blocker.unblock():
-        service = Service(f"worker-{hostname.split('@')[0]}", command, env, service_log_dir)
-        try:
-            wait_for_worker(celery_app_for(broker_url), hostname, service)
-        except Exception:
-            service.stop()
-            raise
+        service = start_json_worker(
+            broker_url,
+            service_log_dir,
+            tmp_path_factory.mktemp("every-line-metrics"),
+            name="every-line",
+            queues="every-line",
+            concurrency=1,
+            LOG_CELERY_TASK_LINES="true",
+        )
     yield service
     service.stop()
 

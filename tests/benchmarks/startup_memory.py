@@ -51,18 +51,22 @@ def start_role(role: str, env: dict, servers: harness.Servers) -> harness.Proces
 
 
 def web_first_200(env: dict, servers: harness.Servers) -> tuple[float, harness.Process]:
-    port = int(env["PORT"])
     web = start_role("web", env, servers)
+    return _first_200(web, int(env["PORT"])), web
+
+
+def _first_200(process: harness.Process, port: int) -> float:
+    """Seconds from the process's start to its first 200 on /api/health/live."""
     deadline = time.monotonic() + 60
     while True:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health/live", timeout=1) as response:
                 if response.status == 200:
-                    return time.monotonic() - web.started, web
+                    return time.monotonic() - process.started
         except OSError:
             pass
-        if not web.alive() or time.monotonic() > deadline:
-            raise RuntimeError(f"web did not answer:\n{web.log()[-2000:]}")
+        if not process.alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"no answer on port {port}:\n{process.log()[-2000:]}")
         time.sleep(0.005)
 
 
@@ -88,17 +92,7 @@ def _bare_django_first_200(servers: harness.Servers, database_url: str) -> tuple
         "--bind", f"127.0.0.1:{port}",
     ]  # fmt: skip
     process = harness.Process(command, env, servers.workdir / f"bare-django-{port}.log")
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health/live", timeout=1) as response:
-                if response.status == 200:
-                    return time.monotonic() - process.started, process
-        except OSError:
-            pass
-        if not process.alive() or time.monotonic() > deadline:
-            raise RuntimeError(f"bare Django did not answer:\n{process.log()[-2000:]}")
-        time.sleep(0.005)
+    return _first_200(process, port), process
 
 
 def pss_mb(process: harness.Process) -> float:
