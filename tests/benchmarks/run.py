@@ -22,7 +22,7 @@ def main() -> None:
     args = parser.parse_args()
     # Five rounds of every throughput mode, interleaved: a burst of noise on this shared machine
     # then moves one round of each, not a median.
-    tasks, repeats = (400, 1) if args.quick else (2000, 5)
+    tasks, repeats = (400, 1) if args.quick else (3000, 5)
 
     lines = [f"make bench, {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, {platform.node()}, {_cores()} cores", ""]
     with harness.servers() as servers:

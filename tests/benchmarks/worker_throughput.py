@@ -62,10 +62,19 @@ MODES = {
 class Throughput:
     modes: list[str]
     runs: dict[str, list[float]] = field(default_factory=dict)
+    cpu_ms: dict[str, list[float]] = field(default_factory=dict)  # the worker's CPU per task
     drains: list[float] = field(default_factory=list)  # tasks/s the recorder wrote to TaskLog
 
     def median(self, mode: str) -> float:
         return harness.median(self.runs[mode])
+
+    def ratio(self, mode: str, to: str) -> float:
+        """The median of the per-round ratios: rounds are interleaved, so a burst of noise on the
+        machine moves both sides of one round alike."""
+        return harness.median([a / b for a, b in zip(self.runs[mode], self.runs[to], strict=True)])
+
+    def cpu(self, mode: str) -> float:
+        return harness.median(self.cpu_ms[mode])
 
 
 def run_mode(name: str, tasks: int, env: dict, workdir: Path, database_url: str, result: Throughput) -> None:
@@ -88,10 +97,13 @@ def run_mode(name: str, tasks: int, env: dict, workdir: Path, database_url: str,
     worker = harness.Process(harness.worker_command(mode.app), env, workdir / f"{name}-{time.monotonic_ns()}.log")
     deadline = time.monotonic() + 300
     try:
+        harness.wait_ready(worker)
+        cpu_at_start = harness.cpu_seconds([worker.pid])  # its imports and start-up are not the tasks'
         while _finished(mode, worker, redis_url, database_url) < tasks:
             if not worker.alive() or time.monotonic() > deadline:
                 raise RuntimeError(f"{name} worker stopped early:\n{worker.log()[-2000:]}")
             time.sleep(0.2)
+        result.cpu_ms.setdefault(name, []).append(1000 * (harness.cpu_seconds([worker.pid]) - cpu_at_start) / tasks)
     finally:
         worker.stop()
     # Worker-side completion times: the stored results' (bare Celery stores none: its log lines).
@@ -172,24 +184,30 @@ def measure(servers: harness.Servers, database_url: str, tasks: int, repeats: in
 
 
 def report(result: Throughput, tasks: int, repeats: int) -> list[str]:
-    bare, stock = result.median("bare"), result.median("stock")
     lines = [
-        f"Worker throughput: {tasks} trivial tasks, prefork concurrency 2; median of {repeats}",
-        f"  {'setup':<52} {'tasks/s':>8} {'vs stock':>9} {'vs bare':>8}   runs",
+        f"Worker throughput: {tasks} trivial tasks, prefork concurrency 2; {repeats} interleaved rounds",
+        "  tasks/s: median of the rounds; ratios: median of the per-round ratios; CPU: the worker's",
+        "  processes (main and pool), milliseconds per task",
+        f"  {'setup':<52} {'tasks/s':>8} {'vs stock':>9} {'vs bare':>8} {'CPU ms':>7}   runs",
     ]
     for name in result.modes:
-        median = result.median(name)
         runs = ", ".join(f"{r:.0f}" for r in result.runs[name])
-        lines.append(f"  {MODES[name].label:<52} {median:>8.0f} {median / stock:>9.2f} {median / bare:>8.2f}   {runs}")
-    full, unobserved = result.median("full"), result.median("unobserved")
-    lines.append(f"  full vs the same worker without metrics and JSON logs: {full / unobserved:.2f}x")
-    lines.append(f"  STARTED stored for every task vs not (the default): {result.median('full-started') / full:.2f}x")
-    lines.append(f"  database results vs Redis results, same worker: {result.median('full-db') / full:.2f}x")
-    if "amqp-db" in result.runs:
         lines.append(
-            "  on RabbitMQ, database results vs Redis results: "
-            f"{result.median('amqp-db') / result.median('amqp-redis'):.2f}x"
+            f"  {MODES[name].label:<52} {result.median(name):>8.0f} {result.ratio(name, 'stock'):>9.2f} "
+            f"{result.ratio(name, 'bare'):>8.2f} {result.cpu(name):>7.2f}   {runs}"
         )
+    lines.append(
+        f"  full vs the same worker without metrics and JSON logs: {result.ratio('full', 'unobserved'):.2f}x "
+        f"(CPU per task {result.cpu('full') / result.cpu('unobserved'):.2f}x)"
+    )
+    lines.append(f"  full vs stock Celery, CPU per task: {result.cpu('full') / result.cpu('stock'):.2f}x")
+    lines.append(
+        f"  STARTED stored for every task vs not (the default): {result.ratio('full-started', 'full'):.2f}x "
+        f"(CPU per task {result.cpu('full-started') / result.cpu('full'):.2f}x)"
+    )
+    lines.append(f"  database results vs Redis results, same worker: {result.ratio('full-db', 'full'):.2f}x")
+    if "amqp-db" in result.runs:
+        lines.append(f"  on RabbitMQ, database results vs Redis results: {result.ratio('amqp-db', 'amqp-redis'):.2f}x")
     else:
         lines.append("  (RabbitMQ modes skipped: no RABBITMQ_URL)")
     lines.append(
