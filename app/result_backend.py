@@ -11,7 +11,7 @@ invent a state the backend holds:
   in batches (app/history_recorder.py). One Redis round trip per state, and no database
   round trip on the task's path. Stock Celery makes two (a GET to refuse overwriting SUCCESS,
   then SETEX + PUBLISH); the script does the same check inside Redis.
-- ``UpsertDatabaseBackend`` (CELERY_RESULT_BACKEND=django-db, for a deployment without Redis):
+- ``UpsertDatabaseBackend`` (RESULT_BACKEND_URL=django-db, for a deployment without Redis):
   django-celery-results' table, each state one upsert, and the TaskLog row folded in the same
   transaction. Several database round trips per state: see the README's figures.
 
@@ -20,7 +20,6 @@ from "never heard of", and answer ``stored_meta``: the stored state, or None.
 """
 
 import datetime as dt
-import logging
 import time
 from functools import cached_property
 
@@ -34,8 +33,6 @@ from django_celery_results.models import TaskResult
 
 from app import task_history
 from app.signals import RUN_STARTED_AT, RUN_STARTED_WALL, SENT_AT_HEADER
-
-logger = logging.getLogger(__name__)
 
 HISTORY_STREAM = "celery-task-history"
 
