@@ -354,3 +354,21 @@ def test_a_disabled_or_deleted_token_is_refused_by_every_web_process_on_the_next
         assert statuses() == {401}
     finally:
         web.stop()
+
+
+@pytest.mark.integration
+@pytest.mark.django_db(transaction=True)
+def test_an_unreachable_result_backend_is_a_503_for_reads_and_never_fails_an_enqueue(start_web, api_token):
+    from project.embedded import free_port
+
+    base = start_web(RESULT_BACKEND_URL=f"redis://127.0.0.1:{free_port()}/0")
+    headers = {"Authorization": f"Bearer {api_token}", "Content-Type": "application/json"}
+
+    # Published: the task runs and stores its states once the backend is back; only "queued" is lost.
+    status, content = http("POST", base + "/api/simple-task/", json.dumps({"x": 1, "y": 2}).encode(), headers)
+    assert status == 202, content
+    task_id = json.loads(content)["task_id"]
+
+    status, content = http("GET", f"{base}/api/task-status/{task_id}/")
+    assert status == 503
+    assert json.loads(content)["detail"].startswith("The result backend is unavailable")
