@@ -121,7 +121,7 @@ class TaskLogAdmin(ReadOnlyAdmin):
             "Run",
             {"fields": ("worker", "queue", "retries", "created_at", "started_at", "finished_at", "duration_display")},
         ),
-        ("Call", {"fields": ("args_json", "kwargs_json")}),
+        ("Call", {"fields": ("args_json", "kwargs_json", "soft_time_limit", "time_limit")}),
         ("Outcome", {"fields": ("result_json", "exception", "traceback_text")}),
     )
 
@@ -164,9 +164,15 @@ class TaskLogAdmin(ReadOnlyAdmin):
 
     @admin.action(description="Re-run selected failed tasks", permissions=["control"])
     def rerun_failed(self, request, queryset):
-        failed = list(queryset.filter(state=TaskState.FAILURE).only("task_name", "args", "kwargs"))
+        failed = list(
+            queryset.filter(state=TaskState.FAILURE).only(
+                "task_name", "args", "kwargs", "queue", "time_limit", "soft_time_limit"
+            )
+        )
         skipped = queryset.exclude(state=TaskState.FAILURE).count()
-        sent, broker_error = workflows.send_again(calls=[(row.task_name, row.args, row.kwargs) for row in failed])
+        sent, broker_error = workflows.send_again(
+            calls=[(row.task_name, row.args, row.kwargs, row.call_options()) for row in failed]
+        )
         if broker_error is not None:
             self.message_user(
                 request,

@@ -8,5 +8,5 @@ class CeleryDemoConfig(AppConfig):
 
     def ready(self) -> None:
         # Imported for their side effects: Celery signal handlers, system checks, log fields and
-        # the token-change receivers.
-        from app import api_tokens, checks, request_logging, signals, task_logging  # noqa: F401
+        # the token-change receivers, per-call time limits completed at publish.
+        from app import api_tokens, checks, request_logging, signals, task_logging, time_limits  # noqa: F401

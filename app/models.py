@@ -44,6 +44,12 @@ class TaskLog(models.Model):
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     duration = models.DurationField(null=True, blank=True, help_text="Run time of the last attempt.")
+    time_limit = models.FloatField(
+        null=True, blank=True, help_text="Hard time limit the call set, in seconds (empty: the task's default)."
+    )
+    soft_time_limit = models.FloatField(
+        null=True, blank=True, help_text="Soft time limit the call set, in seconds (empty: the task's default)."
+    )
     version = models.BigIntegerField(
         null=True, blank=True, editable=False, help_text="Position in the history stream of the last state applied."
     )
@@ -61,6 +67,11 @@ class TaskLog(models.Model):
     @property
     def is_finished(self) -> bool:
         return self.state in FINISHED_STATES
+
+    def call_options(self) -> dict:
+        """The options to send this call again with: its queue and the time limits it set."""
+        options = {"queue": self.queue or None, "time_limit": self.time_limit, "soft_time_limit": self.soft_time_limit}
+        return {key: value for key, value in options.items() if value is not None}
 
 
 def format_exception(exception: BaseException | str) -> str:

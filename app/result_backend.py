@@ -94,12 +94,25 @@ def run_meta(request, state: str) -> dict:
     started = getattr(request, RUN_STARTED_AT, None)
     if started is not None and state in states.READY_STATES:
         extra["runtime"] = round(time.perf_counter() - started, 6)
+    extra.update(time_limits_meta(*(getattr(request, "timelimit", None) or (None, None))))
     return extra
 
 
-def queued_meta(*, task_id: str, task_name: str, args: list, kwargs: dict, queue: str) -> dict:
-    """The PENDING state stored for an id handed out to a client, before any worker saw it."""
+def time_limits_meta(hard: float | None, soft: float | None) -> dict:
+    """The time limits a call set (both, once published: app/time_limits.py), kept with its
+    state so a re-run can send it with the same ones; none when the task's defaults apply."""
+    limits = {"time_limit": hard, "soft_time_limit": soft}
+    return {key: value for key, value in limits.items() if value is not None}
+
+
+def queued_meta(
+    *, task_id: str, task_name: str, args: list, kwargs: dict, queue: str, options: dict | None = None
+) -> dict:
+    """The PENDING state stored for an id handed out to a client, before any worker saw it.
+    options: the call's time limits (time_limit, soft_time_limit), when it set any."""
+    options = options or {}
     return {
+        **time_limits_meta(options.get("time_limit"), options.get("soft_time_limit")),
         "status": states.PENDING,
         "result": None,
         "traceback": None,

@@ -50,9 +50,13 @@ FOLDED_FIELDS = [
     "started_at",
     "finished_at",
     "duration",
+    "time_limit",
+    "soft_time_limit",
     "version",
     "recorded_at",
 ]
+
+TIME_LIMITS = ("time_limit", "soft_time_limit")
 
 
 @dataclass(frozen=True)
@@ -178,6 +182,8 @@ def _new_row(meta: dict) -> dict:
         "started_at": None,
         "finished_at": None,
         "duration": None,
+        "time_limit": None,
+        "soft_time_limit": None,
         "version": None,
         "recorded_at": None,
     }
@@ -192,10 +198,13 @@ def _fill_missing(row: dict, meta: dict) -> None:
         row["args"] = _listed(meta["args"])
     if not row["kwargs"] and meta.get("kwargs"):
         row["kwargs"] = _mapped(meta["kwargs"])
+    for limit in TIME_LIMITS:
+        if row[limit] is None and meta.get(limit) is not None:
+            row[limit] = float(meta[limit])
 
 
 def _take_run_fields(row: dict, meta: dict) -> None:
-    """Name, call, worker, queue and retries as the storing process saw them (extended results)."""
+    """Name, call, worker, queue, retries and time limits as the storing process saw them."""
     if meta.get("name"):
         row["task_name"] = meta["name"]
     if meta.get("args") is not None:
@@ -208,6 +217,9 @@ def _take_run_fields(row: dict, meta: dict) -> None:
         row["queue"] = meta["queue"]
     if meta.get("retries") is not None:
         row["retries"] = int(meta["retries"])
+    for limit in TIME_LIMITS:
+        if meta.get(limit) is not None:
+            row[limit] = float(meta[limit])
 
 
 def _listed(value) -> list:

@@ -8,14 +8,16 @@ LOG_CELERY_TASK_LINES: project/logging_config.py).
 import logging.config
 
 import structlog
+from billiard.exceptions import WorkerLostError
 from celery import bootsteps
 from celery import signals as celery_signals
+from celery.exceptions import TimeLimitExceeded
 from django.conf import settings
 from django.dispatch import receiver
 from django_structlog.celery import signals as structlog_signals
 from django_structlog.celery.receivers import CeleryReceiver
 
-from app.signals import run_seconds
+from app.signals import FirstReport, run_seconds
 from project.celery import app as celery_app
 
 logger = structlog.get_logger(__name__)
@@ -32,10 +34,15 @@ class TaskFailureLogStep(bootsteps.Step):
         super().__init__(parent, **kwargs)
         self.receiver = CeleryReceiver()
         celery_signals.task_retry.connect(self.receiver.receiver_task_retry)
-        celery_signals.task_failure.connect(self.receiver.receiver_task_failure)
+        celery_signals.task_failure.connect(self.log_task_failed)
         celery_signals.task_revoked.connect(self.receiver.receiver_task_revoked)
         celery_signals.task_unknown.connect(self.receiver.receiver_task_unknown)
         celery_signals.task_rejected.connect(self.receiver.receiver_task_rejected)
+        self.failure_logged = FirstReport()
+
+    def log_task_failed(self, sender=None, task_id=None, exception=None, **kwargs) -> None:
+        if self.failure_logged.first(task_id, exception):
+            self.receiver.receiver_task_failure(sender=sender, task_id=task_id, exception=exception, **kwargs)
 
 
 # Imported while the worker loads Django, before it builds its blueprint from these steps.
@@ -87,8 +94,14 @@ def bind_task_context(task_id: str, task, **_) -> None:
 
 @celery_signals.task_postrun.connect
 def log_task_finished(task_id: str, task, state: str | None = None, retval=None, **_) -> None:
-    seconds = run_seconds(task)
     request = task.request
+    if state is None:
+        # Stopped from outside (SIGTERM at a hard time limit or a revoke): the worker's main process
+        # logs how it ended, task_finished FAILURE below or django-structlog's task_revoked.
+        if not request.is_eager:
+            structlog.contextvars.clear_contextvars()
+        return
+    seconds = run_seconds(task)
     fields = {}
     if isinstance(retval, BaseException):  # a retry's reason, or the failure
         fields["exception"] = repr(retval)[:EXCEPTION_MAX_CHARS]
@@ -106,3 +119,22 @@ def log_task_finished(task_id: str, task, state: str | None = None, retval=None,
         # Nothing after this belongs to the task (a solo pool logs its own lines in this thread);
         # an eager call runs inside its caller, whose context (a request's id) stays.
         structlog.contextvars.clear_contextvars()
+
+
+_killed_logged = FirstReport()
+
+
+@celery_signals.task_failure.connect
+def log_task_killed(sender=None, task_id: str | None = None, exception=None, **_) -> None:
+    """The task_finished line of a run whose pool process ended without finishing it: killed at
+    its hard time limit, or lost (WorkerLostError). The worker's main process fails the task
+    then, and no task_postrun runs; its run time and queue are not known there."""
+    if not isinstance(exception, TimeLimitExceeded | WorkerLostError) or not _killed_logged.first(task_id, exception):
+        return
+    logger.info(
+        "task_finished",
+        task_id=task_id,
+        task_name=getattr(sender, "name", None),
+        state="FAILURE",
+        exception=repr(exception)[:EXCEPTION_MAX_CHARS],
+    )

@@ -36,15 +36,23 @@ def routed_queue(task_name: str) -> str:
 def record_queued(*pairs: tuple) -> None:
     """Store "queued" for ids handed out to a client, in the result backend (and so in the
     history), so their status reads queued, not unknown. pairs: (task_id, task name, args,
-    kwargs). With the Redis backend, one round trip for all; a state a fast worker already
+    kwargs), and the call's options (queue, time_limit, soft_time_limit) as a fifth item when it
+    set any. With the Redis backend, one round trip for all; a state a fast worker already
     stored is left alone."""
     backend = current_app.backend
-    metas = [
-        result_backend.queued_meta(
-            task_id=task_id, task_name=name, args=list(args), kwargs=dict(kwargs), queue=routed_queue(name)
+    metas = []
+    for task_id, name, args, kwargs, *rest in pairs:
+        options = rest[0] if rest else {}
+        metas.append(
+            result_backend.queued_meta(
+                task_id=task_id,
+                task_name=name,
+                args=list(args),
+                kwargs=dict(kwargs),
+                queue=options.get("queue") or routed_queue(name),
+                options=options,
+            )
         )
-        for task_id, name, args, kwargs in pairs
-    ]
     try:
         backend.record_queued(metas)
     except Exception as exc:
@@ -111,7 +119,7 @@ def start_time_limited(*, duration: float, soft_time_limit: float | None, time_l
     if time_limit is not None:
         options["time_limit"] = time_limit
     result = tasks.time_limited_task.apply_async(args=[duration], **options)
-    record_queued((result.id, tasks.time_limited_task.name, [duration], {}))
+    record_queued((result.id, tasks.time_limited_task.name, [duration], {}, options))
     return Started(task_id=result.id, task_ids=[result.id])
 
 
@@ -145,19 +153,20 @@ def start_report(*, report_type: str, filters: dict) -> Started:
     return Started(task_id=task_id, task_ids=[task_id], report_id=report.pk)
 
 
-def send_again(*, calls: list[tuple[str, list, dict]]) -> tuple[list[str], OperationalError | None]:
-    """Send each (task name, args, kwargs) again, under a new id, and record the ids sent.
+def send_again(*, calls: list[tuple[str, list, dict, dict]]) -> tuple[list[str], OperationalError | None]:
+    """Send each (task name, args, kwargs, options) again, under a new id, and record the ids
+    sent. options: the original call's queue, time_limit and soft_time_limit (TaskLog.call_options).
 
     Stops at the first broker error and returns it with the ids sent before it (those are
     recorded: they are on their way)."""
     sent, error = [], None
-    for name, args, kwargs in calls:
+    for name, args, kwargs, options in calls:
         try:
-            result = current_app.send_task(name, args=args, kwargs=kwargs)
+            result = current_app.send_task(name, args=args, kwargs=kwargs, **options)
         except OperationalError as exc:
             error = exc
             break
-        sent.append((result.id, name, args, kwargs))
+        sent.append((result.id, name, args, kwargs, options))
     if sent:
         record_queued(*sent)
     return [task_id for task_id, *_ in sent], error

@@ -59,6 +59,15 @@ _SHARED_PROCESSORS = [
 CELERY_TASK_LOGGERS = ("celery.worker.strategy", "celery.app.trace")
 
 
+def exception_as_text(_logger, _method_name, event_dict: dict) -> dict:
+    """An exception object passed as the `exception` field (django-structlog's task_failed line
+    does) is rendered as its repr: the console renderer would raise on it, JSON gives its repr."""
+    exception = event_dict.get("exception")
+    if exception is not None and not isinstance(exception, str):
+        event_dict["exception"] = repr(exception)
+    return event_dict
+
+
 def build(*, log_format: str, level: str, celery_task_lines: bool = False) -> dict:
     """A logging.config.dictConfig dictionary: one handler on the root logger, rendering with
     structlog; gunicorn's loggers propagate to it instead of keeping handlers of their own.
@@ -66,10 +75,10 @@ def build(*, log_format: str, level: str, celery_task_lines: bool = False) -> di
     if log_format not in LOG_FORMATS:
         raise ValueError(f"LOG_FORMAT={log_format!r}: use one of {', '.join(LOG_FORMATS)}.")
     if log_format == "json":
-        render = [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
+        render = [structlog.processors.format_exc_info, exception_as_text, structlog.processors.JSONRenderer()]
     else:
         # No colours: `make run` pipes each process's output through honcho's prefixer.
-        render = [structlog.dev.ConsoleRenderer(colors=False)]
+        render = [exception_as_text, structlog.dev.ConsoleRenderer(colors=False)]
     return {
         "version": 1,
         "disable_existing_loggers": False,
@@ -88,6 +97,9 @@ def build(*, log_format: str, level: str, celery_task_lines: bool = False) -> di
             # No level here: gunicorn sets its own (GUNICORN_LOG_LEVEL; access at INFO).
             "gunicorn.error": {"handlers": [], "propagate": True},
             "gunicorn.access": {"handlers": [], "propagate": True},
+            # billiard's pool logger ("Process ... exited with 'signal 9 (SIGKILL)'") never
+            # propagates: without a handler of its own, Python's last resort prints it as plain text.
+            "multiprocessing": {"handlers": ["console"], "propagate": False},
         },
     }
 

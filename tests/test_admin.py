@@ -4,6 +4,7 @@ tokens are saved through app.services (beat's PeriodicTask, token digests)."""
 import base64
 import datetime as dt
 import json
+import os
 import re
 import time
 import uuid
@@ -301,6 +302,27 @@ def test_rerun_action_records_the_queue_the_task_is_routed_to(admin_client, task
 
     [rerun] = wait_until(lambda: rows_other_than(failed), message="the re-sent task recorded")
     assert (rerun.task_name, rerun.args, rerun.queue) == ("app.tasks.long_running_task", [1, 0.0], "long")
+
+
+def test_rerun_action_sends_the_original_calls_queue_and_time_limits(admin_client, task_history):
+    queue = f"rerun-{uuid.uuid4().hex[:8]}"  # no worker consumes it: the message stays to be read
+    failed = task_log(
+        state=TaskState.FAILURE,
+        task_name="app.tasks.time_limited_task",
+        args=[30],
+        queue=queue,
+        time_limit=2.0,
+        soft_time_limit=1.5,
+    )
+
+    run_action(admin_client, "tasklog", "rerun_failed", [failed])
+
+    [rerun] = wait_until(lambda: rows_other_than(failed), message="the re-sent task recorded")
+    assert (rerun.queue, rerun.time_limit, rerun.soft_time_limit) == (queue, 2.0, 1.5)
+    broker = redis.Redis.from_url(os.environ["CELERY_BROKER_URL"])
+    message = json.loads(broker.rpop(queue))
+    assert message["headers"]["id"] == rerun.task_id
+    assert message["headers"]["timelimit"] == [2.0, 1.5]
 
 
 def test_rerun_action_with_no_failed_task_sends_nothing(admin_client):

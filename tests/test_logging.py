@@ -6,12 +6,16 @@ import json
 import os
 import subprocess
 import sys
+import time
 import urllib.request
 import uuid
 
 import pytest
 import structlog
+from billiard.exceptions import WorkerLostError
+from celery.exceptions import TimeLimitExceeded
 
+from project import logging_config
 from project.embedded import free_port, wait_for_port
 from tests.conftest import REPO_ROOT, Service, celery_app_for, subprocess_env, wait_for_worker, wait_until
 
@@ -237,6 +241,44 @@ def test_a_retried_task_logs_each_run_with_its_state_and_retry_count(json_web, j
     assert all(run["request_id"] == request_id and run["task_name"] == "app.tasks.task_with_retry" for run in runs)
     assert "TransientError" in runs[0]["exception"]  # the retry's reason
     assert "exception" not in runs[1]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_task_killed_at_its_hard_time_limit_logs_one_failed_line_and_no_success(json_worker, broker_url):
+    app = celery_app_for(broker_url)
+    # The clean-up after the soft limit outlasts the hard limit: the worker kills the child.
+    task_id = app.send_task(
+        "app.tasks.time_limited_task", args=[30], kwargs={"cleanup_seconds": 30}, soft_time_limit=0.5, time_limit=1
+    ).id
+
+    lines = task_finished_lines(json_worker, [task_id])
+    time.sleep(1)  # a second line, if any, would follow at once
+    lines = json_lines(json_worker.log())
+
+    [finished] = [line for line in lines_with(lines, event="task_finished") if line["task_id"] == task_id]
+    assert (finished["state"], finished["task_name"]) == ("FAILURE", "app.tasks.time_limited_task")
+    assert finished["exception"].startswith("TimeLimitExceeded")
+    mentioning = [line["event"] for line in lines if task_id in json.dumps(line)]
+    assert not [event for event in mentioning if "succeeded" in event]
+    assert any(event.startswith("Hard time limit (1") for event in mentioning)
+
+
+@pytest.mark.parametrize("log_format", logging_config.LOG_FORMATS)
+@pytest.mark.parametrize(
+    "exception", [TimeLimitExceeded(2.0), WorkerLostError("lost"), KeyError("k"), ValueError(), Exception(None)]
+)
+def test_a_failure_line_renders_any_exception_object_in_both_formats(log_format, exception):
+    """django-structlog's task_failed line passes the exception object as a field; the console
+    renderer used to raise on it (TypeError: can only concatenate str)."""
+    processors = logging_config.build(log_format=log_format, level="INFO")["formatters"]["structlog"]["processors"]
+    event = {"event": "task_failed", "error": str(exception), "exception": exception, "exc_info": True}
+    event.update(_record=None, _from_structlog=True)
+
+    for processor in processors:
+        event = processor(None, "error", event)
+
+    assert isinstance(event, str)
+    assert repr(exception) in (json.loads(event)["exception"] if log_format == "json" else event)
 
 
 @pytest.fixture(scope="module")

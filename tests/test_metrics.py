@@ -3,6 +3,7 @@ can never fail a task."""
 
 import os
 import sys
+import time
 import urllib.request
 import uuid
 
@@ -166,3 +167,29 @@ def test_unregistered_names_are_unknown():
     assert metrics.task_name("app.tasks.add") == "app.tasks.add"
     assert metrics.task_name("evil.task.with.id.123") == metrics.UNKNOWN
     assert metrics.task_name(None) == metrics.UNKNOWN
+
+
+@pytest.mark.integration
+def test_a_task_killed_at_its_hard_time_limit_counts_one_failure_and_no_success(metrics_worker, task_history):
+    _app, port, hostname, _multiproc_dir, service = metrics_worker
+    name = "app.tasks.time_limited_task"
+    # The clean-up after the soft limit outlasts the hard limit: the worker kills the child.
+    result = tasks.time_limited_task.apply_async(
+        args=[30], kwargs={"cleanup_seconds": 30}, soft_time_limit=0.5, time_limit=1
+    )
+
+    wait_until(
+        lambda: TaskLog.objects.filter(task_id=result.id, state="FAILURE").exists(),
+        timeout=30,
+        message=f"FAILURE at the hard limit:\n{service.log()[-2000:]}",
+    )
+    wait_until(
+        lambda: value(scrape(port), "celery_worker_tasks_active", hostname=hostname) == 0,
+        message="the killed run no longer active",
+    )
+    time.sleep(0.5)  # a second count, if any, comes from the same failure handling
+    samples = scrape(port)
+    assert value(samples, "celery_task_failed_total", name=name, exception="TimeLimitExceeded") == 1
+    assert value(samples, "celery_task_failed_total") == 1
+    assert value(samples, "celery_task_succeeded_total") == 0
+    assert value(samples, "celery_task_started_total", name=name) == 1

@@ -114,6 +114,22 @@ def test_soft_time_limit_saves_partial_work_and_exits_cleanly(broker):
     assert succeeded_logs([started.task_id])
 
 
+def test_a_hard_limit_below_the_tasks_soft_limit_is_honoured(broker):
+    # The task's own limits are soft 10 s, hard 15 s; a call with a hard limit of 2 s gets a soft
+    # limit before it (app/time_limits.py), so it saves its work in time and is not killed.
+    started = workflows.start_time_limited(duration=30, soft_time_limit=None, time_limit=2)
+
+    result = AsyncResult(started.task_id, app=broker.app).get(timeout=30)
+
+    assert result["status"] == "partial"
+    assert result["elapsed"] < 2
+    log = succeeded_logs([started.task_id])[started.task_id]
+    assert (log.time_limit, log.soft_time_limit) == (2.0, 1.333)
+    time.sleep(1)  # past the hard limit: nothing kills it and nothing replaces its SUCCESS
+    log.refresh_from_db()
+    assert log.state == TaskState.SUCCESS
+
+
 def test_hard_time_limit_kills_the_task(broker):
     from app.tasks import time_limited_task
 
@@ -124,6 +140,7 @@ def test_hard_time_limit_kills_the_task(broker):
     assert "TimeLimitExceeded" in repr(result.result)
     log = wait_until(lambda: task_log_state(result.id, TaskState.FAILURE), message="TaskLog FAILURE")
     assert log.exception.startswith("TimeLimitExceeded")
+    assert (log.time_limit, log.soft_time_limit) == (2.0, 1.0)
     assert log.duration is not None
     assert log.duration.total_seconds() >= 1.5
 
