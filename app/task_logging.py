@@ -6,6 +6,7 @@ LOG_CELERY_TASK_LINES: project/logging_config.py).
 """
 
 import logging.config
+import warnings
 
 import structlog
 from billiard.exceptions import WorkerLostError
@@ -63,6 +64,19 @@ def use_django_logging(loglevel=None, **_) -> None:
     logging.config.dictConfig(settings.LOGGING)
     if loglevel:
         logging.getLogger().setLevel(loglevel)
+
+
+# Celery warns at every broker connection loss that this setting's default changes in Celery 6.
+CANCEL_ON_CONNECTION_LOSS_WARNING = r"(?s).*worker_cancel_long_running_tasks_on_connection_loss"
+
+
+@celery_signals.celeryd_after_setup.connect
+def quiet_the_cancel_on_connection_loss_warning(conf=None, **_) -> None:
+    """Off on purpose on Redis (settings.py says why): no warning about it at every reconnect.
+    Added after Celery's own set-up, whose 'always' filter for its deprecation warnings would
+    otherwise take precedence."""
+    if not (conf or celery_app.conf).worker_cancel_long_running_tasks_on_connection_loss:
+        warnings.filterwarnings("ignore", message=CANCEL_ON_CONNECTION_LOSS_WARNING)
 
 
 @receiver(structlog_signals.modify_context_before_task_publish)

@@ -14,11 +14,11 @@ from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 
 from app import health, metrics, selectors, services, worker_health
+from app.task_class import IDEMPOTENT
 
 logger = logging.getLogger(__name__)
 
-# Safe to redeliver: the task's effect is the same however many times it runs.
-IDEMPOTENT = {"acks_late": True, "reject_on_worker_lost": True}
+
 # Tasks that run for seconds store a STARTED state (with the worker and start time) when they
 # begin; short ones do not: for them it would cost a second result write per task (README).
 TRACK_STARTED = {"track_started": True}

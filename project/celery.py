@@ -6,7 +6,8 @@ from celery import Celery
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
 
-app = Celery("project")
+# Task: at-least-once tasks whose retry cannot be published are requeued, not dropped.
+app = Celery("project", task_cls="app.task_class:Task")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 
 

@@ -164,6 +164,10 @@ def main() -> int:
         if not os.environ.get("CACHE_URL"):
             os.environ["CACHE_URL"] = f"{redis.url}/1"
     var_dir.mkdir(parents=True, exist_ok=True)
+    # The servers' runtime files (metrics, probe files, beat's heartbeat) in this checkout's own
+    # directory: under the shared /tmp, another run on the same host would empty its metrics.
+    os.environ.setdefault("APP_RUNTIME_DIR", str(var_dir / "runtime"))
+    Path(os.environ["APP_RUNTIME_DIR"]).mkdir(parents=True, exist_ok=True)
 
     flower_auth = os.environ.get("FLOWER_BASIC_AUTH")
     if flower_auth:

@@ -155,6 +155,7 @@ if DEBUG:
 # https://docs.celeryq.dev/en/stable/userguide/configuration.html
 
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="redis://127.0.0.1:6379/0")
+BROKER_IS_REDIS = CELERY_BROKER_URL.startswith(("redis://", "rediss://"))
 # Where a task's live state is kept (app/result_backend.py): a redis:// or rediss:// URL (the
 # broker's own when it is Redis), or django-db (the database, for a deployment without Redis:
 # several database round trips per state). Each stored state also reaches TaskLog. Not named
@@ -165,7 +166,7 @@ if "CELERY_RESULT_BACKEND" in os.environ:
         "and would store results without the task history."
     )
 RESULT_BACKEND_URL = env.str("RESULT_BACKEND_URL", default="") or (
-    CELERY_BROKER_URL if CELERY_BROKER_URL.startswith(("redis://", "rediss://")) else "django-db"
+    CELERY_BROKER_URL if BROKER_IS_REDIS else "django-db"
 )
 if RESULT_BACKEND_URL == "django-db":
     CELERY_RESULT_BACKEND = "app.result_backend:UpsertDatabaseBackend"
@@ -234,10 +235,46 @@ CELERY_WORKER_SEND_TASK_EVENTS = True
 # Keep Django's logging configuration: Celery must not replace the root logger.
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 
+# Delivery safety (README, "Delivery guarantees"). When the broker connection drops, a running
+# at-least-once task is cancelled on RabbitMQ, which redelivers its unacknowledged message at
+# once: left running, it would run twice at the same time. On Redis its message stays in the
+# unacknowledged set, and the run finishes and acknowledges over the new connection: nothing
+# to cancel (and Celery's pending-deprecation warning about that choice is not logged:
+# app/task_logging.py).
+CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = env.bool(
+    "CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS", default=not BROKER_IS_REDIS
+)
+# Redis only (Celery ignores it on RabbitMQ, whose prefetch count already bounds it): a worker
+# takes a message only when a pool process is free, so an at-most-once task (acknowledged on
+# receipt) never waits behind a long one in a busy worker's buffer, and a killed worker held
+# no more messages than it had processes.
+CELERY_WORKER_DISABLE_PREFETCH = BROKER_IS_REDIS and env.bool("CELERY_WORKER_DISABLE_PREFETCH", default=True)
+
 # A message unacknowledged for this long is redelivered by Redis; it must outlast the
 # longest hard time limit plus the longest countdown (enforced by a system check, app/checks.py).
 CELERY_BROKER_VISIBILITY_TIMEOUT = env.int("CELERY_BROKER_VISIBILITY_TIMEOUT", default=3600)
-CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": CELERY_BROKER_VISIBILITY_TIMEOUT}
+# A Redis broker that vanishes without closing the connection (failover, a NAT or firewall
+# timeout) is noticed in seconds: a command waits at most REDIS_SOCKET_TIMEOUT, and an idle
+# connection is checked every REDIS_HEALTH_CHECK_INTERVAL seconds (a stuck BRPOP is dropped after
+# about 1 + 2 x that; kombu's default of 25 s gives 51 s). A timed-out command is retried once.
+REDIS_SOCKET_TIMEOUT = env.float("REDIS_SOCKET_TIMEOUT", default=5.0)
+REDIS_HEALTH_CHECK_INTERVAL = env.int("REDIS_HEALTH_CHECK_INTERVAL", default=5)
+CELERY_BROKER_TRANSPORT_OPTIONS = {
+    "visibility_timeout": CELERY_BROKER_VISIBILITY_TIMEOUT,
+    **(
+        {
+            "socket_timeout": REDIS_SOCKET_TIMEOUT,
+            "health_check_interval": REDIS_HEALTH_CHECK_INTERVAL,
+            "retry_on_timeout": True,
+        }
+        if BROKER_IS_REDIS
+        else {}
+    ),
+}
+# The same for the Redis result backend (Celery's own default socket timeout is 120 s).
+CELERY_REDIS_SOCKET_TIMEOUT = REDIS_SOCKET_TIMEOUT
+CELERY_REDIS_RETRY_ON_TIMEOUT = True
+CELERY_REDIS_BACKEND_HEALTH_CHECK_INTERVAL = REDIS_HEALTH_CHECK_INTERVAL
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # An API request must fail fast (503) when the broker is down, not hang.
 CELERY_BROKER_CONNECTION_TIMEOUT = env.float("CELERY_BROKER_CONNECTION_TIMEOUT", default=1.0)

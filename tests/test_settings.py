@@ -76,3 +76,58 @@ def test_soft_limit_must_be_below_hard_limit():
 
     assert result.returncode != 0
     assert "CELERY_TASK_SOFT_TIME_LIMIT must be lower than CELERY_TASK_TIME_LIMIT" in result.stderr
+
+
+SHOW_DELIVERY_SETTINGS = (
+    "import django, json; django.setup(); from django.conf import settings as s; "
+    "print(json.dumps({'cancel': s.CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS, "
+    "'no_prefetch': s.CELERY_WORKER_DISABLE_PREFETCH, 'transport': s.CELERY_BROKER_TRANSPORT_OPTIONS, "
+    "'backend_timeout': s.CELERY_REDIS_SOCKET_TIMEOUT}))"
+)
+
+
+def delivery_settings(**env) -> dict:
+    import json
+
+    clean = {key: value for key, value in os.environ.items() if not key.startswith(("DJANGO_", "CELERY_"))}
+    clean |= {"DJANGO_SETTINGS_MODULE": "project.settings", "DJANGO_DEBUG": "true", **env}
+    result = subprocess.run(
+        [sys.executable, "-c", SHOW_DELIVERY_SETTINGS], cwd=REPO_ROOT, env=clean, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_delivery_safety_settings_follow_the_broker():
+    on_redis = delivery_settings(CELERY_BROKER_URL="redis://127.0.0.1:6390/0")
+    assert (on_redis["cancel"], on_redis["no_prefetch"]) == (False, True)
+    assert on_redis["transport"] == {
+        "visibility_timeout": 3600,
+        "socket_timeout": 5.0,
+        "health_check_interval": 5,
+        "retry_on_timeout": True,
+    }
+    assert on_redis["backend_timeout"] == 5.0
+
+    on_rabbitmq = delivery_settings(CELERY_BROKER_URL="amqp://guest:guest@127.0.0.1:5672//")
+    assert (on_rabbitmq["cancel"], on_rabbitmq["no_prefetch"]) == (True, False)
+    assert on_rabbitmq["transport"] == {"visibility_timeout": 3600}
+
+
+def test_the_connection_loss_warning_is_quiet_only_when_cancelling_is_off_on_purpose():
+    import warnings
+    from types import SimpleNamespace
+
+    from celery.exceptions import CPendingDeprecationWarning
+    from celery.worker.consumer.consumer import CANCEL_TASKS_BY_DEFAULT
+
+    from app.task_logging import quiet_the_cancel_on_connection_loss_warning
+
+    for cancel, expected in ((False, 0), (True, 1)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.filterwarnings("always", category=CPendingDeprecationWarning)  # as Celery's set-up does
+            conf = SimpleNamespace(worker_cancel_long_running_tasks_on_connection_loss=cancel)
+            quiet_the_cancel_on_connection_loss_warning(conf=conf)
+            warnings.warn(CANCEL_TASKS_BY_DEFAULT, CPendingDeprecationWarning, stacklevel=1)
+            warnings.warn("another pending deprecation", CPendingDeprecationWarning, stacklevel=1)
+        assert len(caught) == expected + 1

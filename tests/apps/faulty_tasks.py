@@ -1,0 +1,49 @@
+"""The project's Celery app with two tasks that fail the way production does, for the delivery
+tests (tests/test_delivery.py):
+
+    celery -A tests.apps.faulty_tasks worker ...
+
+- ``retry_while_broker_unreachable``: its first run retries through a broker that refuses
+  connections (as when the broker is down or restarting), so the retry cannot be published;
+  the next run succeeds. Counted in Redis at RUNS_URL, under the key it is given.
+- ``kills_its_process``: every run SIGKILLs its own pool process, as an out-of-memory kill would.
+"""
+
+import os
+import signal
+
+import redis
+from kombu import Connection
+
+from app.task_class import IDEMPOTENT
+from project.celery import app
+
+# Nothing listens on port 1: every connection is refused at once.
+UNREACHABLE_BROKER_URL = "redis://127.0.0.1:1/0"
+
+
+def _runs(key: str) -> int:
+    return redis.Redis.from_url(os.environ["RUNS_URL"]).incr(key)
+
+
+def _retry_while_broker_unreachable(task, key: str) -> int:
+    runs = _runs(key)
+    if runs == 1:
+        raise task.retry(countdown=0, connection=Connection(UNREACHABLE_BROKER_URL))
+    return runs
+
+
+@app.task(bind=True, name="faulty.retry_at_least_once", **IDEMPOTENT)
+def retry_at_least_once(self, key: str) -> int:
+    return _retry_while_broker_unreachable(self, key)
+
+
+@app.task(bind=True, name="faulty.retry_at_most_once")
+def retry_at_most_once(self, key: str) -> int:
+    return _retry_while_broker_unreachable(self, key)
+
+
+@app.task(name="faulty.kills_its_process", **IDEMPOTENT)
+def kills_its_process(key: str) -> None:
+    _runs(key)
+    os.kill(os.getpid(), signal.SIGKILL)
