@@ -8,5 +8,6 @@ class CeleryDemoConfig(AppConfig):
 
     def ready(self) -> None:
         # Imported for their side effects: Celery signal handlers, system checks, log fields and
-        # the token-change receivers, per-call time limits completed at publish.
-        from app import api_tokens, checks, request_logging, signals, task_logging, time_limits  # noqa: F401
+        # the token-change receivers, per-call time limits completed at publish, a worker's visibility
+        # timeout.
+        from app import api_tokens, checks, redelivery, request_logging, signals, task_logging, time_limits  # noqa: F401

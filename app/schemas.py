@@ -4,6 +4,7 @@ flooding the workers; a value out of bounds gets a 422 naming the field."""
 import datetime as dt
 from typing import Literal
 
+from django.conf import settings
 from ninja import Field, Schema
 from pydantic import model_validator
 
@@ -70,6 +71,16 @@ class LongTaskIn(Schema):
     def soft_below_hard(self):
         if self.soft_time_limit and self.time_limit and self.soft_time_limit >= self.time_limit:
             raise ValueError("soft_time_limit must be lower than time_limit")
+        return self
+
+    @model_validator(mode="after")
+    def progress_within_its_time_limit(self):
+        seconds, limit = self.total_steps * self.step_seconds, settings.CELERY_LONG_TASK_SOFT_TIME_LIMIT
+        if self.kind == "progress" and seconds > limit:
+            raise ValueError(
+                f"total_steps x step_seconds is {seconds:g} s; the task's soft time limit is {limit} s "
+                "(CELERY_LONG_TASK_SOFT_TIME_LIMIT)"
+            )
         return self
 
 

@@ -23,10 +23,16 @@ logger = logging.getLogger(__name__)
 # begin; short ones do not: for them it would cost a second result write per task (README).
 TRACK_STARTED = {"track_started": True}
 
+# The long queue's tasks run for minutes: limits of their own (the default ones are short).
+LONG_LIMITS = {
+    "soft_time_limit": settings.CELERY_LONG_TASK_SOFT_TIME_LIMIT,
+    "time_limit": settings.CELERY_LONG_TASK_TIME_LIMIT,
+}
+
 RETRY_MAX_RETRIES = 5
-RETRY_BACKOFF_MAX_SECONDS = 60
-# The longest countdown any task here asks for; the visibility-timeout check adds it to
-# the longest hard time limit (app/checks.py).
+RETRY_BACKOFF_MAX_SECONDS = settings.CELERY_RETRY_BACKOFF_MAX
+# The longest countdown any task here asks for; a Redis visibility timeout must cover it on top
+# of the longest hard time limit (app/redelivery.py).
 MAX_COUNTDOWN_SECONDS = RETRY_BACKOFF_MAX_SECONDS
 
 
@@ -64,7 +70,7 @@ def debug_task(self) -> dict:
 # --- Long-running tasks -------------------------------------------------------------
 
 
-@shared_task(bind=True, **IDEMPOTENT, **TRACK_STARTED)
+@shared_task(bind=True, **IDEMPOTENT, **TRACK_STARTED, **LONG_LIMITS)
 def long_running_task(self, total_steps: int, step_seconds: float = 1.0) -> dict:
     """Work through `total_steps`, reporting PROGRESS {current, total, percent} after each.
 
@@ -132,7 +138,7 @@ def task_with_retry(self, fail_probability: float = 0.5, fail_times: int | None 
 # --- Database operations --------------------------------------------------------
 
 
-@shared_task(**IDEMPOTENT, **TRACK_STARTED)
+@shared_task(**IDEMPOTENT, **TRACK_STARTED, **LONG_LIMITS)
 def create_users_batch(count: int, prefix: str) -> dict:
     """Create users prefix_00001..prefix_<count> in bulk.
 
@@ -141,13 +147,13 @@ def create_users_batch(count: int, prefix: str) -> dict:
     return services.create_users_batch(count=count, prefix=prefix)
 
 
-@shared_task(**IDEMPOTENT)
+@shared_task(**IDEMPOTENT, **LONG_LIMITS)
 def cleanup_old_users(days: int = 365) -> dict:
     """Delete ordinary users inactive for `days`. Delivery: at least once (deleting twice is a no-op)."""
     return {"deleted": services.cleanup_old_users(days=days)}
 
 
-@shared_task(**IDEMPOTENT)
+@shared_task(**IDEMPOTENT, **LONG_LIMITS)
 def cleanup_task_logs(days: int = 30) -> dict:
     """Delete finished TaskLog rows older than `days`. Delivery: at least once (idempotent)."""
     return {"deleted": services.cleanup_task_logs(days=days)}
@@ -171,7 +177,7 @@ def send_email_task(subject: str, message: str, recipients: list[str]) -> dict:
     return {"sent": services.send_email(subject=subject, message=message, recipients=recipients)}
 
 
-@shared_task
+@shared_task(**LONG_LIMITS)
 def send_bulk_emails(user_ids: list[int], subject: str, message: str) -> dict:
     """Fan out one send_email_task per user with an address, as a group.
 
@@ -225,7 +231,7 @@ def workflow_step_3(value: int) -> dict:
 # --- Reports ------------------------------------------------------------------------------
 
 
-@shared_task(bind=True, **IDEMPOTENT, **TRACK_STARTED)
+@shared_task(bind=True, **IDEMPOTENT, **TRACK_STARTED, **LONG_LIMITS)
 def generate_report(self, report_id: int) -> dict:
     """Compute the Report row's content from the database.
 
@@ -240,7 +246,7 @@ def generate_report(self, report_id: int) -> dict:
 
 # Expires after one canary interval: a canary that waited longer proves nothing fresh, and
 # stale ones must not pile up behind a stopped worker.
-@shared_task(bind=True, soft_time_limit=20, time_limit=30, expires=settings.CANARY_INTERVAL, **IDEMPOTENT)
+@shared_task(bind=True, expires=settings.CANARY_INTERVAL, **IDEMPOTENT)
 def health_check(self) -> dict:
     """Check database, cache, broker and result backend from a worker; fails when unhealthy
     so the failure shows in TaskLog, metrics and alerts. Beat sends it to every worker queue

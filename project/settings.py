@@ -202,10 +202,20 @@ CELERY_TASK_SERIALIZER = "json"
 CELERY_RESULT_SERIALIZER = "json"
 CELERY_TIMEZONE = TIME_ZONE
 
-CELERY_TASK_SOFT_TIME_LIMIT = env.int("CELERY_TASK_SOFT_TIME_LIMIT", default=300)
-CELERY_TASK_TIME_LIMIT = env.int("CELERY_TASK_TIME_LIMIT", default=360)
+# Time limits of a task that sets none: the default queue's short tasks. The long queue's tasks
+# carry the long limits (app/tasks.py). Short limits keep the default pool's Redis visibility
+# timeout, and so its redelivery after a dead worker, short (app/redelivery.py).
+CELERY_TASK_SOFT_TIME_LIMIT = env.int("CELERY_TASK_SOFT_TIME_LIMIT", default=25)
+CELERY_TASK_TIME_LIMIT = env.int("CELERY_TASK_TIME_LIMIT", default=30)
 if CELERY_TASK_SOFT_TIME_LIMIT >= CELERY_TASK_TIME_LIMIT:
     raise ImproperlyConfigured("CELERY_TASK_SOFT_TIME_LIMIT must be lower than CELERY_TASK_TIME_LIMIT.")
+CELERY_LONG_TASK_SOFT_TIME_LIMIT = env.int("CELERY_LONG_TASK_SOFT_TIME_LIMIT", default=300)
+CELERY_LONG_TASK_TIME_LIMIT = env.int("CELERY_LONG_TASK_TIME_LIMIT", default=360)
+if CELERY_LONG_TASK_SOFT_TIME_LIMIT >= CELERY_LONG_TASK_TIME_LIMIT:
+    raise ImproperlyConfigured("CELERY_LONG_TASK_SOFT_TIME_LIMIT must be lower than CELERY_LONG_TASK_TIME_LIMIT.")
+# The longest wait between two retries (exponential backoff with jitter, app/tasks.py): a retry's
+# message waits that long unacknowledged, so it counts towards the visibility timeout too.
+CELERY_RETRY_BACKOFF_MAX = env.int("CELERY_RETRY_BACKOFF_MAX", default=15)
 
 CELERY_TASK_DEFAULT_QUEUE = env.str("CELERY_DEFAULT_QUEUE", default="default")
 CELERY_LONG_QUEUE = env.str("CELERY_LONG_QUEUE", default="long")
@@ -215,6 +225,9 @@ CELERY_TASK_ROUTES = {
     "app.tasks.time_limited_task": {"queue": CELERY_LONG_QUEUE},
     "app.tasks.generate_report": {"queue": CELERY_LONG_QUEUE},
     "app.tasks.create_users_batch": {"queue": CELERY_LONG_QUEUE},
+    "app.tasks.send_bulk_emails": {"queue": CELERY_LONG_QUEUE},
+    "app.tasks.cleanup_old_users": {"queue": CELERY_LONG_QUEUE},
+    "app.tasks.cleanup_task_logs": {"queue": CELERY_LONG_QUEUE},
 }
 
 # One message at a time per process: a long task never sits on prefetched short ones.
@@ -250,27 +263,41 @@ CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = env.bool(
 # no more messages than it had processes.
 CELERY_WORKER_DISABLE_PREFETCH = BROKER_IS_REDIS and env.bool("CELERY_WORKER_DISABLE_PREFETCH", default=True)
 
-# A message unacknowledged for this long is redelivered by Redis; it must outlast the
-# longest hard time limit plus the longest countdown (enforced by a system check, app/checks.py).
-CELERY_BROKER_VISIBILITY_TIMEOUT = env.int("CELERY_BROKER_VISIBILITY_TIMEOUT", default=3600)
+# Redis redelivers a message left unacknowledged this long (a worker died holding it). Empty:
+# each worker derives it from the tasks of the queues it consumes (their longest hard limit plus
+# the longest countdown, app/redelivery.py), so a dead default-pool worker's task runs again in
+# under a minute. A value set here must exceed that, or the worker refuses to start.
+CELERY_BROKER_VISIBILITY_TIMEOUT = env.int("CELERY_BROKER_VISIBILITY_TIMEOUT", default=None)
+# A worker pool's name (the chart sets it): on Redis each pool keeps its unacknowledged messages
+# in keys of its own, so a pool with a short visibility timeout never redelivers the messages of
+# a pool running longer tasks. Empty: kombu's shared keys.
+WORKER_POOL_NAME = env.str("WORKER_POOL_NAME", default="")
+# Seconds between two sweeps that put overdue unacknowledged messages back (kombu's default
+# sweeps every 100 s: 10 s, on every 10th turn).
+REDIS_RESTORE_INTERVAL = env.int("REDIS_RESTORE_INTERVAL", default=5)
 # A Redis broker that vanishes without closing the connection (failover, a NAT or firewall
 # timeout) is noticed in seconds: a command waits at most REDIS_SOCKET_TIMEOUT, and an idle
 # connection is checked every REDIS_HEALTH_CHECK_INTERVAL seconds (a stuck BRPOP is dropped after
 # about 1 + 2 x that; kombu's default of 25 s gives 51 s). A timed-out command is retried once.
 REDIS_SOCKET_TIMEOUT = env.float("REDIS_SOCKET_TIMEOUT", default=5.0)
 REDIS_HEALTH_CHECK_INTERVAL = env.int("REDIS_HEALTH_CHECK_INTERVAL", default=5)
-CELERY_BROKER_TRANSPORT_OPTIONS = {
-    "visibility_timeout": CELERY_BROKER_VISIBILITY_TIMEOUT,
-    **(
-        {
-            "socket_timeout": REDIS_SOCKET_TIMEOUT,
-            "health_check_interval": REDIS_HEALTH_CHECK_INTERVAL,
-            "retry_on_timeout": True,
-        }
-        if BROKER_IS_REDIS
-        else {}
-    ),
-}
+CELERY_BROKER_TRANSPORT_OPTIONS = {}
+if BROKER_IS_REDIS:
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "socket_timeout": REDIS_SOCKET_TIMEOUT,
+        "health_check_interval": REDIS_HEALTH_CHECK_INTERVAL,
+        "retry_on_timeout": True,
+        "unacked_restore_interval": REDIS_RESTORE_INTERVAL,
+        "unacked_restore_throttle": 1,
+    }
+    if CELERY_BROKER_VISIBILITY_TIMEOUT is not None:
+        CELERY_BROKER_TRANSPORT_OPTIONS["visibility_timeout"] = CELERY_BROKER_VISIBILITY_TIMEOUT
+    if WORKER_POOL_NAME:
+        CELERY_BROKER_TRANSPORT_OPTIONS.update(
+            unacked_key=f"unacked:{WORKER_POOL_NAME}",
+            unacked_index_key=f"unacked_index:{WORKER_POOL_NAME}",
+            unacked_mutex_key=f"unacked_mutex:{WORKER_POOL_NAME}",
+        )
 # The same for the Redis result backend (Celery's own default socket timeout is 120 s).
 CELERY_REDIS_SOCKET_TIMEOUT = REDIS_SOCKET_TIMEOUT
 CELERY_REDIS_RETRY_ON_TIMEOUT = True

@@ -118,13 +118,20 @@ def service_log_dir(tmp_path_factory) -> Path:
 
 
 def start_worker(
-    app, *, broker_url: str, log_dir: Path, concurrency: int = 2, app_module: str = "project", **env
+    app,
+    *,
+    broker_url: str,
+    log_dir: Path,
+    concurrency: int = 2,
+    app_module: str = "project",
+    queues: str = "default,long",
+    **env,
 ) -> Service:
-    """A prefork worker on `broker_url` consuming default and long, ready to take tasks."""
+    """A prefork worker on `broker_url` consuming `queues`, ready to take tasks."""
     hostname = f"test-{uuid.uuid4().hex[:8]}@localhost"
     command = [
         sys.executable, "-m", "celery", "-A", app_module, "worker",
-        "-Q", "default,long", "-c", str(concurrency), "--pool", "prefork",
+        "-Q", queues, "-c", str(concurrency), "--pool", "prefork",
         "-n", hostname, "--without-mingle", "--without-gossip", "--purge", "-E", "-l", "info",
     ]  # fmt: skip
     service = Service(

@@ -153,6 +153,7 @@ BAD_INPUT_CASES = [
     ("/api/long-task/", {"total_steps": 0}, "total_steps"),
     ("/api/long-task/", {"total_steps": 1001}, "total_steps"),
     ("/api/long-task/", {"step_seconds": -1}, "step_seconds"),
+    ("/api/long-task/", {"total_steps": 31, "step_seconds": 10}, "soft time limit is 300 s"),
     ("/api/long-task/", {"kind": "time_limited", "soft_time_limit": 5, "time_limit": 3}, "soft_time_limit"),
     ("/api/long-task/", {"kind": "forever"}, "kind"),
     ("/api/retry-task/", {"fail_probability": 1.5}, "fail_probability"),

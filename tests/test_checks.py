@@ -1,39 +1,61 @@
-"""The broker visibility-timeout system check."""
+"""The broker visibility timeout: derived per worker from its queues' tasks (app/redelivery.py),
+and checked when it is set (manage.py check, and a worker's start)."""
 
 import pytest
 from django.core.management import call_command
 from django.core.management.base import SystemCheckError
 
-from app.checks import check_visibility_timeout, longest_hard_time_limit
-from app.tasks import MAX_COUNTDOWN_SECONDS
+from app import redelivery
+from app.checks import check_visibility_timeout
+from app.tasks import LONG_LIMITS, MAX_COUNTDOWN_SECONDS
 from project.celery import app as celery_app
+
+
+def test_the_default_queue_needs_its_short_tasks_limit_and_the_long_queue_its_own():
+    default, _ = redelivery.needed_seconds(celery_app, {"default"})
+    long, task = redelivery.needed_seconds(celery_app, {"long"})
+
+    # Short tasks: the default hard limit (30 s) and the longest retry countdown (15 s).
+    assert default == celery_app.conf.task_time_limit + MAX_COUNTDOWN_SECONDS == 45
+    assert long == LONG_LIMITS["time_limit"] + MAX_COUNTDOWN_SECONDS == 375
+    assert celery_app.tasks[task].time_limit == LONG_LIMITS["time_limit"]
+    assert redelivery.needed_seconds(celery_app) == (long, task)  # all queues: the longest
+
+
+def test_at_most_once_tasks_count_only_with_their_countdown(monkeypatch):
+    # time_limited_task is at most once: acknowledged when it starts, so its run time is not
+    # spent unacknowledged, however long its limit.
+    monkeypatch.setattr(celery_app.tasks["app.tasks.time_limited_task"], "time_limit", 5000)
+    assert redelivery.needed_seconds(celery_app, {"long"})[0] == 375
+
+    monkeypatch.setattr(celery_app.tasks["app.tasks.generate_report"], "time_limit", 5000)
+    assert redelivery.needed_seconds(celery_app, {"long"}) == (
+        5000 + MAX_COUNTDOWN_SECONDS,
+        "app.tasks.generate_report",
+    )
 
 
 def test_default_settings_pass():
     assert check_visibility_timeout() == []
 
 
-def test_the_longest_hard_limit_includes_per_task_limits(monkeypatch):
-    monkeypatch.setattr(celery_app.tasks["app.tasks.generate_report"], "time_limit", 5000)
-
-    assert longest_hard_time_limit(celery_app) == 5000
-    assert check_visibility_timeout()[0].id == "app.E001"
-
-
-def test_a_visibility_timeout_below_limit_plus_countdown_fails_manage_py_check(settings):
-    settings.CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": settings.CELERY_TASK_TIME_LIMIT}
+def test_a_visibility_timeout_set_below_the_longest_need_fails_manage_py_check(settings):
+    settings.CELERY_BROKER_VISIBILITY_TIMEOUT = 100
 
     errors = check_visibility_timeout()
 
     assert [error.id for error in errors] == ["app.E001"]
+    assert "must exceed 375 s" in errors[0].msg
     assert f"longest countdown ({MAX_COUNTDOWN_SECONDS} s)" in errors[0].msg
     with pytest.raises(SystemCheckError, match=r"app\.E001"):
         call_command("check")
+    settings.CELERY_BROKER_VISIBILITY_TIMEOUT = 376
+    assert check_visibility_timeout() == []
 
 
 def test_the_check_does_not_apply_to_rabbitmq(settings):
-    settings.CELERY_BROKER_URL = "amqp://guest:guest@127.0.0.1:5672//"
-    settings.CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 1}
+    settings.BROKER_IS_REDIS = False
+    settings.CELERY_BROKER_VISIBILITY_TIMEOUT = 1
 
     assert check_visibility_timeout() == []
 

@@ -5,12 +5,16 @@ and a task whose pool process dies on every run ends after max_retries instead o
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 import uuid
 
 import pytest
 import redis
 
-from tests.conftest import celery_app_for, start_worker, wait_until
+from tests.conftest import REPO_ROOT, celery_app_for, start_worker, subprocess_env, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -90,3 +94,98 @@ def test_a_task_whose_process_dies_on_every_run_fails_after_max_retries(faulty_w
     assert meta["retries"] == 3  # Celery's default max_retries: four runs, then the end
     assert int(redis.Redis.from_url(redis_url).get(key)) == 4
     assert worker.process.poll() is None  # the worker itself lives on
+
+
+# --- Redelivery after a worker dies (Redis): app/redelivery.py -----------------------------------
+
+# A default pool with short limits, so its derived visibility timeout is short: 4 s hard limit
+# + 1 s longest countdown + 5 s margin = 10 s; restore sweeps every second.
+SHORT_POOL = {
+    "CELERY_TASK_TIME_LIMIT": "4",
+    "CELERY_TASK_SOFT_TIME_LIMIT": "3",
+    "CELERY_RETRY_BACKOFF_MAX": "1",
+    "REDIS_RESTORE_INTERVAL": "1",
+}
+SHORT_POOL_VISIBILITY_TIMEOUT = 10
+
+
+def pool_worker(app, redis_url, log_dir, *, pool: str, queues: str, **env):
+    return start_worker(
+        app,
+        broker_url=redis_url,
+        log_dir=log_dir,
+        app_module="tests.apps.faulty_tasks",
+        queues=queues,
+        RESULT_BACKEND_URL=redis_url,
+        RUNS_URL=redis_url,
+        TASK_HISTORY_RECORDER="false",
+        WORKER_POOL_NAME=pool,
+        **env,
+    )
+
+
+def run_starts(redis_url: str, key: str) -> list[float]:
+    return [float(value) for value in redis.Redis.from_url(redis_url).lrange(f"{key}:started", 0, -1)]
+
+
+def test_a_task_held_by_a_killed_worker_runs_again_within_the_pools_visibility_timeout(redis_url, service_log_dir):
+    app = celery_app_for(redis_url)
+    pool = f"short-{uuid.uuid4().hex[:6]}"
+    first = pool_worker(app, redis_url, service_log_dir, pool=pool, queues="default", **SHORT_POOL)
+    key = f"runs-{uuid.uuid4().hex}"
+    try:
+        result = app.send_task("faulty.slow_at_least_once", args=[key, 2.5], queue="default")
+        wait_until(lambda: run_starts(redis_url, key), timeout=30, message="the first run started")
+        os.killpg(first.process.pid, signal.SIGKILL)  # main process and pool children, mid-run
+        killed_at = time.time()
+        first.process.wait()
+    finally:
+        first.stop()
+    client = redis.Redis.from_url(redis_url)
+    assert client.hlen(f"unacked:{pool}") == 1  # held, unacknowledged, in the pool's own keys
+
+    second = pool_worker(app, redis_url, service_log_dir, pool=pool, queues="default", **SHORT_POOL)
+    try:
+        meta = final_state(redis_url, result.id, second)
+    finally:
+        second.stop()
+
+    assert (meta["status"], meta["result"]) == ("SUCCESS", 2)
+    delay = run_starts(redis_url, key)[1] - killed_at
+    # Not before the visibility timeout (the first worker might have been alive), and within
+    # one restore sweep (1 s) and a worker start after it.
+    assert SHORT_POOL_VISIBILITY_TIMEOUT - 3 <= delay <= SHORT_POOL_VISIBILITY_TIMEOUT + 6, delay
+    assert "visibility_timeout" not in second.log()  # derived, not refused
+
+
+def test_a_short_pool_never_redelivers_a_long_pools_running_task(redis_url, service_log_dir):
+    app = celery_app_for(redis_url)
+    long_pool = pool_worker(app, redis_url, service_log_dir, pool=f"long-{uuid.uuid4().hex[:6]}", queues="long")
+    short_pool = pool_worker(
+        app, redis_url, service_log_dir, pool=f"short-{uuid.uuid4().hex[:6]}", queues="default", **SHORT_POOL
+    )
+    key = f"runs-{uuid.uuid4().hex}"
+    try:
+        # Runs past the short pool's visibility timeout (10 s) and several of its restore sweeps.
+        result = app.send_task("faulty.slow_on_long", args=[key, SHORT_POOL_VISIBILITY_TIMEOUT + 4], queue="long")
+        meta = final_state(redis_url, result.id, long_pool)
+    finally:
+        short_pool.stop()
+        long_pool.stop()
+
+    assert (meta["status"], meta["result"]) == ("SUCCESS", 1)
+    assert len(run_starts(redis_url, key)) == 1  # never handed out a second time
+
+
+def test_a_worker_refuses_a_visibility_timeout_set_shorter_than_its_tasks_need(redis_url):
+    run = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "project", "worker", "-Q", "default", "--pool", "solo"],
+        cwd=REPO_ROOT,
+        env=subprocess_env(CELERY_BROKER_URL=redis_url, CELERY_BROKER_VISIBILITY_TIMEOUT="20"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert run.returncode != 0
+    assert "visibility timeout (20 s) must exceed 45 s" in run.stderr + run.stdout

@@ -7,23 +7,32 @@ tests (tests/test_delivery.py):
   connections (as when the broker is down or restarting), so the retry cannot be published;
   the next run succeeds. Counted in Redis at RUNS_URL, under the key it is given.
 - ``kills_its_process``: every run SIGKILLs its own pool process, as an out-of-memory kill would.
+- ``slow_at_least_once`` (default queue, the default short time limits) and ``slow_on_long``
+  (routed to the long queue, 30 s limits): sleep, after counting and timing each run.
 """
 
 import os
 import signal
+import time
 
 import redis
+from django.conf import settings
 from kombu import Connection
 
 from app.task_class import IDEMPOTENT
 from project.celery import app
+
+# Routed as the project routes its long tasks; read by the worker's app when it is configured.
+settings.CELERY_TASK_ROUTES["faulty.slow_on_long"] = {"queue": "long"}
 
 # Nothing listens on port 1: every connection is refused at once.
 UNREACHABLE_BROKER_URL = "redis://127.0.0.1:1/0"
 
 
 def _runs(key: str) -> int:
-    return redis.Redis.from_url(os.environ["RUNS_URL"]).incr(key)
+    client = redis.Redis.from_url(os.environ["RUNS_URL"])
+    client.rpush(f"{key}:started", time.time())
+    return client.incr(key)
 
 
 def _retry_while_broker_unreachable(task, key: str) -> int:
@@ -47,3 +56,17 @@ def retry_at_most_once(self, key: str) -> int:
 def kills_its_process(key: str) -> None:
     _runs(key)
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+@app.task(name="faulty.slow_at_least_once", **IDEMPOTENT)
+def slow_at_least_once(key: str, seconds: float) -> int:
+    runs = _runs(key)
+    time.sleep(seconds)
+    return runs
+
+
+@app.task(name="faulty.slow_on_long", soft_time_limit=25, time_limit=30, **IDEMPOTENT)
+def slow_on_long(key: str, seconds: float) -> int:
+    runs = _runs(key)
+    time.sleep(seconds)
+    return runs

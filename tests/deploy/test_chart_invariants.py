@@ -438,8 +438,11 @@ def test_worker_grace_period_follows_the_values(minimal_values):
 
     docs = render_chart(values)
 
-    graces = {pod_spec(d)["terminationGracePeriodSeconds"] for d in by_component(docs, "worker")}
-    assert graces == {120 + 1800 + 30}
+    graces = {
+        pool: pod_spec(d)["terminationGracePeriodSeconds"] for pool, d in worker_deployments_by_pool(docs).items()
+    }
+    # The default pool sets its own longestTaskSeconds (its short tasks' 30 s); the long pool takes the default.
+    assert graces == {"default": 120 + 30 + 30, "long": 120 + 1800 + 30}
 
 
 def pool_environments(docs: list[dict], values: dict) -> list[tuple[dict, dict]]:
@@ -847,17 +850,25 @@ def test_web_grace_period_covers_the_pre_stop_sleep_and_gunicorns_graceful_timeo
 @pytest.mark.parametrize("ci_file", CI_FILES)
 def test_task_time_limits_and_the_visibility_timeout_fit_together(render_ci, ci_file):
     # Redis redelivers a message not acknowledged within the visibility timeout: a task that may run
-    # longer than that is run twice.
+    # longer than that is run twice. Unset, each worker derives it from its queues' tasks
+    # (app/redelivery.py); set, it must cover the longest task and retry countdown.
     docs = render_ci(ci_file)
     values = merged_values(load_values(ci_file))
+    pool_names = []
     for pool, env in pool_environments(docs, values):
         soft, hard = int(env["CELERY_TASK_SOFT_TIME_LIMIT"]), int(env["CELERY_TASK_TIME_LIMIT"])
-        visibility = int(env["CELERY_BROKER_VISIBILITY_TIMEOUT"])
-        longest = pool_setting(values, pool, "longestTaskSeconds")
+        long_soft, long_hard = int(env["CELERY_LONG_TASK_SOFT_TIME_LIMIT"]), int(env["CELERY_LONG_TASK_TIME_LIMIT"])
         assert soft < hard, f"pool {pool['name']}: soft limit {soft} >= hard limit {hard}"
-        assert visibility > max(hard, longest) + pool_setting(values, pool, "softShutdownTimeout"), (
-            f"pool {pool['name']}: visibility timeout {visibility} s, tasks may run {max(hard, longest)} s"
-        )
+        assert long_soft < long_hard, f"pool {pool['name']}: long soft limit {long_soft} >= hard limit {long_hard}"
+        longest = pool_setting(values, pool, "longestTaskSeconds")
+        runs_long_tasks = env["CELERY_LONG_QUEUE"] in env["CELERY_WORKER_QUEUES"].split(",")
+        assert longest >= (long_hard if runs_long_tasks else hard), f"pool {pool['name']}: grace from {longest} s"
+        if "CELERY_BROKER_VISIBILITY_TIMEOUT" in env:
+            visibility = int(env["CELERY_BROKER_VISIBILITY_TIMEOUT"])
+            assert visibility > max(hard, long_hard) + int(env["CELERY_RETRY_BACKOFF_MAX"]), pool["name"]
+        pool_names.append(env["WORKER_POOL_NAME"])
+    # Each pool's unacknowledged messages under keys of its own.
+    assert len(set(pool_names)) == len(pool_names), pool_names
 
 
 @pytest.mark.parametrize("ci_file", CI_FILES)
