@@ -5,7 +5,9 @@ In ``settings.WORKER_HEALTH_DIR``:
 
 - ``alive``: touched by the main process's event loop every WORKER_HEALTH_INTERVAL seconds,
   every second while it waits to reconnect to the broker, and by a thread during a shutdown. Stale: the main loop is stuck
-  or gone. Busy pool processes do not matter: they are other processes.
+  or gone, or the worker has been connected without consuming from its queues for
+  WORKER_STUCK_AFTER seconds (a restart is what heals that). Busy pool processes do not
+  matter: they are other processes.
 - ``ready``: touched on the same tick while the worker is connected, consuming from every one
   of its queues, and its canary is fresh or every pool slot is busy; removed otherwise. Its
   content says which ("free" or "busy").
@@ -86,6 +88,8 @@ class HealthFiles(bootsteps.StartStopStep):
         super().__init__(c, **kwargs)
         self.timer_entry = None
         self.was_ready: bool | None = None
+        # Since when the worker is connected but not consuming from its queues (monotonic).
+        self.stuck_since: float | None = None
         # Once per worker start: no ready file left by a previous run in the same pod, and the
         # canary clock starts now.
         health_dir().mkdir(parents=True, exist_ok=True)
@@ -105,13 +109,16 @@ class HealthFiles(bootsteps.StartStopStep):
         from django.conf import settings
 
         try:
-            touch(ALIVE)
             connection = c.connection
+            connected = connection is not None and connection.connected
             queues = c.app.amqp.queues.consume_from or {}
             consuming = c.task_consumer is not None and all(c.task_consumer.consuming_from(q) for q in queues)
+            consuming = consuming and bool(queues)
+            if self.still_alive(connected=connected, consuming=consuming, queues=queues):
+                touch(ALIVE)
             verdict = readiness(
-                connected=connection is not None and connection.connected,
-                consuming=consuming and bool(queues),
+                connected=connected,
+                consuming=consuming,
                 busy=len(state.active_requests) >= (c.pool.num_processes or 1),
                 canary_age=age(CANARY),
                 stale_after=settings.CANARY_STALE_AFTER,
@@ -132,6 +139,32 @@ class HealthFiles(bootsteps.StartStopStep):
         except Exception:
             # A probe file that cannot be written must not take the event loop down.
             logger.exception("Could not update the worker's probe files")
+
+    def still_alive(self, *, connected: bool, consuming: bool, queues) -> bool:
+        """False once the worker has been connected without consuming for WORKER_STUCK_AFTER
+        seconds: nothing but a restart brings it back then. A broker outage (not connected) never
+        counts: a restart would not help, and the reconnect loop keeps the worker alive."""
+        from django.conf import settings
+
+        if not connected or consuming:
+            if self.stuck_since is not None and consuming:
+                logger.warning("Worker consuming again from %s", ", ".join(sorted(queues)))
+            self.stuck_since = None
+            return True
+        now = time.monotonic()
+        if self.stuck_since is None:
+            self.stuck_since = now
+        stuck_for = now - self.stuck_since
+        if settings.WORKER_STUCK_AFTER <= 0 or stuck_for < settings.WORKER_STUCK_AFTER:
+            return True
+        if stuck_for - settings.WORKER_STUCK_AFTER < settings.WORKER_HEALTH_INTERVAL:  # once, on the first tick past it
+            logger.error(
+                "Worker connected but not consuming from all of its queues (%s) for %d s: no longer marked "
+                "alive, so its liveness probe fails and it is restarted",
+                ", ".join(sorted(queues)) or "none left",
+                stuck_for,
+            )
+        return False
 
     def stop(self, c):
         if self.timer_entry is not None:

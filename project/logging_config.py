@@ -68,6 +68,21 @@ def exception_as_text(_logger, _method_name, event_dict: dict) -> dict:
     return event_dict
 
 
+class ExpectedRedeliveryFilter(logging.Filter):
+    """kombu logs CRITICAL "Couldn't ack ..., reason: ..." (and "Couldn't reject") when the broker
+    connection dropped before a message was acknowledged. For an at-least-once task that is the
+    guarantee at work, not a crisis: the broker delivers the message again and the task runs
+    again. Logged at WARNING, with what happens next."""
+
+    MESSAGES = ("Couldn't ack ", "Couldn't reject ")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.WARNING and isinstance(record.msg, str) and record.msg.startswith(self.MESSAGES):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg += " (the broker delivers the message again)"
+        return True
+
+
 def build(*, log_format: str, level: str, celery_task_lines: bool = False) -> dict:
     """A logging.config.dictConfig dictionary: one handler on the root logger, rendering with
     structlog; gunicorn's loggers propagate to it instead of keeping handlers of their own.
@@ -90,7 +105,10 @@ def build(*, log_format: str, level: str, celery_task_lines: bool = False) -> di
                 "processors": [structlog.stdlib.ProcessorFormatter.remove_processors_meta, *render],
             }
         },
-        "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "structlog"}},
+        "filters": {"expected_redelivery": {"()": ExpectedRedeliveryFilter}},
+        "handlers": {
+            "console": {"class": "logging.StreamHandler", "formatter": "structlog", "filters": ["expected_redelivery"]}
+        },
         "root": {"handlers": ["console"], "level": level},
         "loggers": {
             **({} if celery_task_lines else {name: {"level": "WARNING"} for name in CELERY_TASK_LOGGERS}),

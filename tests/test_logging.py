@@ -345,3 +345,26 @@ def test_an_unknown_log_format_stops_start_up_with_a_clear_error():
 
     assert run.returncode != 0
     assert "LOG_FORMAT='xml': use one of json, console." in run.stderr
+
+
+def test_a_lost_acknowledgement_is_a_warning_that_says_the_message_comes_again(capsys):
+    import logging.config
+
+    from django.conf import settings
+    from amqp.exceptions import RecoverableConnectionError
+
+    logging.config.dictConfig(logging_config.build(log_format="json", level="INFO"))
+    try:
+        # What kombu's Message.ack_log_error logs when the connection dropped before the ack.
+        logging.getLogger("celery.worker.request").critical(
+            "Couldn't ack %r, reason:%r", 7, RecoverableConnectionError("connection already closed")
+        )
+        logging.getLogger("celery.worker.request").critical("Unrecoverable error: %r", KeyError("k"))
+    finally:
+        logging.config.dictConfig(settings.LOGGING)
+
+    ack, other = json_lines(capsys.readouterr().err)
+    assert ack["level"] == "warning"
+    assert ack["event"].startswith("Couldn't ack 7, reason:RecoverableConnectionError")
+    assert ack["event"].endswith("(the broker delivers the message again)")
+    assert other["level"] == "critical"  # anything else keeps its level

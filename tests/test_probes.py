@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -33,6 +34,7 @@ VENV_BIN = Path(sys.executable).parent
 FLOWER_AUTH = "probe:probe-password"
 CANARY_INTERVAL = 3  # seconds; the chart's default is 60
 CANARY_STALE_AFTER = 9
+WORKER_STUCK_AFTER = 10  # seconds connected without consuming before liveness is let go; default 120
 
 
 # --- Unit: the readiness rule ------------------------------------------------------------
@@ -148,6 +150,7 @@ class Stack:
             # A canary every few seconds, so its rules show within a test.
             "CELERY_CANARY_INTERVAL": str(CANARY_INTERVAL),
             "CELERY_CANARY_STALE_AFTER": str(CANARY_STALE_AFTER),
+            "CELERY_WORKER_STUCK_AFTER": str(WORKER_STUCK_AFTER),
         }
         for workload in of_kind(self.docs, "Deployment", "Job"):
             component = labels(workload).get("app.kubernetes.io/component")
@@ -469,6 +472,28 @@ def test_a_stopped_worker_main_loop_fails_liveness_within_its_window(stack):
     finally:
         os.kill(worker.pid, signal.SIGCONT)
     first_change(alive, to=True, within=30)
+
+
+def test_a_worker_connected_but_not_consuming_turns_unready_then_fails_liveness(stack):
+    """celery#10205: a worker stays connected and answers pings but takes nothing. Here its
+    consumer is cancelled through remote control; readiness fails within its window, liveness
+    once WORKER_STUCK_AFTER has passed and the alive file aged past the probe's 30 s, so the
+    kubelet would restart it. Consuming again, it is alive and ready again."""
+    worker = stack.roles["worker-long"]
+    control = celery_app_for(worker.env["CELERY_BROKER_URL"]).control
+    destination = [f"{worker.env['CELERY_WORKER_NAME']}@{socket.gethostname()}"]
+    alive, ready = stack.probe("worker-long", "livenessProbe"), stack.probe("worker-long", "readinessProbe")
+    assert control.cancel_consumer("long", destination=destination, reply=True), "no reply to cancel_consumer"
+    try:
+        first_change(ready, to=False, within=ready.window + 10, also_passing=(alive,))
+        # Still alive for WORKER_STUCK_AFTER, then the file ages past the probe's 30 s.
+        seconds = first_change(alive, to=False, within=WORKER_STUCK_AFTER + 30 + alive.spec["periodSeconds"] + 10)
+        assert seconds >= 30, f"liveness failed after {seconds:.0f} s: before the alive file could be 30 s old"
+        assert "not consuming from all of its queues" in log_tail(stack, "worker-long")
+    finally:
+        control.add_consumer("long", destination=destination, reply=True)
+    first_change(alive, to=True, within=30)
+    first_change(ready, to=True, within=CANARY_INTERVAL * 4 + ready.window)
 
 
 def test_a_warm_shutdown_keeps_the_worker_alive_while_its_task_finishes(stack):

@@ -53,7 +53,7 @@ def test_every_backend_is_chosen_by_url():
         EMAIL_URL="smtp://user:pw@mail.example.com:587/?tls=True",
         DJANGO_ALLOWED_HOSTS="api.example.com,.example.org",
         CELERY_BROKER_URL="amqp://guest:guest@127.0.0.1:5672//",
-        CELERY_TASK_SOFT_TIME_LIMIT="100",
+        CELERY_TASK_SOFT_TIME_LIMIT="10",
         CELERY_DEFAULT_QUEUE="short",
     )
 
@@ -65,7 +65,7 @@ def test_every_backend_is_chosen_by_url():
         "debug": False,
         "hosts": ["api.example.com", ".example.org"],
         "broker": "amqp://guest:guest@127.0.0.1:5672//",
-        "soft": 100,
+        "soft": 10,
         "queue": "short",
         "conn_max_age": 600,
     }
@@ -101,17 +101,23 @@ def delivery_settings(**env) -> dict:
 def test_delivery_safety_settings_follow_the_broker():
     on_redis = delivery_settings(CELERY_BROKER_URL="redis://127.0.0.1:6390/0")
     assert (on_redis["cancel"], on_redis["no_prefetch"]) == (False, True)
-    assert on_redis["transport"] == {
-        "visibility_timeout": 3600,
+    assert on_redis["transport"] == {  # no visibility_timeout: each worker derives its own
         "socket_timeout": 5.0,
         "health_check_interval": 5,
         "retry_on_timeout": True,
+        "unacked_restore_interval": 5,
+        "unacked_restore_throttle": 1,
     }
+    pool = delivery_settings(CELERY_BROKER_URL="redis://127.0.0.1:6390/0", WORKER_POOL_NAME="fast")
+    assert (pool["transport"]["unacked_key"], pool["transport"]["unacked_index_key"]) == (
+        "unacked:fast",
+        "unacked_index:fast",
+    )
     assert on_redis["backend_timeout"] == 5.0
 
     on_rabbitmq = delivery_settings(CELERY_BROKER_URL="amqp://guest:guest@127.0.0.1:5672//")
     assert (on_rabbitmq["cancel"], on_rabbitmq["no_prefetch"]) == (True, False)
-    assert on_rabbitmq["transport"] == {"visibility_timeout": 3600}
+    assert on_rabbitmq["transport"] == {"confirm_publish": True}  # publisher confirms
 
 
 def test_the_connection_loss_warning_is_quiet_only_when_cancelling_is_off_on_purpose():
