@@ -350,8 +350,8 @@ def test_an_unknown_log_format_stops_start_up_with_a_clear_error():
 def test_a_lost_acknowledgement_is_a_warning_that_says_the_message_comes_again(capsys):
     import logging.config
 
-    from django.conf import settings
     from amqp.exceptions import RecoverableConnectionError
+    from django.conf import settings
 
     logging.config.dictConfig(logging_config.build(log_format="json", level="INFO"))
     try:
