@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv run test bench image lint fmt check kind-up kind-down kind-load deploy dev undeploy helm-docs kustomize-base
+.PHONY: help venv run test bench chaos image lint fmt check kind-up kind-down kind-load deploy dev undeploy helm-docs kustomize-base
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -47,6 +47,9 @@ $(BENCH_STAMP): requirements-bench.txt | $(STAMP)
 bench: $(STAMP) $(BENCH_STAMP) ## Throughput vs stock Celery, chord vs group, API vs empty view, start-up, memory, capacity model, probe cost (ratios, one run)
 	$(PY) -m tests.benchmarks.run
 	$(PY) -m tests.benchmarks.probe_cost
+
+chaos: $(STAMP) ## Chaos run on a Redis broker of its own: SIGKILLs, a rolling restart, a broker restart; counts lost and duplicated tasks
+	$(PY) -m tests.chaos.run
 
 IMAGE ?= django-celery-k8s
 VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' project/__init__.py)
