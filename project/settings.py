@@ -286,6 +286,11 @@ REDIS_HEALTH_CHECK_INTERVAL = env.int("REDIS_HEALTH_CHECK_INTERVAL", default=5)
 # silently. Measured on loopback: 1,400-1,900 persistent publishes/s per connection, against
 # 10,000-16,000 without (about 0.5 ms more per publish).
 CELERY_BROKER_CONFIRM_PUBLISH = env.bool("CELERY_BROKER_CONFIRM_PUBLISH", default=True)
+# Redis: kombu's transport, with task messages in an outbox until a worker has written them down
+# as unacknowledged, so a worker killed between its BRPOP and that write loses nothing
+# (app/redis_transport.py).
+if BROKER_IS_REDIS:
+    CELERY_BROKER_TRANSPORT = "app.redis_transport:Transport"
 CELERY_BROKER_TRANSPORT_OPTIONS = {}
 if CELERY_BROKER_URL.startswith(("amqp://", "amqps://", "pyamqp://")):
     CELERY_BROKER_TRANSPORT_OPTIONS = {"confirm_publish": CELERY_BROKER_CONFIRM_PUBLISH}

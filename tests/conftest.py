@@ -137,7 +137,11 @@ def start_worker(
     service = Service(
         f"worker-{hostname.split('@')[0]}", command, subprocess_env(CELERY_BROKER_URL=broker_url, **env), log_dir
     )
-    wait_for_worker(app, hostname, service)
+    try:
+        wait_for_worker(app, hostname, service)
+    except BaseException:
+        service.stop()  # not left behind to take the next tests' tasks
+        raise
     service.hostname = hostname
     return service
 
@@ -162,6 +166,10 @@ def celery_app_for(broker_url: str, **conf):
     app = Celery("project", set_as_current=False)
     app.config_from_object("django.conf:settings", namespace="CELERY")
     app.conf.broker_read_url = app.conf.broker_write_url = broker_url
+    if not broker_url.startswith(("redis://", "rediss://")):
+        # The settings chose the Redis transport (app/redis_transport.py) for the suite's broker.
+        app.conf.broker_transport = None
+        app.conf.broker_transport_options = {"confirm_publish": True}
     app.conf.update(conf)
     app.broker_url_for_workers = broker_url
     return app

@@ -1,0 +1,190 @@
+"""kombu's Redis transport, closing the one window in which it loses a task message.
+
+A Redis worker takes a message with BRPOP, which removes it from the queue's list, and only
+then writes it to the unacknowledged set (kombu's QoS.append), where a dead worker's messages
+are found again after the visibility timeout. A worker killed between the two (the reply on its
+way, or read and not yet written down) loses the message: the chaos run (tests/chaos/run.py)
+found it in a broker's AOF, an LPUSH and an RPOP and nothing after.
+
+Here every task message is also written to an outbox hash in the transaction that pushes it to
+its list, and leaves the outbox in the transaction that writes it to the unacknowledged set (or
+when its queue is purged or deleted). A message that sits in the outbox but in no list for two
+sweeps ``CONFIRM_SECONDS`` apart was popped by a worker that died before writing it down: the
+sweep pushes it back to the consuming end of its list. Workers sweep with kombu's own restore
+sweep (REDIS_RESTORE_INTERVAL); the check and the push are one Lua script, so sweeping workers
+never push a message twice. Restored messages (visibility timeout, warm shutdown, requeue)
+enter the outbox again with their push.
+
+Cost: the same round trips as kombu (the push and the write-down are each one transaction, two
+more commands in it), and Redis memory for a second copy of each message while it waits in its
+list. Only task messages (with a ``task`` header) go through the outbox, not control replies.
+"""
+
+import time
+
+from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
+from kombu.utils.json import dumps
+
+OUTBOX = "outbox"
+OUTBOX_INDEX = "outbox_index"
+OUTBOX_MISSING = "outbox_missing"
+# Seconds a message must have been in the outbox before a sweep looks for it in its list.
+CHECK_AFTER_SECONDS = 10
+# Seconds it must have been missing from its list, seen by two sweeps, before it is pushed back.
+# A live worker writes a popped message down within milliseconds; a worker frozen longer than
+# this between its BRPOP and its write-down would run the message beside the pushed-back copy.
+CONFIRM_SECONDS = 20
+SWEEP_LIMIT = 200
+
+# KEYS: outbox, its index (score: when last seen queued), the missing set (score: first missed).
+# ARGV: now, CHECK_AFTER_SECONDS, CONFIRM_SECONDS, SWEEP_LIMIT. Returns the messages pushed back.
+SWEEP_LUA = """
+local now = tonumber(ARGV[1])
+local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[2]), 'LIMIT', 0, tonumber(ARGV[4]))
+local pushed = 0
+for _, tag in ipairs(due) do
+  local record = redis.call('HGET', KEYS[1], tag)
+  if not record then
+    redis.call('ZREM', KEYS[2], tag)
+    redis.call('ZREM', KEYS[3], tag)
+  else
+    local sep = string.find(record, '\\0', 1, true)
+    local queue, payload = string.sub(record, 1, sep - 1), string.sub(record, sep + 1)
+    if redis.call('LPOS', queue, payload, 'RANK', -1) then
+      redis.call('ZREM', KEYS[3], tag)
+      redis.call('ZADD', KEYS[2], now, tag)
+    else
+      local missing_since = redis.call('ZSCORE', KEYS[3], tag)
+      if not missing_since then
+        redis.call('ZADD', KEYS[3], now, tag)
+      elseif now - tonumber(missing_since) >= tonumber(ARGV[3]) then
+        redis.call('RPUSH', queue, payload)
+        redis.call('ZREM', KEYS[3], tag)
+        redis.call('ZADD', KEYS[2], now, tag)
+        pushed = pushed + 1
+      end
+    end
+  end
+end
+return pushed
+"""
+
+# KEYS: outbox, its index, the missing set. ARGV: the list keys of a purged or deleted queue.
+FORGET_QUEUE_LUA = """
+local lists = {}
+for i = 1, #ARGV do lists[ARGV[i]] = true end
+local forgotten = 0
+local entries = redis.call('HGETALL', KEYS[1])
+for i = 1, #entries, 2 do
+  local record = entries[i + 1]
+  local queue = string.sub(record, 1, string.find(record, '\\0', 1, true) - 1)
+  if lists[queue] then
+    redis.call('HDEL', KEYS[1], entries[i])
+    redis.call('ZREM', KEYS[2], entries[i])
+    redis.call('ZREM', KEYS[3], entries[i])
+    forgotten = forgotten + 1
+  end
+end
+return forgotten
+"""
+
+
+def sweep(client, now: float | None = None) -> int:
+    """Push back the task messages a dead worker took before writing them down; the count."""
+    return client.register_script(SWEEP_LUA)(
+        keys=[OUTBOX, OUTBOX_INDEX, OUTBOX_MISSING],
+        args=[time.time() if now is None else now, CHECK_AFTER_SECONDS, CONFIRM_SECONDS, SWEEP_LIMIT],
+    )
+
+
+def _record(list_key: str, payload: str) -> str:
+    return f"{list_key}\0{payload}"
+
+
+def _is_task(message: dict) -> bool:
+    return bool((message.get("headers") or {}).get("task"))
+
+
+class QoS(kombu_redis.QoS):
+    def append(self, message, delivery_tag):
+        """Written down as unacknowledged and out of the outbox, in one transaction."""
+        delivery = message.delivery_info
+        with self.pipe_or_acquire() as pipe:
+            pipe.zadd(self.unacked_index_key, {delivery_tag: time.time()}).hset(
+                self.unacked_key, delivery_tag, dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
+            ).hdel(OUTBOX, delivery_tag).zrem(OUTBOX_INDEX, delivery_tag).zrem(OUTBOX_MISSING, delivery_tag).execute()
+        virtual.QoS.append(self, message, delivery_tag)
+
+    def restore_visible(self, *args, **kwargs):
+        super().restore_visible(*args, **kwargs)
+        with self.channel.conn_or_acquire() as client:
+            pushed = sweep(client)
+        if pushed:
+            kombu_redis.logger.warning(
+                "Pushed back %d task message(s) taken by a worker that died before writing them down", pushed
+            )
+
+
+class Channel(kombu_redis.Channel):
+    QoS = QoS
+
+    def _put(self, queue, message, **kwargs):
+        if not _is_task(message):
+            return super()._put(queue, message, **kwargs)
+        key = self._q_for_pri(queue, self._get_message_priority(message, reverse=False))
+        payload, tag = dumps(message), message["properties"]["delivery_tag"]
+        commands = [
+            ("hset", OUTBOX, tag, _record(key, payload)),
+            ("zadd", OUTBOX_INDEX, {tag: time.time()}),
+            ("lpush", key, payload),
+        ]
+        if self._expires and queue in self._expires:
+            commands += [("pexpire", self._q_for_pri(queue, p), self._expires[queue]) for p in self.priority_steps]
+        publish_batch = kwargs.pop("_publish_batch", None)
+        if publish_batch is not None:
+            for name, *args in commands:
+                publish_batch.add(name, *args)
+            return
+        with self.conn_or_acquire() as client, client.pipeline() as pipe:  # MULTI ... EXEC
+            for name, *args in commands:
+                getattr(pipe, name)(*args)
+            pipe.execute()
+
+    def _do_restore_message(self, payload, exchange, routing_key, pipe, leftmost=False):
+        """kombu's, with each restored task message back in the outbox in the same transaction."""
+        try:
+            try:
+                payload["headers"]["redelivered"] = True
+                payload["properties"]["delivery_info"]["redelivered"] = True
+            except KeyError:
+                pass
+            for queue in self._lookup(exchange, routing_key):
+                key = self._q_for_pri(queue, self._get_message_priority(payload, reverse=False))
+                raw = dumps(payload)
+                (pipe.lpush if leftmost else pipe.rpush)(key, raw)
+                if _is_task(payload):
+                    tag = payload["properties"]["delivery_tag"]
+                    pipe.hset(OUTBOX, tag, _record(key, raw)).zadd(OUTBOX_INDEX, {tag: time.time()})
+        except self.connection_errors:
+            raise
+        except Exception:
+            kombu_redis.crit("Could not restore message: %r", payload, exc_info=True)
+
+    def _forget_queue(self, queue) -> None:
+        lists = [self._q_for_pri(queue, pri) for pri in self.priority_steps]
+        with self.conn_or_acquire() as client:
+            client.register_script(FORGET_QUEUE_LUA)(keys=[OUTBOX, OUTBOX_INDEX, OUTBOX_MISSING], args=lists)
+
+    def _purge(self, queue):
+        purged = super()._purge(queue)
+        self._forget_queue(queue)
+        return purged
+
+    def _delete(self, queue, *args, **kwargs):
+        super()._delete(queue, *args, **kwargs)
+        self._forget_queue(queue)
+
+
+class Transport(kombu_redis.Transport):
+    Channel = Channel

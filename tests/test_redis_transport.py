@@ -1,0 +1,118 @@
+"""The Redis transport's outbox (app/redis_transport.py), against a real Redis: a task message a
+worker took and never wrote down comes back; one written down, purged or still queued does not."""
+
+import json
+import os
+import time
+
+import pytest
+import redis
+from kombu import Connection, Consumer, Exchange, Producer, Queue
+
+from app import redis_transport
+
+OUTBOX_TEST_DB = 9  # the suite's broker and results use 13 (tests/embedded_services.py)
+QUEUE = Queue("outbox-test", Exchange("outbox-test"), "outbox-test")
+
+
+@pytest.fixture
+def client():
+    client = redis.Redis.from_url(f"{os.environ['REDIS_URL'].rstrip('/')}/{OUTBOX_TEST_DB}")
+    client.flushdb()
+    yield client
+    client.flushdb()
+
+
+@pytest.fixture
+def connection(client):
+    url = f"{os.environ['REDIS_URL'].rstrip('/')}/{OUTBOX_TEST_DB}"
+    with Connection(url, transport=redis_transport.Transport) as connection:
+        yield connection
+
+
+def publish(connection, task: str | None = "app.tasks.add") -> None:
+    headers = {"task": task, "id": "task-1"} if task else {}
+    Producer(connection.default_channel).publish(
+        {"args": [1, 2]}, exchange=QUEUE.exchange, routing_key="outbox-test", declare=[QUEUE], headers=headers
+    )
+
+
+def pop_like_a_dying_worker(client) -> bytes:
+    """BRPOP's effect, and then nothing: the worker died before writing the message down."""
+    return client.rpop("outbox-test")
+
+
+def test_a_task_message_taken_and_never_written_down_is_pushed_back_after_two_sweeps(connection, client):
+    publish(connection)
+    assert client.hlen(redis_transport.OUTBOX) == 1
+    payload = pop_like_a_dying_worker(client)
+    now = time.time()
+
+    # Too young to be looked for; then missing once (a live worker may be writing it down); then
+    # missing for CONFIRM_SECONDS: pushed back, once, however many workers sweep.
+    assert redis_transport.sweep(client, now) == 0
+    assert redis_transport.sweep(client, now + redis_transport.CHECK_AFTER_SECONDS + 1) == 0
+    assert client.llen("outbox-test") == 0
+    later = now + redis_transport.CHECK_AFTER_SECONDS + redis_transport.CONFIRM_SECONDS + 2
+    assert redis_transport.sweep(client, later) == 1
+    assert redis_transport.sweep(client, later) == 0
+    assert client.lrange("outbox-test", 0, -1) == [payload]
+
+
+def take(connection):
+    """One message taken as a worker takes it: popped and written down as unacknowledged."""
+    received = []
+    with Consumer(connection.default_channel, [QUEUE], callbacks=[lambda body, message: received.append(message)]):
+        connection.drain_events(timeout=5)
+    [message] = received
+    return message
+
+
+def test_a_message_a_worker_wrote_down_leaves_the_outbox(connection, client):
+    publish(connection)
+    message = take(connection)
+
+    assert client.hlen(redis_transport.OUTBOX) == 0  # written down as unacknowledged instead
+    assert client.hexists("unacked", message.delivery_tag)
+    far = time.time() + 3600
+    assert redis_transport.sweep(client, far) == redis_transport.sweep(client, far) == 0
+    message.ack()
+    assert client.llen("outbox-test") == 0
+    assert client.hlen("unacked") == 0
+
+
+def test_a_message_still_waiting_in_its_queue_stays_there_once(connection, client):
+    publish(connection)
+    far = time.time() + 3600
+    assert redis_transport.sweep(client, far) == redis_transport.sweep(client, far + 100) == 0
+    assert client.llen("outbox-test") == 1
+
+
+def test_a_purged_queue_takes_its_messages_out_of_the_outbox(connection, client):
+    publish(connection)
+    QUEUE(connection.default_channel).purge()
+
+    assert client.hlen(redis_transport.OUTBOX) == 0
+    far = time.time() + 3600
+    assert redis_transport.sweep(client, far) == redis_transport.sweep(client, far + 100) == 0
+    assert client.llen("outbox-test") == 0
+
+
+def test_only_task_messages_go_through_the_outbox(connection, client):
+    publish(connection, task=None)  # e.g. a remote-control reply
+
+    assert client.hlen(redis_transport.OUTBOX) == 0
+    assert client.llen("outbox-test") == 1
+
+
+def test_a_message_restored_from_the_unacknowledged_set_is_in_the_outbox_again(connection, client):
+    publish(connection)
+    message = take(connection)
+
+    message.requeue()  # back to its list, as a restore or a reject with requeue does
+
+    [record] = client.hvals(redis_transport.OUTBOX)
+    queue, payload = record.split(b"\0", 1)
+    assert queue == b"outbox-test"
+    assert client.lrange("outbox-test", 0, -1) == [payload]
+    assert json.loads(payload)["headers"]["redelivered"] is True
