@@ -36,27 +36,32 @@ MAX_BACKOFF = 30.0
 
 
 def start(app) -> None:
-    """In beat, once: the metrics server and the two collector threads."""
+    """In beat, once: the worker events thread (worker up/down, and the at-most-once tasks of a
+    lost worker: app/lost_tasks.py) and, with CELERY_METRICS_PORT, the metrics server and the
+    queue lengths thread."""
     from django.conf import settings
     from prometheus_client import start_http_server
 
+    from app.lost_tasks import RunningTasks
+
+    workers = WorkerEvents(
+        app,
+        WorkerStates(
+            timeout=settings.CLUSTER_METRICS_WORKER_TIMEOUT, offline_ttl=settings.CLUSTER_METRICS_OFFLINE_WORKER_TTL
+        ),
+        running=RunningTasks(app, lost_after=settings.LOST_TASK_AFTER) if settings.LOST_TASK_AFTER else None,
+    )
+    threading.Thread(target=workers.run, name="worker-events", daemon=True).start()
     port = settings.WORKER_METRICS_PORT
     if not port:
-        logger.info("Beat metrics off (CELERY_METRICS_PORT=0): no queue lengths, no worker up/down")
+        logger.info("Beat metrics off (CELERY_METRICS_PORT=0): no queue lengths, no worker up/down series")
         return
     start_http_server(port)
     logger.info("Beat metrics on port %s", port)
     queues = QueueLengths(
         app, queue_names(app, settings.CLUSTER_METRICS_QUEUES), settings.CLUSTER_METRICS_QUEUE_INTERVAL
     )
-    workers = WorkerEvents(
-        app,
-        WorkerStates(
-            timeout=settings.CLUSTER_METRICS_WORKER_TIMEOUT, offline_ttl=settings.CLUSTER_METRICS_OFFLINE_WORKER_TTL
-        ),
-    )
     threading.Thread(target=queues.run, name="queue-lengths", daemon=True).start()
-    threading.Thread(target=workers.run, name="worker-events", daemon=True).start()
 
 
 class Backoff:
@@ -235,28 +240,49 @@ class _Receiver(EventReceiver):
 
 
 class WorkerEvents:
-    """Follows worker events on the broker and keeps `states` up to date."""
+    """Follows worker events on the broker and keeps `states` up to date, and `running` (the
+    tasks each worker runs, app/lost_tasks.py) when given."""
 
-    def __init__(self, app, states: WorkerStates):
+    def __init__(self, app, states: WorkerStates, running=None):
         self.app = app
         self.states = states
+        self.running = running
         self.backoff = Backoff()
 
     def _alive(self, event: dict) -> None:
         self.backoff.reset()
         self.states.alive(event)
 
-    def run(self) -> None:
+    def _sweep(self) -> None:
+        self.states.sweep()
+        if self.running is not None:
+            self.running.sweep()
+
+    def _handlers(self) -> dict:
         handlers = {
             "worker-online": self._alive,
             "worker-heartbeat": self._alive,
             "worker-offline": self.states.offline,
         }
+        if self.running is None:
+            return handlers
+
+        def also_running(handler):
+            def handle(event: dict) -> None:
+                self.running.event(event)
+                handler(event)
+
+            return handle
+
+        return {**{kind: also_running(handler) for kind, handler in handlers.items()}, "*": self.running.event}
+
+    def run(self) -> None:
+        handlers = self._handlers()
         while True:
             try:
                 with self.app.connection_for_read() as conn:
                     conn.ensure_connection(max_retries=0)
-                    receiver = _Receiver(conn, handlers=handlers, app=self.app, on_iteration=self.states.sweep)
+                    receiver = _Receiver(conn, handlers=handlers, app=self.app, on_iteration=self._sweep)
                     logger.info("Following worker events")
                     # wakeup: every worker sends a heartbeat now, so all are known at once.
                     receiver.capture(limit=None, timeout=None, wakeup=True)
@@ -265,5 +291,5 @@ class WorkerEvents:
                 logger.warning("Lost the worker events (%r); reconnecting in %.0f s", exc, delay)
                 deadline = time.monotonic() + delay
                 while time.monotonic() < deadline:
-                    self.states.sweep()  # silent workers still go down while disconnected
+                    self._sweep()  # silent workers still go down while disconnected
                     time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))

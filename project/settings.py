@@ -349,6 +349,9 @@ PROMETHEUS_MULTIPROC_BASE_DIR = env.str("PROMETHEUS_MULTIPROC_BASE_DIR", default
 WORKER_HEALTH_DIR = env.str("CELERY_WORKER_HEALTH_DIR", default="") or str(RUNTIME_DIR / "worker-health")
 # Seconds between two writes of those files by the worker's event loop.
 WORKER_HEALTH_INTERVAL = env.float("CELERY_WORKER_HEALTH_INTERVAL", default=5.0)
+# Beat stores FAILURE (WorkerLostError) for the at-most-once tasks a worker was running once that
+# worker has sent no event for this many seconds (app/lost_tasks.py); 0: never.
+LOST_TASK_AFTER = env.int("LOST_TASK_AFTER", default=60)
 # A worker connected to the broker but not consuming from its queues (celery#10205: it stays
 # connected, answers pings and takes nothing) is not ready at once, and after this many seconds
 # no longer marked alive, so its liveness probe fails and Kubernetes restarts it. 0: never.

@@ -8,12 +8,14 @@ groups, chords, retries) and tasks that sleep long enough to be caught running, 
 (as a pod dies: the main process and its pool processes) and of single pool processes, a
 rolling warm restart, and a broker restart (Redis with AOF, shut down and started again on its
 data). Every run of every task is written down in a second Redis that is never restarted
-(tests/apps/chaos_tasks.py).
+(tests/apps/chaos_tasks.py). The run follows the worker events as beat does, failing the
+at-most-once tasks of a worker that died (app/lost_tasks.py).
 
     python -m tests.chaos.run [--tasks 2000] [--kills 5] [--short-limits]
 
 It prints published / succeeded / failed / lost / duplicated / stuck, and the delays before a
-task run again, and exits 1 when an at-least-once task was lost or an at-most-once one ran twice.
+task run again, and exits 1 when an at-least-once task was lost, an at-most-once one ran twice,
+or a task that ran was left without a final state.
 --short-limits gives the workers short time limits (a 10 s visibility timeout), for the smaller
 run in `make test`.
 """
@@ -44,6 +46,7 @@ SHORT_LIMITS = {
     "CELERY_TASK_SOFT_TIME_LIMIT": "3",
     "CELERY_RETRY_BACKOFF_MAX": "1",
     "REDIS_RESTORE_INTERVAL": "1",
+    "LOST_TASK_AFTER": "15",
 }
 
 
@@ -270,13 +273,13 @@ def states(task_ids: list[str]) -> dict[str, dict]:
 
 
 def settle(ledger: Ledger, deadline: float) -> dict[str, dict]:
-    """Waits until every at-least-once task is final, or the deadline."""
+    """Waits until every task that ran or was ever stored is final, or the deadline."""
     while True:
         found = states(list(ledger.names))
         open_ids = [
             task_id
             for task_id, meta in found.items()
-            if ledger.names[task_id] not in AT_MOST_ONCE and meta.get("status") not in FINAL
+            if meta.get("status") not in FINAL and (ledger.names[task_id] not in AT_MOST_ONCE or meta)
         ]
         if not open_ids or time.monotonic() > deadline:
             return found
@@ -289,6 +292,8 @@ def report(ledger: Ledger, found: dict[str, dict], runs: dict[tuple[str, int], l
     status = {t: found[t].get("status", "never stored") for t in ledger.names}
     lost = [t for t in at_least_once if status[t] not in FINAL]
     rerun = {task_id for (task_id, _retries), times in runs.items() if len(times) > 1}
+    ran = {task_id for task_id, _retries in runs}
+    stuck = [t for t in ledger.names if t in ran and status[t] not in FINAL]
     gaps = [b - a for times in runs.values() for a, b in zip(sorted(times), sorted(times)[1:], strict=False)]
     figures = {
         "published": len(ledger.names),
@@ -298,7 +303,7 @@ def report(ledger: Ledger, found: dict[str, dict], runs: dict[tuple[str, int], l
         "succeeded": sum(status[t] == "SUCCESS" for t in ledger.names),
         "failed": sum(status[t] == "FAILURE" for t in ledger.names),
         "lost (at least once, not final)": len(lost),
-        "stuck in STARTED": sum(status[t] == "STARTED" for t in ledger.names),
+        "stuck (ran, state not final)": len(stuck),
         "run more than once (at least once: allowed)": len(rerun.intersection(at_least_once)),
         "run more than once (at most once: never allowed)": len(rerun.intersection(at_most_once)),
         "at most once, never run or failed": sum(status[t] != "SUCCESS" for t in at_most_once),
@@ -311,7 +316,9 @@ def report(ledger: Ledger, found: dict[str, dict], runs: dict[tuple[str, int], l
         figures["failed ids (error)"] = [f"{t} {ledger.names[t]} ({error_of(found[t])})" for t in failed[:20]]
     if lost:
         figures["lost ids (state)"] = [f"{t} {ledger.names[t]} ({status[t]})" for t in lost[:20]]
-    passed = not lost and not figures["run more than once (at most once: never allowed)"]
+    if stuck:
+        figures["stuck ids (state)"] = [f"{t} {ledger.names[t]} ({status[t]})" for t in stuck[:20]]
+    passed = not lost and not stuck and not figures["run more than once (at most once: never allowed)"]
     return figures, passed
 
 
@@ -351,6 +358,16 @@ def main(argv: list[str] | None = None) -> int:
     visibility, _task = redelivery.needed_seconds(celery_app, {"default"})
     visibility += redelivery.MARGIN_SECONDS
     log(f"broker redis :{broker.port} (AOF), ledger redis :{ledger_server.port}, visibility timeout {visibility:g} s")
+    # What beat runs: the worker events watcher, failing the at-most-once tasks of a lost worker.
+    from app.cluster_metrics import WorkerEvents, WorkerStates
+    from app.lost_tasks import RunningTasks
+
+    watcher = WorkerEvents(
+        celery_app,
+        WorkerStates(timeout=None, offline_ttl=60),
+        running=RunningTasks(celery_app, lost_after=settings.LOST_TASK_AFTER),
+    )
+    threading.Thread(target=watcher.run, name="worker-events", daemon=True).start()
     workers = [Worker(f"w{n}", env, workdir) for n in (1, 2)]
     ledger = Ledger()
     try:
@@ -363,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"published {len(ledger.names)} task ids ({ledger.refused} refused while the broker was down)")
         faults.join()
         # A task held by a killed worker comes back one visibility timeout and one sweep later.
-        wait = visibility + 3 * settings.REDIS_RESTORE_INTERVAL + 60
+        wait = max(visibility, settings.LOST_TASK_AFTER) + 3 * settings.REDIS_RESTORE_INTERVAL + 60
         found = settle(ledger, time.monotonic() + wait)
         log("settled")
         figures, passed = report(ledger, found, runs_by_attempt(ledger_server))
@@ -376,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in figures.items():
         print(f"  {name:<{width}}  {value}")
     print(f"  worker logs: {workdir}")
-    print("PASSED: nothing lost, no at-most-once task run twice" if passed else "FAILED")
+    print("PASSED: nothing lost, nothing stuck, no at-most-once task run twice" if passed else "FAILED")
     return 0 if passed else 1
 
 
