@@ -1,8 +1,8 @@
 """The base class of the project's tasks (project/celery.py), and the options of its
 at-least-once tasks.
 
-The class is Celery's task for Django projects (delay_on_commit, apply_async_on_commit), except that an at-least-once task whose retry cannot be published
-is never dropped.
+The class is Celery's task for Django projects (delay_on_commit, apply_async_on_commit), except
+that an at-least-once task whose retry cannot be published is never dropped.
 
 Task.retry publishes the next attempt and, if that fails (the broker is down or restarting),
 raises Reject(requeue=False): the worker stores FAILURE and acknowledges the message, so the
