@@ -2,7 +2,8 @@
 at-least-once tasks.
 
 The class is Celery's task for Django projects (delay_on_commit, apply_async_on_commit), except
-that an at-least-once task whose retry cannot be published is never dropped.
+that an at-least-once task whose retry cannot be published is never dropped, and an at-most-once
+task whose message comes twice runs once.
 
 Task.retry publishes the next attempt and, if that fails (the broker is down or restarting),
 raises Reject(requeue=False): the worker stores FAILURE and acknowledges the message, so the
@@ -12,8 +13,12 @@ requeue cannot reach the broker, the message stays unacknowledged and comes back
 visibility timeout). An at-most-once task keeps Celery's behaviour: it fails.
 """
 
+import logging
+
 from celery.contrib.django.task import DjangoTask
-from celery.exceptions import Reject
+from celery.exceptions import Ignore, Reject
+
+logger = logging.getLogger(__name__)
 
 # At least once, for tasks safe to redeliver (the effect is the same however many times they
 # run): acknowledged after the run, redelivered if the worker dies. A run whose pool process
@@ -22,7 +27,33 @@ from celery.exceptions import Reject
 IDEMPOTENT = {"acks_late": True, "reject_on_worker_lost": True, "retry_on_worker_lost": True, "default_retry_delay": 0}
 
 
+def claim_run(backend, task_id: str, retries: int) -> bool:
+    """True for the first run of this attempt of an at-most-once task: one SET NX in the Redis
+    result backend, kept as long as results. False if another run claimed it, or if the claim
+    cannot be made (at most once: better not run than run twice). Without a Redis result
+    backend (RESULT_BACKEND_URL=django-db) there is nothing to claim with: True."""
+    client = getattr(backend, "client", None)
+    if client is None:
+        return True
+    try:
+        return bool(client.set(f"celery-task-run-{task_id}-{retries}", 1, nx=True, ex=int(backend.expires or 86400)))
+    except Exception as exc:
+        logger.warning("Could not claim the run of at-most-once task %s (%r): not run", task_id, exc)
+        return False
+
+
 class Task(DjangoTask):
+    def __call__(self, *args, **kwargs):
+        """An at-most-once task runs once per attempt even when its message comes twice: on Redis,
+        an acknowledgement lost while the broker restarts leaves the message to come back after
+        the visibility timeout (make chaos saw an email-like task run twice that way)."""
+        request = self.request
+        if not self.acks_late and request.id and not request.is_eager and not request.called_directly:
+            if not claim_run(self.backend, request.id, request.retries or 0):
+                logger.warning("At-most-once task %s[%s] ran already: not run again", self.name, request.id)
+                raise Ignore()
+        return super().__call__(*args, **kwargs)
+
     def retry(self, *args, **kwargs):
         try:
             return super().retry(*args, **kwargs)

@@ -82,6 +82,21 @@ def test_an_at_most_once_task_whose_retry_cannot_be_published_fails(faulty_worke
     assert int(redis.Redis.from_url(redis_url).get(key)) == 1
 
 
+def test_an_at_most_once_task_whose_message_comes_twice_runs_once(faulty_worker, redis_url):
+    # As when its acknowledgement was lost while the broker restarted: Redis gives the message
+    # back after the visibility timeout, with the same task id and retry count.
+    app, worker = faulty_worker
+    key, task_id = f"runs-{uuid.uuid4().hex}", str(uuid.uuid4())
+
+    app.send_task("faulty.count_at_most_once", args=[key], task_id=task_id, queue="default")
+    assert final_state(redis_url, task_id, worker)["status"] == "SUCCESS"
+    app.send_task("faulty.count_at_most_once", args=[key], task_id=task_id, queue="default")
+    wait_until(lambda: "ran already: not run again" in worker.log(), timeout=30, message="the second delivery")
+
+    assert int(redis.Redis.from_url(redis_url).get(key)) == 1
+    assert stored(redis_url, task_id)["status"] == "SUCCESS"
+
+
 def test_a_task_whose_process_dies_on_every_run_fails_after_max_retries(faulty_worker, redis_url):
     app, worker = faulty_worker
     key = f"runs-{uuid.uuid4().hex}"
