@@ -226,8 +226,13 @@ def test_broker_outage_never_stops_beat_and_the_exporter_recovers(start_beat, tm
 
     try:
         wait_until(lambda: min(retries_logged()) >= 1, timeout=20, message=f"retries logged:\n{beat.log()[-3000:]}")
-        # Beat keeps ticking: its last tick moves on (a tick comes at least every 5 s).
-        first_tick = value(scrape(port), "django_celery_k8s_beat_last_tick_timestamp_seconds")
+        # Beat keeps ticking: its last tick moves on (a tick comes at least every 5 s). The retries
+        # can be logged before beat's first tick: wait for one, then for a later one.
+        first_tick = wait_until(
+            lambda: value(scrape(port), "django_celery_k8s_beat_last_tick_timestamp_seconds") or None,
+            timeout=15,
+            message=f"beat's first tick:\n{beat.log()[-3000:]}",
+        )
         wait_until(
             lambda: value(scrape(port), "django_celery_k8s_beat_last_tick_timestamp_seconds") > first_tick > 0,
             timeout=15,
