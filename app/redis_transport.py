@@ -152,24 +152,15 @@ class Channel(kombu_redis.Channel):
             pipe.execute()
 
     def _do_restore_message(self, payload, exchange, routing_key, pipe, leftmost=False):
-        """kombu's, with each restored task message back in the outbox in the same transaction."""
-        try:
-            try:
-                payload["headers"]["redelivered"] = True
-                payload["properties"]["delivery_info"]["redelivered"] = True
-            except KeyError:
-                pass
-            for queue in self._lookup(exchange, routing_key):
-                key = self._q_for_pri(queue, self._get_message_priority(payload, reverse=False))
-                raw = dumps(payload)
-                (pipe.lpush if leftmost else pipe.rpush)(key, raw)
-                if _is_task(payload):
-                    tag = payload["properties"]["delivery_tag"]
-                    pipe.hset(OUTBOX, tag, _record(key, raw)).zadd(OUTBOX_INDEX, {tag: time.time()})
-        except self.connection_errors:
-            raise
-        except Exception:
-            kombu_redis.crit("Could not restore message: %r", payload, exc_info=True)
+        """kombu's restore, and each restored task message back in the outbox in the same
+        transaction (the same bytes: kombu serialises the payload it has just marked redelivered)."""
+        super()._do_restore_message(payload, exchange, routing_key, pipe, leftmost)
+        if not _is_task(payload):
+            return
+        raw, tag = dumps(payload), payload["properties"]["delivery_tag"]
+        for queue in self._lookup(exchange, routing_key):
+            key = self._q_for_pri(queue, self._get_message_priority(payload, reverse=False))
+            pipe.hset(OUTBOX, tag, _record(key, raw)).zadd(OUTBOX_INDEX, {tag: time.time()})
 
     def _forget_queue(self, queue) -> None:
         lists = [self._q_for_pri(queue, pri) for pri in self.priority_steps]
