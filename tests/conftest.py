@@ -8,6 +8,7 @@ import sys
 import time
 import urllib.request
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -100,6 +101,20 @@ class Service:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
         self._log.close()
+
+
+@contextmanager
+def empty_redis_db(db: int):
+    """The URL of database `db` of the suite's Redis, emptied before and after: a test's own keys."""
+    import redis
+
+    url = f"{os.environ['REDIS_URL'].rstrip('/')}/{db}"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    try:
+        yield url
+    finally:
+        client.flushdb()
 
 
 def wait_for_worker(app, hostname: str, service: Service, timeout: float = 60) -> None:

@@ -14,7 +14,7 @@ import uuid
 import pytest
 import redis
 
-from tests.conftest import REPO_ROOT, celery_app_for, start_worker, subprocess_env, wait_until
+from tests.conftest import REPO_ROOT, celery_app_for, empty_redis_db, start_worker, subprocess_env, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -23,11 +23,8 @@ DELIVERY_TEST_DB = 7  # the suite's broker and results use 13 (tests/embedded_se
 
 @pytest.fixture
 def redis_url() -> str:
-    url = f"{os.environ['REDIS_URL'].rstrip('/')}/{DELIVERY_TEST_DB}"
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    yield url
-    client.flushdb()
+    with empty_redis_db(DELIVERY_TEST_DB) as url:
+        yield url
 
 
 @pytest.fixture

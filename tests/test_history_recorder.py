@@ -19,7 +19,7 @@ from app.history_recorder import GROUP, HistoryRecorder, RecorderSettings
 from app.models import TaskLog, TaskState
 from app.result_backend import HISTORY_STREAM, RedisStateBackend
 from tests.apps.dies_after_storing import DIE_AFTER_STORING
-from tests.conftest import Service, celery_app_for, start_worker, subprocess_env, wait_until
+from tests.conftest import Service, celery_app_for, empty_redis_db, start_worker, subprocess_env, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -28,11 +28,8 @@ RECORDER_TEST_DB = 6  # the suite's broker and results use 13 (tests/embedded_se
 
 @pytest.fixture
 def redis_url() -> str:
-    url = f"{os.environ['REDIS_URL'].rstrip('/')}/{RECORDER_TEST_DB}"
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    yield url
-    client.flushdb()
+    with empty_redis_db(RECORDER_TEST_DB) as url:
+        yield url
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 worker took and never wrote down comes back; one written down, purged or still queued does not."""
 
 import json
-import os
 import time
 
 import pytest
@@ -10,23 +9,26 @@ import redis
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 
 from app import redis_transport
+from tests.conftest import empty_redis_db
 
 OUTBOX_TEST_DB = 9  # the suite's broker and results use 13 (tests/embedded_services.py)
 QUEUE = Queue("outbox-test", Exchange("outbox-test"), "outbox-test")
 
 
 @pytest.fixture
-def client():
-    client = redis.Redis.from_url(f"{os.environ['REDIS_URL'].rstrip('/')}/{OUTBOX_TEST_DB}")
-    client.flushdb()
-    yield client
-    client.flushdb()
+def redis_url():
+    with empty_redis_db(OUTBOX_TEST_DB) as url:
+        yield url
 
 
 @pytest.fixture
-def connection(client):
-    url = f"{os.environ['REDIS_URL'].rstrip('/')}/{OUTBOX_TEST_DB}"
-    with Connection(url, transport=redis_transport.Transport) as connection:
+def client(redis_url):
+    return redis.Redis.from_url(redis_url)
+
+
+@pytest.fixture
+def connection(redis_url):
+    with Connection(redis_url, transport=redis_transport.Transport) as connection:
         yield connection
 
 
