@@ -6,7 +6,6 @@ it in the same step (app/result_backend.py), so no handler writes to the databas
 path. Metrics handlers log their errors and never fail a task or a publish.
 """
 
-import collections
 import datetime as dt
 import functools
 import gc
@@ -14,7 +13,6 @@ import logging
 import time
 
 from celery import signals
-from celery.exceptions import TimeLimitExceeded
 from django.db import close_old_connections
 
 from app import cluster_metrics, history_recorder, metrics
@@ -36,28 +34,6 @@ def _logged_never_raised(what: str):
         return wrapper
 
     return decorator
-
-
-class FirstReport:
-    """Celery 5.7's worker reports a task killed at its hard time limit twice: Request.on_failure
-    (the pool's error callback) sends task_failure, then Request.on_timeout sends it again
-    (celery#10226). One receiver's memory of the killed ids it has handled, so it counts or logs
-    each kill once; a receiver keeps its own, since every receiver gets both reports."""
-
-    SIZE = 1024
-
-    def __init__(self) -> None:
-        self._seen: collections.OrderedDict[str, None] = collections.OrderedDict()
-
-    def first(self, task_id: str | None, exception) -> bool:
-        if not isinstance(exception, TimeLimitExceeded) or task_id is None:
-            return True
-        if task_id in self._seen:
-            return False
-        self._seen[task_id] = None
-        if len(self._seen) > self.SIZE:
-            self._seen.popitem(last=False)
-        return True
 
 
 def _queue_of(request) -> str:
@@ -219,15 +195,10 @@ def metrics_task_retry(request, sender=None, **_):
     metrics.get().retried.labels(name=name, queue_name=_queue_of(request)).inc()
 
 
-_failure_counted = FirstReport()
-
-
 @signals.task_failure.connect
 @_metrics_never_raise
-def metrics_task_failure(sender=None, task_id=None, exception=None, **_):
-    # Also sent by the main process at a hard time limit (twice: FirstReport).
-    if not _failure_counted.first(task_id, exception):
-        return
+def metrics_task_failure(sender=None, exception=None, **_):
+    # Also sent by the main process at a hard time limit: the queue is then unknown here.
     request = getattr(sender, "request", None)
     metrics.get().failed.labels(
         name=metrics.task_name(getattr(sender, "name", None)),

@@ -15,8 +15,11 @@ visibility timeout). An at-most-once task keeps Celery's behaviour: it fails.
 
 import logging
 
+from billiard.einfo import ExceptionWithTraceback
 from celery.contrib.django.task import DjangoTask
-from celery.exceptions import Ignore, Reject
+from celery.exceptions import Ignore, Reject, TimeLimitExceeded
+from celery.worker import state as worker_state
+from celery.worker.request import Request as CeleryRequest
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +45,27 @@ def claim_run(backend, task_id: str, retries: int) -> bool:
         return False
 
 
+class Request(CeleryRequest):
+    """Celery's worker-side request, reporting a task killed at its hard time limit once.
+
+    The pool reports such a kill twice: its error callback (on_failure) and then its timeout
+    callback (on_timeout), and since Celery 5.7 (celery#10226) both store the failure, send
+    task_failure and the task-failed event, and on_failure runs the errbacks a second time.
+    Here on_timeout alone reports it; a cold shutdown, where on_timeout reports nothing, and a
+    TimeLimitExceeded raised by the task itself (return_ok) keep Celery's handling."""
+
+    def on_failure(self, exc_info, send_failed_event=True, return_ok=False):
+        exc = exc_info.exception
+        if isinstance(exc, ExceptionWithTraceback):
+            exc = exc.exc
+        if isinstance(exc, TimeLimitExceeded) and not return_ok and not worker_state.should_terminate:
+            return None
+        return super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
+
+
 class Task(DjangoTask):
+    Request = "app.task_class:Request"
+
     def __call__(self, *args, **kwargs):
         """An at-most-once task runs once per attempt even when its message comes twice: on Redis,
         an acknowledgement lost while the broker restarts leaves the message to come back after

@@ -18,7 +18,7 @@ from django.dispatch import receiver
 from django_structlog.celery import signals as structlog_signals
 from django_structlog.celery.receivers import CeleryReceiver
 
-from app.signals import FirstReport, run_seconds
+from app.signals import run_seconds
 from project.celery import app as celery_app
 
 logger = structlog.get_logger(__name__)
@@ -35,15 +35,10 @@ class TaskFailureLogStep(bootsteps.Step):
         super().__init__(parent, **kwargs)
         self.receiver = CeleryReceiver()
         celery_signals.task_retry.connect(self.receiver.receiver_task_retry)
-        celery_signals.task_failure.connect(self.log_task_failed)
+        celery_signals.task_failure.connect(self.receiver.receiver_task_failure)
         celery_signals.task_revoked.connect(self.receiver.receiver_task_revoked)
         celery_signals.task_unknown.connect(self.receiver.receiver_task_unknown)
         celery_signals.task_rejected.connect(self.receiver.receiver_task_rejected)
-        self.failure_logged = FirstReport()
-
-    def log_task_failed(self, sender=None, task_id=None, exception=None, **kwargs) -> None:
-        if self.failure_logged.first(task_id, exception):
-            self.receiver.receiver_task_failure(sender=sender, task_id=task_id, exception=exception, **kwargs)
 
 
 # Imported while the worker loads Django, before it builds its blueprint from these steps.
@@ -135,15 +130,12 @@ def log_task_finished(task_id: str, task, state: str | None = None, retval=None,
         structlog.contextvars.clear_contextvars()
 
 
-_killed_logged = FirstReport()
-
-
 @celery_signals.task_failure.connect
 def log_task_killed(sender=None, task_id: str | None = None, exception=None, **_) -> None:
     """The task_finished line of a run whose pool process ended without finishing it: killed at
     its hard time limit, or lost (WorkerLostError). The worker's main process fails the task
     then, and no task_postrun runs; its run time and queue are not known there."""
-    if not isinstance(exception, TimeLimitExceeded | WorkerLostError) or not _killed_logged.first(task_id, exception):
+    if not isinstance(exception, TimeLimitExceeded | WorkerLostError):
         return
     logger.info(
         "task_finished",
