@@ -283,8 +283,7 @@ REDIS_SOCKET_TIMEOUT = env.float("REDIS_SOCKET_TIMEOUT", default=5.0)
 REDIS_HEALTH_CHECK_INTERVAL = env.int("REDIS_HEALTH_CHECK_INTERVAL", default=5)
 # RabbitMQ: every publish waits for the broker's confirm, so a 202 (or a chain's next step) means
 # the broker has the message; without it a message sent just before a broker crash is lost
-# silently. Measured on loopback: 1,400-1,900 persistent publishes/s per connection, against
-# 10,000-16,000 without (about 0.5 ms more per publish).
+# silently. Its cost per publish: make bench (tests/benchmarks/publish_confirms.py, README).
 CELERY_BROKER_CONFIRM_PUBLISH = env.bool("CELERY_BROKER_CONFIRM_PUBLISH", default=True)
 # Redis: kombu's transport, with task messages in an outbox until a worker has written them down
 # as unacknowledged, so a worker killed between its BRPOP and that write loses nothing

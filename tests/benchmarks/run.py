@@ -8,10 +8,19 @@ Uses DATABASE_URL and REDIS_URL when set, embedded PostgreSQL and Redis otherwis
 
 import argparse
 import datetime as dt
+import os
 import platform
 from pathlib import Path
 
-from tests.benchmarks import api_throughput, capacity, chord_vs_group, harness, startup_memory, worker_throughput
+from tests.benchmarks import (
+    api_throughput,
+    capacity,
+    chord_vs_group,
+    harness,
+    publish_confirms,
+    startup_memory,
+    worker_throughput,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -37,6 +46,10 @@ def main() -> None:
         seconds, rounds = (2, 1) if args.quick else (5, 5)
         api = api_throughput.measure(servers, database_url, seconds, rounds)
         lines += [*api_throughput.report(api, seconds, rounds), ""]
+        if os.environ.get("RABBITMQ_URL"):
+            messages, rounds = (300, 1) if args.quick else (3000, 3)
+            confirms = publish_confirms.measure(os.environ["RABBITMQ_URL"], messages, rounds)
+            lines += [*publish_confirms.report(confirms, messages, rounds), ""]
         scales = capacity.measure(servers, database_url, 600 if args.quick else 3000)
         lines += capacity.report(scales)
     print("\n".join(lines))
@@ -48,8 +61,6 @@ def main() -> None:
 
 
 def _cores() -> int:
-    import os
-
     return len(os.sched_getaffinity(0))
 
 
