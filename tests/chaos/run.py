@@ -34,10 +34,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO_ROOT))
+from project.embedded import free_port, redis_server_binary, stop_process, wait_for_port
 
-from project.embedded import free_port, redis_server_binary, stop_process, wait_for_port  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 AT_MOST_ONCE = {"chaos.work_once"}
 FINAL = {"SUCCESS", "FAILURE", "REVOKED"}
