@@ -42,14 +42,14 @@ def start(app) -> None:
     from django.conf import settings
     from prometheus_client import start_http_server
 
-    from app.lost_tasks import RunningTasks
+    from app.lost_tasks import LostRuns
 
     workers = WorkerEvents(
         app,
         WorkerStates(
             timeout=settings.CLUSTER_METRICS_WORKER_TIMEOUT, offline_ttl=settings.CLUSTER_METRICS_OFFLINE_WORKER_TTL
         ),
-        running=RunningTasks(app, lost_after=settings.LOST_TASK_AFTER) if settings.LOST_TASK_AFTER else None,
+        lost_runs=LostRuns(app.backend, lost_after=settings.LOST_TASK_AFTER) if settings.LOST_TASK_AFTER else None,
     )
     threading.Thread(target=workers.run, name="worker-events", daemon=True).start()
     port = settings.WORKER_METRICS_PORT
@@ -240,13 +240,13 @@ class _Receiver(EventReceiver):
 
 
 class WorkerEvents:
-    """Follows worker events on the broker and keeps `states` up to date, and `running` (the
-    tasks each worker runs, app/lost_tasks.py) when given."""
+    """Follows worker events on the broker and keeps `states` up to date, and `lost_runs` (the
+    at-most-once runs of lost workers, app/lost_tasks.py) when given."""
 
-    def __init__(self, app, states: WorkerStates, running=None):
+    def __init__(self, app, states: WorkerStates, lost_runs=None):
         self.app = app
         self.states = states
-        self.running = running
+        self.lost_runs = lost_runs
         self.backoff = Backoff()
 
     def _alive(self, event: dict) -> None:
@@ -255,8 +255,8 @@ class WorkerEvents:
 
     def _sweep(self) -> None:
         self.states.sweep()
-        if self.running is not None:
-            self.running.sweep()
+        if self.lost_runs is not None:
+            self.lost_runs.sweep()
 
     def _handlers(self) -> dict:
         handlers = {
@@ -264,17 +264,17 @@ class WorkerEvents:
             "worker-heartbeat": self._alive,
             "worker-offline": self.states.offline,
         }
-        if self.running is None:
+        if self.lost_runs is None:
             return handlers
 
-        def also_running(handler):
+        def also_lost_runs(handler):
             def handle(event: dict) -> None:
-                self.running.event(event)
+                self.lost_runs.event(event)
                 handler(event)
 
             return handle
 
-        return {**{kind: also_running(handler) for kind, handler in handlers.items()}, "*": self.running.event}
+        return {**{kind: also_lost_runs(handler) for kind, handler in handlers.items()}, "*": self.lost_runs.event}
 
     def run(self) -> None:
         handlers = self._handlers()
@@ -284,9 +284,13 @@ class WorkerEvents:
                     conn.ensure_connection(max_retries=0)
                     receiver = _Receiver(conn, handlers=handlers, app=self.app, on_iteration=self._sweep)
                     logger.info("Following worker events")
+                    if self.lost_runs is not None:
+                        self.lost_runs.listening()
                     # wakeup: every worker sends a heartbeat now, so all are known at once.
                     receiver.capture(limit=None, timeout=None, wakeup=True)
             except Exception as exc:
+                if self.lost_runs is not None:
+                    self.lost_runs.deaf()
                 delay = self.backoff.next()
                 logger.warning("Lost the worker events (%r); reconnecting in %.0f s", exc, delay)
                 deadline = time.monotonic() + delay

@@ -74,6 +74,30 @@ class TaskLog(models.Model):
         return {key: value for key, value in options.items() if value is not None}
 
 
+class TaskRun(models.Model):
+    """An attempt of an at-most-once task that a worker claimed and ran, with the database result
+    backend (RESULT_BACKEND_URL=django-db; the Redis backend keeps the same in Redis).
+
+    The row is the claim: a second delivery of the same attempt finds it and does not run. While
+    `running`, beat watches the worker (app/lost_tasks.py) and stores FAILURE if it dies first.
+    """
+
+    task_id = models.CharField(max_length=255)
+    retries = models.PositiveIntegerField()
+    task_name = models.CharField(max_length=255)
+    worker = models.CharField(max_length=255, help_text="The worker's hostname.")
+    worker_pid = models.PositiveIntegerField(help_text="The worker's main process.")
+    started_at = models.DateTimeField(db_index=True)
+    running = models.BooleanField(default=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["task_id", "retries"], name="task_run_once_per_attempt")]
+        indexes = [models.Index(fields=["running"], condition=models.Q(running=True), name="task_run_running")]
+
+    def __str__(self) -> str:
+        return f"{self.task_name}[{self.task_id}] attempt {self.retries} on {self.worker}"
+
+
 def format_exception(exception: BaseException | str) -> str:
     if isinstance(exception, BaseException):
         return f"{type(exception).__name__}: {exception}"

@@ -16,22 +16,25 @@ invent a state the backend holds:
   transaction. Several database round trips per state: see the README's figures.
 
 Both also remember ids handed out to clients (``record_queued``), so "queued" is known apart
-from "never heard of", and answer ``stored_meta``: the stored state, or None.
+from "never heard of", answer ``stored_meta``: the stored state, or None, and keep the runs of
+at-most-once tasks (``claim_run``, ``end_run``, ``runs``, ``forget_run``: app/lost_tasks.py).
 """
 
 import datetime as dt
+import json
 import time
 from functools import cached_property
 
 from celery import states
 from celery.backends.redis import RedisBackend
 from celery.exceptions import BackendStoreError
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 from django_celery_results.backends.database import DatabaseBackend
 from django_celery_results.models import TaskResult
 
 from app import task_history
+from app.models import TaskRun
 from app.signals import RUN_STARTED_AT, RUN_STARTED_WALL, SENT_AT_HEADER
 
 HISTORY_STREAM = "celery-task-history"
@@ -78,6 +81,25 @@ for i = 2, #KEYS do
 end
 return recorded
 """
+
+
+# At-most-once runs (app/lost_tasks.py): one claim key per attempt, kept as long as results, and
+# one hash of the runs going on, by "<task id>:<retries>".
+RUNS_HASH = "celery-at-most-once-runs"
+
+# KEYS: the attempt's claim key, the runs hash. ARGV: the claim's expiry in seconds, the run's
+# field, the run's record. 1: claimed and recorded; 0: another run claimed it.
+CLAIM_RUN_LUA = """
+if redis.call('SET', KEYS[1], 1, 'NX', 'EX', ARGV[1]) then
+  redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+  return 1
+end
+return 0
+"""
+
+
+def run_field(task_id: str, retries: int) -> str:
+    return f"{task_id}:{retries}"
 
 
 def _iso(timestamp: float | None) -> str | None:
@@ -194,6 +216,26 @@ class RedisStateBackend(RedisBackend):
         """The Redis client and stream key the history recorder reads."""
         return self.client, HISTORY_STREAM
 
+    @cached_property
+    def _claim_script(self):
+        return self.client.register_script(CLAIM_RUN_LUA)
+
+    def claim_run(self, run: dict) -> bool:
+        """Claims this attempt (run["task_id"], run["retries"]) and records it as running, in one
+        round trip; False if another run claimed it first."""
+        field = run_field(run["task_id"], run["retries"])
+        claim = f"celery-task-run-{field.replace(':', '-')}"
+        expires = int(self.expires or 86400)
+        return bool(self._claim_script(keys=[claim, RUNS_HASH], args=[expires, field, json.dumps(run)]))
+
+    def end_run(self, task_id: str, retries: int) -> None:
+        """The run ended (its state is stored): no longer running. Its claim stays."""
+        self.client.hdel(RUNS_HASH, run_field(task_id, retries))
+
+    def runs(self) -> list[dict]:
+        """The runs recorded as going on."""
+        return [json.loads(raw) for raw in self.client.hgetall(RUNS_HASH).values()]
+
 
 class UpsertDatabaseBackend(DatabaseBackend):
     """django-celery-results' database backend, storing each state in one statement, with its
@@ -280,3 +322,39 @@ class UpsertDatabaseBackend(DatabaseBackend):
 
     def history_stream_client(self):
         return None
+
+    def claim_run(self, run: dict) -> bool:
+        """Claims this attempt with a TaskRun row (one INSERT in its own transaction); False if
+        the row exists: another run claimed it."""
+        try:
+            with transaction.atomic():
+                TaskRun.objects.create(
+                    task_id=run["task_id"],
+                    retries=run["retries"],
+                    task_name=run["name"],
+                    worker=run["hostname"],
+                    worker_pid=run["pid"],
+                    started_at=dt.datetime.fromtimestamp(run["started"], tz=dt.UTC),
+                )
+        except IntegrityError:
+            return False
+        return True
+
+    def end_run(self, task_id: str, retries: int) -> None:
+        TaskRun.objects.filter(task_id=task_id, retries=retries).update(running=False)
+
+    def runs(self) -> list[dict]:
+        # Claims older than the results are of no more use: dropped here, where beat looks.
+        if self.expires:
+            TaskRun.objects.filter(started_at__lt=timezone.now() - dt.timedelta(seconds=self.expires)).delete()
+        return [
+            {
+                "task_id": run.task_id,
+                "retries": run.retries,
+                "name": run.task_name,
+                "hostname": run.worker,
+                "pid": run.worker_pid,
+                "started": run.started_at.timestamp(),
+            }
+            for run in TaskRun.objects.filter(running=True)
+        ]

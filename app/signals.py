@@ -10,12 +10,13 @@ import datetime as dt
 import functools
 import gc
 import logging
+import os
 import time
 
 from celery import signals
 from django.db import close_old_connections
 
-from app import cluster_metrics, history_recorder, metrics
+from app import cluster_metrics, history_recorder, lost_tasks, metrics
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,20 @@ def release_stale_connections(task, **_):
     perhaps inside its transaction."""
     if not task.request.is_eager:
         close_old_connections()
+
+
+@signals.worker_init.connect
+def remember_the_worker_process(**_):
+    """The main process id the at-most-once runs are recorded with (app/lost_tasks.py): the
+    pool processes forked later inherit it."""
+    lost_tasks.worker_pid = os.getpid()
+
+
+@signals.task_postrun.connect
+@_logged_never_raised("Ending an at-most-once run")
+def end_at_most_once_run(task=None, task_id=None, **_):
+    # After the run's state is stored: Celery sends task_postrun last.
+    lost_tasks.end_run(task, task_id)
 
 
 # --- Prometheus metrics (app/metrics.py) --------------------------------------------------

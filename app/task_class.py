@@ -3,7 +3,7 @@ at-least-once tasks.
 
 The class is Celery's task for Django projects (delay_on_commit, apply_async_on_commit), except
 that an at-least-once task whose retry cannot be published is never dropped, and an at-most-once
-task whose message comes twice runs once.
+task whose message comes twice runs once (app/lost_tasks.py).
 
 Task.retry publishes the next attempt and, if that fails (the broker is down or restarting),
 raises Reject(requeue=False): the worker stores FAILURE and acknowledges the message, so the
@@ -21,6 +21,8 @@ from celery.exceptions import Ignore, Reject, TimeLimitExceeded
 from celery.worker import state as worker_state
 from celery.worker.request import Request as CeleryRequest
 
+from app import lost_tasks
+
 logger = logging.getLogger(__name__)
 
 # At least once, for tasks safe to redeliver (the effect is the same however many times they
@@ -28,21 +30,6 @@ logger = logging.getLogger(__name__)
 # dies (an OOM kill, a SIGKILL) is sent again at once as a retry: counted, so a task that kills
 # its process every time fails after max_retries (3) instead of looping forever.
 IDEMPOTENT = {"acks_late": True, "reject_on_worker_lost": True, "retry_on_worker_lost": True, "default_retry_delay": 0}
-
-
-def claim_run(backend, task_id: str, retries: int) -> bool:
-    """True for the first run of this attempt of an at-most-once task: one SET NX in the Redis
-    result backend, kept as long as results. False if another run claimed it, or if the claim
-    cannot be made (at most once: better not run than run twice). Without a Redis result
-    backend (RESULT_BACKEND_URL=django-db) there is nothing to claim with: True."""
-    client = getattr(backend, "client", None)
-    if client is None:
-        return True
-    try:
-        return bool(client.set(f"celery-task-run-{task_id}-{retries}", 1, nx=True, ex=int(backend.expires or 86400)))
-    except Exception as exc:
-        logger.warning("Could not claim the run of at-most-once task %s (%r): not run", task_id, exc)
-        return False
 
 
 class Request(CeleryRequest):
@@ -67,12 +54,13 @@ class Task(DjangoTask):
     Request = "app.task_class:Request"
 
     def __call__(self, *args, **kwargs):
-        """An at-most-once task runs once per attempt even when its message comes twice: on Redis,
+        """An at-most-once task runs once per attempt even when its message comes twice (on Redis,
         an acknowledgement lost while the broker restarts leaves the message to come back after
-        the visibility timeout (make chaos saw an email-like task run twice that way)."""
+        the visibility timeout: make chaos saw an email-like task run twice that way), and its run
+        is recorded, so that beat fails it if its worker dies (app/lost_tasks.py)."""
         request = self.request
         if not self.acks_late and request.id and not request.is_eager and not request.called_directly:
-            if not claim_run(self.backend, request.id, request.retries or 0):
+            if not lost_tasks.start_run(self, request):
                 logger.warning("At-most-once task %s[%s] ran already: not run again", self.name, request.id)
                 raise Ignore()
         return super().__call__(*args, **kwargs)

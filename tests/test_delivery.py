@@ -14,6 +14,8 @@ import uuid
 import pytest
 import redis
 
+from app.lost_tasks import LostRuns
+from app.result_backend import RedisStateBackend
 from tests.conftest import REPO_ROOT, celery_app_for, empty_redis_db, start_worker, subprocess_env, wait_until
 
 pytestmark = pytest.mark.integration
@@ -92,6 +94,39 @@ def test_an_at_most_once_task_whose_message_comes_twice_runs_once(faulty_worker,
 
     assert int(redis.Redis.from_url(redis_url).get(key)) == 1
     assert stored(redis_url, task_id)["status"] == "SUCCESS"
+
+
+def test_an_at_most_once_run_is_recorded_until_it_ends(faulty_worker, redis_url):
+    app, worker = faulty_worker
+    backend = RedisStateBackend(app=app, url=redis_url)
+
+    result = app.send_task("faulty.sleep_at_most_once", args=[f"runs-{uuid.uuid4().hex}", 1], queue="default")
+    running = wait_until(backend.runs, timeout=30, message="the run recorded")
+    assert [(run["task_id"], run["retries"], run["pid"]) for run in running] == [(result.id, 0, worker.process.pid)]
+
+    assert final_state(redis_url, result.id, worker)["status"] == "SUCCESS"
+    wait_until(lambda: not backend.runs(), timeout=10, message="the record removed after the run")
+
+
+def test_an_at_most_once_task_whose_worker_dies_as_it_starts_is_stored_as_failure(faulty_worker, redis_url):
+    # No event of the worker may have left it (they are buffered): beat judges by the recorded run.
+    app, worker = faulty_worker
+    backend = RedisStateBackend(app=app, url=redis_url)
+    key = f"runs-{uuid.uuid4().hex}"
+    result = app.send_task("faulty.sleep_at_most_once", args=[key, 60], queue="default")
+    wait_until(lambda: redis.Redis.from_url(redis_url).get(key), timeout=30, message="the run started")
+    os.killpg(worker.process.pid, signal.SIGKILL)  # the pod dies: main process and pool children
+    worker.process.wait()
+
+    lost_runs = LostRuns(backend, lost_after=1)
+    lost_runs.listening()
+    time.sleep(1.1)  # listening for lost_after, and nothing heard from the worker
+
+    assert lost_runs.sweep() == 1
+    meta = stored(redis_url, result.id)
+    assert (meta["status"], meta["result"]["exc_type"]) == ("FAILURE", "WorkerLostError")
+    assert backend.runs() == []
+    assert int(redis.Redis.from_url(redis_url).get(key)) == 1  # never run again
 
 
 def test_a_task_whose_process_dies_on_every_run_fails_after_max_retries(faulty_worker, redis_url):

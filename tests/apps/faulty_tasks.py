@@ -7,7 +7,7 @@ tests (tests/test_delivery.py):
   connections (as when the broker is down or restarting), so the retry cannot be published;
   the next run succeeds. Counted in Redis at RUNS_URL, under the key it is given.
 - ``kills_its_process``: every run SIGKILLs its own pool process, as an out-of-memory kill would.
-- ``count_at_most_once``: counts its runs (at most once).
+- ``count_at_most_once``: counts its runs (at most once); ``sleep_at_most_once`` counts, then sleeps.
 - ``slow_at_least_once`` (default queue, the default short time limits) and ``slow_on_long``
   (routed to the long queue, 30 s limits): sleep, after counting and timing each run.
 """
@@ -76,3 +76,10 @@ def slow_on_long(key: str, seconds: float) -> int:
 @app.task(name="faulty.count_at_most_once")
 def count_at_most_once(key: str) -> int:
     return _runs(key)
+
+
+@app.task(name="faulty.sleep_at_most_once")
+def sleep_at_most_once(key: str, seconds: float) -> int:
+    runs = _runs(key)
+    time.sleep(seconds)
+    return runs
