@@ -48,8 +48,9 @@ bench: $(STAMP) $(BENCH_STAMP) ## Throughput vs stock Celery, chord vs group, AP
 	$(PY) -m tests.benchmarks.run
 	$(PY) -m tests.benchmarks.probe_cost
 
-chaos: $(STAMP) ## Chaos run on a Redis broker of its own: SIGKILLs, a rolling restart, a broker restart; counts lost and duplicated tasks
-	$(PY) -m tests.chaos.run
+chaos: $(STAMP) ## Chaos runs on a Redis broker and a RabbitMQ node of their own: SIGKILLs, a rolling restart, a broker restart; counts lost and duplicated tasks
+	$(PY) -m tests.chaos.run --broker redis
+	$(PY) -m tests.chaos.run --broker rabbitmq
 
 IMAGE ?= django-celery-k8s
 VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' project/__init__.py)

@@ -33,13 +33,27 @@ IDEMPOTENT = {"acks_late": True, "reject_on_worker_lost": True, "retry_on_worker
 
 
 class Request(CeleryRequest):
-    """Celery's worker-side request, reporting a task killed at its hard time limit once.
+    """Celery's worker-side request, reporting a task killed at its hard time limit once, and
+    running again a chord header task whose process died after storing its success.
 
-    The pool reports such a kill twice: its error callback (on_failure) and then its timeout
-    callback (on_timeout), and since Celery 5.7 (celery#10226) both store the failure, send
-    task_failure and the task-failed event, and on_failure runs the errbacks a second time.
+    The pool reports a hard time-limit kill twice: its error callback (on_failure) and then its
+    timeout callback (on_timeout), and since Celery 5.7 (celery#10226) both store the failure,
+    send task_failure and the task-failed event, and on_failure runs the errbacks a second time.
     Here on_timeout alone reports it; a cold shutdown, where on_timeout reports nothing, and a
-    TimeLimitExceeded raised by the task itself (return_ok) keep Celery's handling."""
+    TimeLimitExceeded raised by the task itself (return_ok) keep Celery's handling.
+
+    A task whose pool process dies after it stored SUCCESS is acknowledged and not run again
+    (Celery 5.7). For a chord header task that loses the chord: the process stores SUCCESS, then
+    counts the task in its chord and, as the last one, publishes the callback; killed in between
+    (make chaos on RabbitMQ saw it), the callback is never sent. Here such a task is retried
+    like any at-least-once task whose process died: the second run's SUCCESS is not stored again
+    (a stored SUCCESS is never replaced), the chord counts each header task once
+    (celery.backends.redis), and the last one publishes the callback."""
+
+    def _success_was_stored(self):
+        if self._context.chord and self.task.acks_late and self.task.retry_on_worker_lost:
+            return False
+        return super()._success_was_stored()
 
     def on_failure(self, exc_info, send_failed_event=True, return_ok=False):
         exc = exc_info.exception

@@ -13,6 +13,7 @@ import uuid
 
 import pytest
 import redis
+from celery import chord
 
 from app.lost_tasks import LostRuns
 from app.result_backend import RedisStateBackend
@@ -127,6 +128,27 @@ def test_an_at_most_once_task_whose_worker_dies_as_it_starts_is_stored_as_failur
     assert (meta["status"], meta["result"]["exc_type"]) == ("FAILURE", "WorkerLostError")
     assert backend.runs() == []
     assert int(redis.Redis.from_url(redis_url).get(key)) == 1  # never run again
+
+
+def test_a_chord_completes_when_a_header_tasks_process_dies_after_storing_its_success(faulty_worker, redis_url):
+    # Celery would acknowledge the stored success and never count the task in its chord.
+    _, worker = faulty_worker
+    app = celery_app_for(redis_url, result_backend=f"app.result_backend:RedisStateBackend+{redis_url}")
+    part_key, callback_key = f"runs-{uuid.uuid4().hex}", f"runs-{uuid.uuid4().hex}"
+    header = [
+        app.signature("faulty.dies_after_storing_success", args=[part_key], queue="default"),
+        app.signature("faulty.count_at_most_once", args=[f"runs-{uuid.uuid4().hex}"], queue="default"),
+    ]
+    callback = app.signature("faulty.chord_callback", args=[callback_key], queue="default")
+
+    result = chord(header, app=app)(callback)
+
+    meta = final_state(redis_url, result.id, worker)
+    # The header task's second run reached the chord (its first stored SUCCESS and died).
+    assert (meta["status"], meta["result"]) == ("SUCCESS", [2, 1]), worker.log()[-3000:]
+    assert int(redis.Redis.from_url(redis_url).get(part_key)) == 2  # the second run counted it
+    assert int(redis.Redis.from_url(redis_url).get(callback_key)) == 1
+    assert "succeeded before the worker was lost" not in worker.log()
 
 
 def test_a_task_whose_process_dies_on_every_run_fails_after_max_retries(faulty_worker, redis_url):

@@ -8,6 +8,8 @@ tests (tests/test_delivery.py):
   the next run succeeds. Counted in Redis at RUNS_URL, under the key it is given.
 - ``kills_its_process``: every run SIGKILLs its own pool process, as an out-of-memory kill would.
 - ``count_at_most_once``: counts its runs (at most once); ``sleep_at_most_once`` counts, then sleeps.
+- ``dies_after_storing_success``: at least once; on its first run, its pool process is SIGKILLed
+  right after its SUCCESS is stored, before it counts in its chord. ``chord_callback`` counts.
 - ``slow_at_least_once`` (default queue, the default short time limits) and ``slow_on_long``
   (routed to the long queue, 30 s limits): sleep, after counting and timing each run.
 """
@@ -17,6 +19,7 @@ import signal
 import time
 
 import redis
+from celery import signals
 from django.conf import settings
 from kombu import Connection
 
@@ -83,3 +86,31 @@ def sleep_at_most_once(key: str, seconds: float) -> int:
     runs = _runs(key)
     time.sleep(seconds)
     return runs
+
+
+@app.task(name="faulty.dies_after_storing_success", **IDEMPOTENT)
+def dies_after_storing_success(key: str) -> int:
+    return _runs(key)
+
+
+@app.task(name="faulty.chord_callback", **IDEMPOTENT)
+def chord_callback(results: list, key: str) -> list:
+    _runs(key)
+    return results
+
+
+@signals.worker_process_init.connect
+def die_after_the_first_stored_success(**_):
+    """In each pool process: SIGKILL it right after a first run of dies_after_storing_success
+    stored SUCCESS, before Celery counts the task in its chord (Backend.mark_as_done)."""
+    backend = app.backend
+    store_result = backend.store_result
+
+    def store_then_die(task_id, result, state, *args, request=None, **kwargs):
+        stored = store_result(task_id, result, state, *args, request=request, **kwargs)
+        first_run = result == 1 and getattr(request, "task", None) == dies_after_storing_success.name
+        if state == "SUCCESS" and first_run:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return stored
+
+    backend.store_result = store_then_die

@@ -1,23 +1,24 @@
-"""make chaos: a bounded chaos run on loopback, on a Redis broker of its own, that counts
-every task handed out and says which were lost, run twice, or stuck.
+"""make chaos: a bounded chaos run on loopback, on a broker of its own (Redis or RabbitMQ), that
+counts every task handed out and says which were lost, run twice, or stuck.
 
 Two workers (concurrency 2, the default pool: the queue `default`, as the chart runs it) take
 a mix of tasks published through the API's code path (app/workflows.py: simple tasks, chains,
 groups, chords, retries) and tasks that sleep long enough to be caught running, at least once
 (`chaos.work`) and at most once (`chaos.work_once`). While they run: SIGKILLs of whole workers
 (as a pod dies: the main process and its pool processes) and of single pool processes, a
-rolling warm restart, and a broker restart (Redis with AOF, shut down and started again on its
-data). Every run of every task is written down in a second Redis that is never restarted
-(tests/apps/chaos_tasks.py). The run follows the worker events as beat does, failing the
-at-most-once tasks of a worker that died (app/lost_tasks.py).
+rolling warm restart, and a broker restart (Redis with AOF, or a RabbitMQ node with durable
+queues and persistent messages, shut down and started again on its data). Every run of every
+task is written down in a second Redis that is never restarted (tests/apps/chaos_tasks.py); it
+also keeps the results. The run follows the worker events and sweeps the at-most-once runs of
+dead workers as beat does (app/lost_tasks.py).
 
-    python -m tests.chaos.run [--tasks 2000] [--kills 5] [--short-limits]
+    python -m tests.chaos.run [--broker redis|rabbitmq] [--tasks 2000] [--kills 5] [--short-limits]
 
 It prints published / succeeded / failed / lost / duplicated / stuck, and the delays before a
 task run again, and exits 1 when an at-least-once task was lost, an at-most-once one ran twice,
 or a task that ran was left without a final state.
---short-limits gives the workers short time limits (a 10 s visibility timeout), for the smaller
-run in `make test`.
+--short-limits gives the workers short time limits (on Redis, a 10 s visibility timeout), for
+the smaller runs in `make test`. The RabbitMQ node needs Debian's rabbitmq-server.
 """
 
 import argparse
@@ -88,6 +89,54 @@ class RedisServer:
             stop_process(self.process)
 
 
+RABBITMQ_SERVER = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
+
+
+class RabbitMQServer:
+    """A RabbitMQ node of the run's own (its own name, ports, data and Erlang cookie), never the
+    machine's shared one; its durable queues and persistent messages survive a restart."""
+
+    def __init__(self, workdir: Path):
+        self.port, self.dist_port, self.workdir = free_port(), free_port(), workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "rabbitmq.conf").write_text(f"listeners.tcp.local = 127.0.0.1:{self.port}\n")
+        (self.workdir / "enabled_plugins").write_text("[].\n")
+        self.process: subprocess.Popen | None = None
+
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}//"
+
+    def start(self) -> "RabbitMQServer":
+        if not RABBITMQ_SERVER.exists():
+            raise RuntimeError(f"{RABBITMQ_SERVER} not found: install Debian's rabbitmq-server for a RabbitMQ run")
+        env = {
+            **os.environ,
+            "HOME": str(self.workdir),  # the node's own Erlang cookie
+            "RABBITMQ_NODENAME": f"chaos{self.port}@localhost",
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "RABBITMQ_CONFIG_FILE": str(self.workdir / "rabbitmq.conf"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.workdir / "enabled_plugins"),
+            "RABBITMQ_MNESIA_BASE": str(self.workdir / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(self.workdir / "log"),
+            "RABBITMQ_PID_FILE": str(self.workdir / "rabbitmq.pid"),
+        }
+        log = open(self.workdir / "rabbitmq.out", "ab")
+        self.process = subprocess.Popen([str(RABBITMQ_SERVER)], env=env, stdout=log, stderr=subprocess.STDOUT)
+        wait_for_port(self.port, timeout=90, process=self.process)
+        return self
+
+    def restart(self, down_seconds: float) -> None:
+        """A clean stop (SIGTERM: queues and messages are on disk), a pause, the same node again."""
+        self.stop()
+        time.sleep(down_seconds)
+        self.start()
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process(self.process, timeout=60)
+
+
 class Worker:
     """A Celery worker of the default pool, in a process group of its own (a pod)."""
 
@@ -152,7 +201,9 @@ class Ledger:
             self.names.update(ids_and_names)
 
 
-def worker_env(broker: RedisServer, ledger_server: RedisServer, workdir: Path, short_limits: bool) -> dict:
+def worker_env(
+    broker_url: str, results_url: str, ledger_server: RedisServer, workdir: Path, short_limits: bool
+) -> dict:
     keep = {key: value for key, value in os.environ.items() if not key.startswith(("CELERY_", "DJANGO_", "REDIS"))}
     return {
         **keep,
@@ -160,8 +211,8 @@ def worker_env(broker: RedisServer, ledger_server: RedisServer, workdir: Path, s
         "DJANGO_SECRET_KEY": "chaos-run-only",
         "DATABASE_URL": f"sqlite:///{workdir / 'chaos.sqlite3'}",
         "CACHE_URL": "locmemcache://",
-        "CELERY_BROKER_URL": broker.url(0),
-        "RESULT_BACKEND_URL": broker.url(1),
+        "CELERY_BROKER_URL": broker_url,
+        "RESULT_BACKEND_URL": results_url,
         "CHAOS_LEDGER_URL": ledger_server.url(0),
         "TASK_HISTORY_RECORDER": "false",
         "WORKER_POOL_NAME": "default",
@@ -215,7 +266,7 @@ def send(celery_app, name: str, seconds: float):
     return workflows.Started(task_id=result.id, task_ids=[result.id])
 
 
-def run_faults(workers: list[Worker], broker: RedisServer, env: dict, workdir: Path, seconds: float, kills: int, log):
+def run_faults(workers: list[Worker], broker, env: dict, workdir: Path, seconds: float, kills: int, log):
     """Spread over the publishing time: SIGKILLs (whole workers and single pool processes in
     turn), a broker restart, then a rolling warm restart. A killed worker is replaced a second
     later, as Kubernetes starts a new pod."""
@@ -241,7 +292,10 @@ def run_faults(workers: list[Worker], broker: RedisServer, env: dict, workdir: P
             killed = workers[index].kill_pool_process()
             log(f"fault: SIGKILL a pool process of {workers[index].name}" + ("" if killed else " (none yet)"))
     at(kills)
-    log("fault: broker restart (Redis SHUTDOWN, 2 s down, started again on its AOF)")
+    if isinstance(broker, RedisServer):
+        log("fault: broker restart (Redis SHUTDOWN, 2 s down, started again on its AOF)")
+    else:
+        log("fault: broker restart (RabbitMQ node stopped, 2 s down, started again on its data)")
     broker.restart(down_seconds=2)
     at(kills + 1)
     for index in range(len(workers)):
@@ -330,10 +384,13 @@ def error_of(meta: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--broker", choices=["redis", "rabbitmq"], default="redis", help="the broker to run on")
     parser.add_argument("--tasks", type=int, default=2000, help="task ids to hand out (canvas members count)")
     parser.add_argument("--kills", type=int, default=5, help="SIGKILLs: whole workers and pool processes in turn")
     parser.add_argument("--seconds", type=float, default=60, help="publishing time, over which the faults spread")
-    parser.add_argument("--short-limits", action="store_true", help="short time limits: a 10 s visibility timeout")
+    parser.add_argument(
+        "--short-limits", action="store_true", help="short time limits (Redis: a 10 s visibility timeout)"
+    )
     args = parser.parse_args(argv)
 
     workdir = Path(tempfile.mkdtemp(prefix="chaos-"))
@@ -342,9 +399,14 @@ def main(argv: list[str] | None = None) -> int:
     def log(message: str) -> None:
         print(f"[{time.monotonic() - started:6.1f} s] {message}", flush=True)
 
-    broker = RedisServer(workdir / "broker", aof=True).start()
     ledger_server = RedisServer(workdir / "ledger", aof=False).start()
-    env = worker_env(broker, ledger_server, workdir, args.short_limits)
+    if args.broker == "redis":  # the results on the broker's Redis, as the project's default has them
+        broker = RedisServer(workdir / "broker", aof=True).start()
+        broker_url, results_url = broker.url(0), broker.url(1)
+    else:  # the results on a Redis that is never restarted
+        broker = RabbitMQServer(workdir / "broker").start()
+        broker_url, results_url = broker.url(), ledger_server.url(1)
+    env = worker_env(broker_url, results_url, ledger_server, workdir, args.short_limits)
     os.environ.update(env)
     import django
 
@@ -354,17 +416,23 @@ def main(argv: list[str] | None = None) -> int:
     from app import redelivery
     from project.celery import app as celery_app
 
-    visibility, _task = redelivery.needed_seconds(celery_app, {"default"})
-    visibility += redelivery.MARGIN_SECONDS
-    log(f"broker redis :{broker.port} (AOF), ledger redis :{ledger_server.port}, visibility timeout {visibility:g} s")
+    if args.broker == "redis":
+        # A task held by a killed worker comes back one visibility timeout and one sweep later.
+        visibility, _task = redelivery.needed_seconds(celery_app, {"default"})
+        redelivery_wait = visibility + redelivery.MARGIN_SECONDS + 3 * settings.REDIS_RESTORE_INTERVAL
+        log(f"broker and results redis :{broker.port} (AOF), ledger redis :{ledger_server.port}, "
+            f"visibility timeout {visibility + redelivery.MARGIN_SECONDS:g} s")  # fmt: skip
+    else:
+        redelivery_wait = 0  # RabbitMQ gives a dead consumer's messages back at once
+        log(f"broker rabbitmq :{broker.port}, ledger and results redis :{ledger_server.port}")
     # What beat runs: the worker events watcher, failing the at-most-once tasks of a lost worker.
+    from app import lost_tasks
     from app.cluster_metrics import WorkerEvents, WorkerStates
-    from app.lost_tasks import RunningTasks
 
     watcher = WorkerEvents(
         celery_app,
         WorkerStates(timeout=None, offline_ttl=60),
-        running=RunningTasks(celery_app, lost_after=settings.LOST_TASK_AFTER),
+        lost_runs=lost_tasks.LostRuns(celery_app.backend, lost_after=settings.LOST_TASK_AFTER),
     )
     threading.Thread(target=watcher.run, name="worker-events", daemon=True).start()
     workers = [Worker(f"w{n}", env, workdir) for n in (1, 2)]
@@ -378,8 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         publish(ledger, args.tasks, args.seconds)
         log(f"published {len(ledger.names)} task ids ({ledger.refused} refused while the broker was down)")
         faults.join()
-        # A task held by a killed worker comes back one visibility timeout and one sweep later.
-        wait = max(visibility, settings.LOST_TASK_AFTER) + 3 * settings.REDIS_RESTORE_INTERVAL + 60
+        wait = max(redelivery_wait, settings.LOST_TASK_AFTER + 3 * lost_tasks.SWEEP_INTERVAL) + 60
         found = settle(ledger, time.monotonic() + wait)
         log("settled")
         figures, passed = report(ledger, found, runs_by_attempt(ledger_server))
