@@ -22,6 +22,7 @@ the smaller runs in `make test`. The RabbitMQ node needs Debian's rabbitmq-serve
 """
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -266,12 +267,16 @@ def send(celery_app, name: str, seconds: float):
     return workflows.Started(task_id=result.id, task_ids=[result.id])
 
 
-def run_faults(workers: list[Worker], broker, env: dict, workdir: Path, seconds: float, kills: int, log):
+def run_faults(workers: list[Worker], broker, env: dict, workdir: Path, seconds: float, kills: int, faults: list, log):
     """Spread over the publishing time: SIGKILLs (whole workers and single pool processes in
     turn), a broker restart, then a rolling warm restart. A killed worker is replaced a second
-    later, as Kubernetes starts a new pod."""
+    later, as Kubernetes starts a new pod. Each fault is appended to `faults` as (time, kind)."""
     generation = {"n": len(workers)}
     started = time.monotonic()
+
+    def fault(kind: str, message: str) -> None:
+        faults.append((time.time(), kind))
+        log(f"fault: {message}")
 
     def at(step: int) -> None:
         time.sleep(max(0.0, started + seconds * (step + 1) / (kills + 3) - time.monotonic()))
@@ -284,22 +289,23 @@ def run_faults(workers: list[Worker], broker, env: dict, workdir: Path, seconds:
         at(step)
         index = step % len(workers)
         if step % 2 == 0:
-            log(f"fault: SIGKILL worker {workers[index].name} (main and pool processes)")
+            fault("worker SIGKILL", f"SIGKILL worker {workers[index].name} (main and pool processes)")
             workers[index].kill()
             time.sleep(1)
             replace(index)
         else:
-            killed = workers[index].kill_pool_process()
-            log(f"fault: SIGKILL a pool process of {workers[index].name}" + ("" if killed else " (none yet)"))
+            fault("pool process SIGKILL", f"SIGKILL a pool process of {workers[index].name}")
+            if not workers[index].kill_pool_process():
+                log("  (no pool process yet)")
     at(kills)
     if isinstance(broker, RedisServer):
-        log("fault: broker restart (Redis SHUTDOWN, 2 s down, started again on its AOF)")
+        fault("broker restart", "broker restart (Redis SHUTDOWN, 2 s down, started again on its AOF)")
     else:
-        log("fault: broker restart (RabbitMQ node stopped, 2 s down, started again on its data)")
+        fault("broker restart", "broker restart (RabbitMQ node stopped, 2 s down, started again on its data)")
     broker.restart(down_seconds=2)
     at(kills + 1)
     for index in range(len(workers)):
-        log(f"fault: warm restart of {workers[index].name}")
+        fault("warm restart", f"warm restart of {workers[index].name}")
         workers[index].warm_stop()
         replace(index)
         time.sleep(2)
@@ -339,7 +345,9 @@ def settle(ledger: Ledger, deadline: float) -> dict[str, dict]:
         time.sleep(2)
 
 
-def report(ledger: Ledger, found: dict[str, dict], runs: dict[tuple[str, int], list[float]]) -> tuple[dict, bool]:
+def report(
+    ledger: Ledger, found: dict[str, dict], runs: dict[tuple[str, int], list[float]], faults: list[tuple[float, str]]
+) -> tuple[dict, bool]:
     at_least_once = [t for t, name in ledger.names.items() if name not in AT_MOST_ONCE]
     at_most_once = [t for t, name in ledger.names.items() if name in AT_MOST_ONCE]
     status = {t: found[t].get("status", "never stored") for t in ledger.names}
@@ -347,7 +355,6 @@ def report(ledger: Ledger, found: dict[str, dict], runs: dict[tuple[str, int], l
     rerun = {task_id for (task_id, _retries), times in runs.items() if len(times) > 1}
     ran = {task_id for task_id, _retries in runs}
     stuck = [t for t in ledger.names if t in ran and status[t] not in FINAL]
-    gaps = [b - a for times in runs.values() for a, b in zip(sorted(times), sorted(times)[1:], strict=False)]
     figures = {
         "published": len(ledger.names),
         "refused (broker down: the API answers 503)": ledger.refused,
@@ -360,9 +367,7 @@ def report(ledger: Ledger, found: dict[str, dict], runs: dict[tuple[str, int], l
         "run more than once (at least once: allowed)": len(rerun.intersection(at_least_once)),
         "run more than once (at most once: never allowed)": len(rerun.intersection(at_most_once)),
         "at most once, never run or failed": sum(status[t] != "SUCCESS" for t in at_most_once),
-        "redelivery delays (s): median / max": (
-            f"{statistics.median(gaps):.1f} / {max(gaps):.1f} over {len(gaps)}" if gaps else "none"
-        ),
+        **redelivery_delays(runs, faults),
     }
     failed = [t for t in ledger.names if status[t] == "FAILURE"]
     if failed:
@@ -373,6 +378,22 @@ def report(ledger: Ledger, found: dict[str, dict], runs: dict[tuple[str, int], l
         figures["stuck ids (state)"] = [f"{t} {ledger.names[t]} ({status[t]})" for t in stuck[:20]]
     passed = not lost and not stuck and not figures["run more than once (at most once: never allowed)"]
     return figures, passed
+
+
+def redelivery_delays(runs: dict[tuple[str, int], list[float]], faults: list[tuple[float, str]]) -> dict[str, str]:
+    """Seconds from a fault to the second run of an attempt that had started before it, by the
+    kind of fault (the last one between the two runs)."""
+    delays: dict[str, list[float]] = {}
+    for times in runs.values():
+        times = sorted(times)
+        for first, again in itertools.pairwise(times):
+            between = [(at, kind) for at, kind in faults if first <= at <= again]
+            at, kind = max(between) if between else (first, "no fault between the runs")
+            delays.setdefault(kind, []).append(again - at)
+    return {
+        f"run again after a {kind} (s): median / max": f"{statistics.median(d):.1f} / {max(d):.1f} over {len(d)}"
+        for kind, d in sorted(delays.items())
+    } or {"run again (s)": "none"}
 
 
 def error_of(meta: dict) -> str:
@@ -437,19 +458,22 @@ def main(argv: list[str] | None = None) -> int:
     threading.Thread(target=watcher.run, name="worker-events", daemon=True).start()
     workers = [Worker(f"w{n}", env, workdir) for n in (1, 2)]
     ledger = Ledger()
+    faults: list[tuple[float, str]] = []
     try:
         time.sleep(3)
-        faults = threading.Thread(
-            target=run_faults, args=(workers, broker, env, workdir, args.seconds, args.kills, log), daemon=True
+        fault_thread = threading.Thread(
+            target=run_faults,
+            args=(workers, broker, env, workdir, args.seconds, args.kills, faults, log),
+            daemon=True,
         )
-        faults.start()
+        fault_thread.start()
         publish(ledger, args.tasks, args.seconds)
         log(f"published {len(ledger.names)} task ids ({ledger.refused} refused while the broker was down)")
-        faults.join()
+        fault_thread.join()
         wait = max(redelivery_wait, settings.LOST_TASK_AFTER + 3 * lost_tasks.SWEEP_INTERVAL) + 60
         found = settle(ledger, time.monotonic() + wait)
         log("settled")
-        figures, passed = report(ledger, found, runs_by_attempt(ledger_server))
+        figures, passed = report(ledger, found, runs_by_attempt(ledger_server), faults)
     finally:
         for worker in workers:
             worker.warm_stop(timeout=30)
