@@ -382,13 +382,13 @@ def report(
 
 def redelivery_delays(runs: dict[tuple[str, int], list[float]], faults: list[tuple[float, str]]) -> dict[str, str]:
     """Seconds from a fault to the second run of an attempt that had started before it, by the
-    kind of fault (the last one between the two runs)."""
+    kind of fault (the first one after the first run started: the one that cut it short)."""
     delays: dict[str, list[float]] = {}
     for times in runs.values():
         times = sorted(times)
         for first, again in itertools.pairwise(times):
             between = [(at, kind) for at, kind in faults if first <= at <= again]
-            at, kind = max(between) if between else (first, "no fault between the runs")
+            at, kind = min(between) if between else (first, "no fault between the runs")
             delays.setdefault(kind, []).append(again - at)
     return {
         f"run again after a {kind} (s): median / max": f"{statistics.median(d):.1f} / {max(d):.1f} over {len(d)}"
