@@ -17,7 +17,7 @@ invent a state the backend holds:
 
 Both also remember ids handed out to clients (``record_queued``), so "queued" is known apart
 from "never heard of", answer ``stored_meta``: the stored state, or None, and keep the runs of
-at-most-once tasks (``claim_run``, ``end_run``, ``runs``, ``forget_run``: app/lost_tasks.py).
+at-most-once tasks (``claim_run``, ``end_run``, ``runs``: app/lost_tasks.py).
 """
 
 import datetime as dt

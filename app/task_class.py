@@ -16,6 +16,7 @@ visibility timeout). An at-most-once task keeps Celery's behaviour: it fails.
 import logging
 
 from billiard.einfo import ExceptionWithTraceback
+from celery.backends.redis import RedisBackend
 from celery.contrib.django.task import DjangoTask
 from celery.exceptions import Ignore, Reject, TimeLimitExceeded
 from celery.worker import state as worker_state
@@ -47,11 +48,18 @@ class Request(CeleryRequest):
     counts the task in its chord and, as the last one, publishes the callback; killed in between
     (make chaos on RabbitMQ saw it), the callback is never sent. Here such a task is retried
     like any at-least-once task whose process died: the second run's SUCCESS is not stored again
-    (a stored SUCCESS is never replaced), the chord counts each header task once
-    (celery.backends.redis), and the last one publishes the callback."""
+    (a stored SUCCESS is never replaced), Celery's Redis backend counts each header task once,
+    and the last one publishes the callback. Not with the database backend: its chord counter
+    would count the task twice, and could call the callback before the last header task ends."""
 
     def _success_was_stored(self):
-        if self._context.chord and self.task.acks_late and self.task.retry_on_worker_lost:
+        task = self.task
+        if (
+            self._context.chord
+            and task.acks_late
+            and task.retry_on_worker_lost
+            and isinstance(task.backend, RedisBackend)
+        ):
             return False
         return super()._success_was_stored()
 
