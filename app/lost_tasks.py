@@ -11,7 +11,7 @@ So the process that runs an attempt first claims it in the result backend (``sta
 round trip on Redis, SET NX of a claim key and HSET of a record of the run; a TaskRun row with
 the database backend). A second delivery of the same attempt finds the claim and is not run.
 The record says which worker (hostname and main process id) runs it; it is removed once the
-run's state is stored (``end_run``, from task_postrun).
+run's state is stored (``end_run``, from the task class's after_return).
 
 Beat (app/cluster_metrics.py) follows the workers' events and sweeps the records
 (``LostRuns``): a run whose worker has sent nothing for LOST_TASK_AFTER seconds, or whose

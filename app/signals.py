@@ -74,19 +74,12 @@ def release_stale_connections(task, **_):
 
 @signals.worker_init.connect
 def wait_out_a_broker_restart_when_publishing(sender=None, **_):
-    """In a worker, a publish (a chain's next step, a chord's callback) retries for
-    WORKER_PUBLISH_RETRY_SECONDS instead of the web's half second. The policy is changed in
-    place: Celery's task sender holds on to the dict."""
+    """In a worker, a publish (a chain's next step, a chord's callback) retries as
+    WORKER_TASK_PUBLISH_RETRY_POLICY says instead of the web's half second. The policy is
+    changed in place: Celery's task sender holds on to the dict."""
     from django.conf import settings
 
-    sender.app.conf.task_publish_retry_policy.update(
-        {
-            "max_retries": settings.WORKER_PUBLISH_RETRY_SECONDS,
-            "interval_start": 0,
-            "interval_step": 0.5,
-            "interval_max": 1.0,
-        }
-    )
+    sender.app.conf.task_publish_retry_policy.update(settings.WORKER_TASK_PUBLISH_RETRY_POLICY)
 
 
 @signals.worker_init.connect
@@ -94,13 +87,6 @@ def remember_the_worker_process(**_):
     """The main process id the at-most-once runs are recorded with (app/lost_tasks.py): the
     pool processes forked later inherit it."""
     lost_tasks.worker_pid = os.getpid()
-
-
-@signals.task_postrun.connect
-@_logged_never_raised("Ending an at-most-once run")
-def end_at_most_once_run(task=None, task_id=None, **_):
-    # After the run's state is stored: Celery sends task_postrun last.
-    lost_tasks.end_run(task, task_id)
 
 
 # --- Prometheus metrics (app/metrics.py) --------------------------------------------------

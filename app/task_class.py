@@ -87,6 +87,12 @@ class Task(DjangoTask):
                 raise Ignore()
         return super().__call__(*args, **kwargs)
 
+    def after_return(self, status, retval, task_id, args, kwargs, einfo):
+        """After the run's state is stored: the record of an at-most-once run goes (Celery logs
+        an error raised here, and beat's sweep removes a record left behind)."""
+        lost_tasks.end_run(self, task_id)
+        return super().after_return(status, retval, task_id, args, kwargs, einfo)
+
     def retry(self, *args, **kwargs):
         try:
             return super().retry(*args, **kwargs)

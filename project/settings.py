@@ -326,8 +326,14 @@ CELERY_TASK_PUBLISH_RETRY_POLICY = {
 # waits for an answer, and a publish that gives up loses the step (make chaos lost chord
 # callbacks published while the broker restarted: Celery stores the chord as failed, or cannot
 # even do that when the results live on the same Redis). So a worker retries a publish for up
-# to this many seconds, once a second (app/signals.py). Keep it under the hard time limit.
-WORKER_PUBLISH_RETRY_SECONDS = env.int("CELERY_WORKER_PUBLISH_RETRY_SECONDS", default=20)
+# to CELERY_WORKER_PUBLISH_RETRY_SECONDS, once a second (app/signals.py). Keep it under the
+# hard time limit.
+WORKER_TASK_PUBLISH_RETRY_POLICY = {
+    "max_retries": env.int("CELERY_WORKER_PUBLISH_RETRY_SECONDS", default=20),
+    "interval_start": 0,
+    "interval_step": 0.5,
+    "interval_max": 1.0,
+}
 
 # django-celery-beat's DatabaseScheduler, plus a heartbeat file and metrics (app/beat_scheduler.py).
 CELERY_BEAT_SCHEDULER = "app.beat_scheduler:DatabaseScheduler"
