@@ -8,7 +8,6 @@ import sys
 import time
 
 import pytest
-import redis
 from celery import states
 from celery.app.task import Context
 from django_celery_results.models import TaskResult
@@ -18,18 +17,15 @@ from app.models import TaskLog, TaskState
 from app.result_backend import HISTORY_STREAM, RedisStateBackend, UpsertDatabaseBackend
 from app.signals import RUN_STARTED_AT, RUN_STARTED_WALL, SENT_AT_HEADER
 from project.celery import app as celery_app
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, empty_redis_db
 
 BACKEND_TEST_DB = 7  # the suite's broker and results use 13 (tests/embedded_services.py)
 
 
 @pytest.fixture
 def backend():
-    url = f"{os.environ['REDIS_URL'].rstrip('/')}/{BACKEND_TEST_DB}"
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    yield RedisStateBackend(app=celery_app, url=url)
-    client.flushdb()
+    with empty_redis_db(BACKEND_TEST_DB) as url:
+        yield RedisStateBackend(app=celery_app, url=url)
 
 
 def request(**fields):
