@@ -26,7 +26,7 @@ from types import SimpleNamespace
 from celery.events.receiver import EventReceiver
 from celery.events.state import HEARTBEAT_EXPIRE_WINDOW
 
-from app import metrics
+from app import metrics, rabbitmq_queues
 
 logger = logging.getLogger(__name__)
 
@@ -84,10 +84,12 @@ class Backoff:
 
 
 def queue_names(app, extra: Iterable[str] = ()) -> list[str]:
-    """The default queue, every configured queue, every queue a route names, and `extra`."""
+    """The default queue, every configured queue and its dead-letter queue (RabbitMQ), every
+    queue a route names, and `extra`."""
     conf = app.conf
     names = {conf.task_default_queue, *extra}
     names.update(getattr(queue, "name", queue) for queue in conf.task_queues or ())
+    names.update(rabbitmq_queues.dead_letter_queues(conf.task_queues))
     routes = conf.task_routes or ()
     for route_map in routes if isinstance(routes, list | tuple) else [routes]:
         if not isinstance(route_map, Mapping):

@@ -16,7 +16,7 @@ import time
 from celery import signals
 from django.db import close_old_connections
 
-from app import cluster_metrics, history_recorder, lost_tasks, metrics
+from app import cluster_metrics, history_recorder, lost_tasks, metrics, rabbitmq_queues
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +37,9 @@ def _logged_never_raised(what: str):
     return decorator
 
 
-def _queue_of(request) -> str:
-    return (getattr(request, "delivery_info", None) or {}).get("routing_key") or ""
+def _queue_of(request_or_message) -> str:
+    delivery_info = getattr(request_or_message, "delivery_info", None) or {}
+    return rabbitmq_queues.queue_of_routing_key(delivery_info.get("routing_key"))
 
 
 # Set on the task's request when it starts; the result backend (run time and start in the
@@ -163,11 +164,21 @@ def metrics_before_publish(headers=None, **_):
         headers[SENT_AT_HEADER] = time.time()  # a retry's republish starts a new wait
 
 
+@signals.before_task_publish.connect
+def expire_in_worker(declare=None, exchange=None, properties=None, **_):
+    """A task's `expires` on a RabbitMQ queue with a dead-letter queue, or delayed there: no
+    message TTL (it would dead-letter the expired message, or end its delay early); the worker
+    that receives it late stores it REVOKED (app/rabbitmq_queues.py). Celery passes this dict
+    on to the publish."""
+    if properties and "expiration" in properties and rabbitmq_queues.expires_in_worker(declare, exchange):
+        del properties["expiration"]
+
+
 @signals.after_task_publish.connect
 @_metrics_never_raise
 def metrics_after_publish(headers=None, routing_key=None, **_):
     name = metrics.task_name((headers or {}).get("task"))
-    metrics.get().sent.labels(name, routing_key or "").inc()
+    metrics.get().sent.labels(name, rabbitmq_queues.queue_of_routing_key(routing_key)).inc()
 
 
 @signals.task_received.connect
@@ -236,12 +247,10 @@ def metrics_task_revoked(request, sender=None, **_):
 @_metrics_never_raise
 def metrics_task_rejected(message=None, **_):
     headers = getattr(message, "headers", None) or {}
-    queue = (getattr(message, "delivery_info", None) or {}).get("routing_key") or ""
-    metrics.get().rejected.labels(name=metrics.task_name(headers.get("task")), queue_name=queue).inc()
+    metrics.get().rejected.labels(name=metrics.task_name(headers.get("task")), queue_name=_queue_of(message)).inc()
 
 
 @signals.task_unknown.connect
 @_metrics_never_raise
 def metrics_task_unknown(message=None, **_):
-    queue = (getattr(message, "delivery_info", None) or {}).get("routing_key") or ""
-    metrics.get().rejected.labels(name=metrics.UNKNOWN, queue_name=queue).inc()
+    metrics.get().rejected.labels(name=metrics.UNKNOWN, queue_name=_queue_of(message)).inc()

@@ -22,7 +22,7 @@ from celery.exceptions import Ignore, Reject, TimeLimitExceeded
 from celery.worker import state as worker_state
 from celery.worker.request import Request as CeleryRequest
 
-from app import lost_tasks
+from app import lost_tasks, rabbitmq_queues
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ IDEMPOTENT = {"acks_late": True, "reject_on_worker_lost": True, "retry_on_worker
 
 
 class Request(CeleryRequest):
-    """Celery's worker-side request, reporting a task killed at its hard time limit once, and
+    """Celery's worker-side request, naming the queue of a delayed message, reporting a task killed at its hard time limit once, and
     running again a chord header task whose process died after storing its success.
 
     The pool reports a hard time-limit kill twice: its error callback (on_failure) and then its
@@ -51,6 +51,15 @@ class Request(CeleryRequest):
     (a stored SUCCESS is never replaced), Celery's Redis backend counts each header task once,
     and the last one publishes the callback. Not with the database backend: its chord counter
     would count the task twice, and could call the callback before the last header task ends."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # A message that waited in RabbitMQ's delayed delivery (a countdown, a retry's delay)
+        # comes with the delay in front of its routing key: the task, its stored state, its
+        # history, logs and metrics see the queue's name.
+        routing_key = self._delivery_info.get("routing_key")
+        if routing_key and routing_key[0] in "01":
+            self._delivery_info["routing_key"] = rabbitmq_queues.queue_of_routing_key(routing_key)
 
     def _success_was_stored(self):
         task = self.task

@@ -209,7 +209,16 @@ class Consumer(CeleryConsumer):
 
     While the broker is unreachable the main process sits in kombu's reconnect loop instead of
     the event loop, so the timer does not run; kombu calls the loop's ``callback`` every second
-    of its waits, and this one touches ``alive`` before calling Celery's own."""
+    of its waits, and this one touches ``alive`` before calling Celery's own.
+
+    On RabbitMQ with quorum queues its delayed-delivery step declares every task queue before
+    binding them (app/delayed_delivery.py)."""
+
+    class Blueprint(CeleryConsumer.Blueprint):
+        default_steps = [
+            "app.delayed_delivery:DelayedDelivery" if step.endswith(":DelayedDelivery") else step
+            for step in CeleryConsumer.Blueprint.default_steps
+        ]
 
     def ensure_connected(self, conn):
         ensure_connection = conn.ensure_connection

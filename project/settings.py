@@ -156,6 +156,7 @@ if DEBUG:
 
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="redis://127.0.0.1:6379/0")
 BROKER_IS_REDIS = CELERY_BROKER_URL.startswith(("redis://", "rediss://"))
+BROKER_IS_RABBITMQ = CELERY_BROKER_URL.startswith(("amqp://", "amqps://", "pyamqp://"))
 # Where a task's live state is kept (app/result_backend.py): a redis:// or rediss:// URL (the
 # broker's own when it is Redis), or django-db (the database, for a deployment without Redis:
 # several database round trips per state). Each stored state also reaches TaskLog. Not named
@@ -291,7 +292,7 @@ CELERY_BROKER_CONFIRM_PUBLISH = env.bool("CELERY_BROKER_CONFIRM_PUBLISH", defaul
 if BROKER_IS_REDIS:
     CELERY_BROKER_TRANSPORT = "app.redis_transport:Transport"
 CELERY_BROKER_TRANSPORT_OPTIONS = {}
-if CELERY_BROKER_URL.startswith(("amqp://", "amqps://", "pyamqp://")):
+if BROKER_IS_RABBITMQ:
     CELERY_BROKER_TRANSPORT_OPTIONS = {"confirm_publish": CELERY_BROKER_CONFIRM_PUBLISH}
 if BROKER_IS_REDIS:
     CELERY_BROKER_TRANSPORT_OPTIONS = {
@@ -375,6 +376,28 @@ CELERY_WORKER_CONSUMER = "app.worker_health:Consumer"
 CANARY_QUEUES = env.list("CELERY_CANARY_QUEUES", default=[CELERY_TASK_DEFAULT_QUEUE, CELERY_LONG_QUEUE])
 CANARY_INTERVAL = env.int("CELERY_CANARY_INTERVAL", default=60)
 CANARY_STALE_AFTER = env.int("CELERY_CANARY_STALE_AFTER", default=3 * CANARY_INTERVAL)
+
+# RabbitMQ task queues (app/rabbitmq_queues.py): quorum queues, replicated and counting each
+# message's deliveries; a message returned more than RABBITMQ_DELIVERY_LIMIT times (its workers
+# died holding it) goes to the queue's dead-letter queue. The default queue, the long queue and
+# every canary queue (the chart names every pool's queues there) are declared so. classic:
+# Celery's classic queues, no delivery limit (an existing classic queue cannot become a quorum
+# queue in place: README, "Delivery guarantees").
+RABBITMQ_QUEUE_TYPE = env.str("RABBITMQ_QUEUE_TYPE", default="quorum")
+RABBITMQ_DELIVERY_LIMIT = env.int("RABBITMQ_DELIVERY_LIMIT", default=20)
+TASK_QUEUE_NAMES = list(dict.fromkeys([CELERY_TASK_DEFAULT_QUEUE, CELERY_LONG_QUEUE, *CANARY_QUEUES]))
+if BROKER_IS_RABBITMQ:
+    from app import rabbitmq_queues
+
+    try:
+        _rabbitmq_settings = rabbitmq_queues.celery_settings(
+            TASK_QUEUE_NAMES,
+            queue_type=RABBITMQ_QUEUE_TYPE,
+            delivery_limit=RABBITMQ_DELIVERY_LIMIT,
+        )
+    except ValueError as exc:
+        raise ImproperlyConfigured(str(exc)) from exc
+    globals().update({f"CELERY_{name.upper()}": value for name, value in _rabbitmq_settings.items()})
 # Seconds a web process reuses its last readiness result, so probes cannot stampede the database.
 HEALTH_READY_CACHE_SECONDS = env.float("HEALTH_READY_CACHE_SECONDS", default=5.0)
 # Seconds a readiness request waits for the checks (they run in a thread of their own): a

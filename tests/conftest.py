@@ -140,24 +140,29 @@ def start_worker(
     concurrency: int = 2,
     app_module: str = "project",
     queues: str = "default,long",
+    purge: bool = True,
+    wait: bool = True,
     **env,
 ) -> Service:
-    """A prefork worker on `broker_url` consuming `queues`, ready to take tasks."""
+    """A prefork worker on `broker_url` consuming `queues`, ready to take tasks (without `wait`:
+    just started); with `purge`, it empties them as it starts (tasks of earlier tests are not its)."""
     hostname = f"test-{uuid.uuid4().hex[:8]}@localhost"
     command = [
         sys.executable, "-m", "celery", "-A", app_module, "worker",
         "-Q", queues, "-c", str(concurrency), "--pool", "prefork",
-        "-n", hostname, "--without-mingle", "--without-gossip", "--purge", "-E", "-l", "info",
+        "-n", hostname, "--without-mingle", "--without-gossip", "-E", "-l", "info", *(["--purge"] if purge else []),
     ]  # fmt: skip
     service = Service(
         f"worker-{hostname.split('@')[0]}", command, subprocess_env(CELERY_BROKER_URL=broker_url, **env), log_dir
     )
+    service.hostname = hostname
+    if not wait:
+        return service
     try:
         wait_for_worker(app, hostname, service)
     except BaseException:
         service.stop()  # not left behind to take the next tests' tasks
         raise
-    service.hostname = hostname
     return service
 
 
@@ -182,9 +187,21 @@ def celery_app_for(broker_url: str, **conf):
     app.config_from_object("django.conf:settings", namespace="CELERY")
     app.conf.broker_read_url = app.conf.broker_write_url = broker_url
     if not broker_url.startswith(("redis://", "rediss://")):
-        # The settings chose the Redis transport (app/redis_transport.py) for the suite's broker.
+        # The settings chose the Redis transport (app/redis_transport.py) for the suite's broker,
+        # and no RabbitMQ queues: those a worker on this broker declares (project/settings.py).
+        from django.conf import settings
+
+        from app import rabbitmq_queues
+
         app.conf.broker_transport = None
         app.conf.broker_transport_options = {"confirm_publish": True}
+        app.conf.update(
+            rabbitmq_queues.celery_settings(
+                settings.TASK_QUEUE_NAMES,
+                queue_type=settings.RABBITMQ_QUEUE_TYPE,
+                delivery_limit=settings.RABBITMQ_DELIVERY_LIMIT,
+            )
+        )
     app.conf.update(conf)
     app.broker_url_for_workers = broker_url
     return app

@@ -137,3 +137,52 @@ def test_the_connection_loss_warning_is_quiet_only_when_cancelling_is_off_on_pur
             warnings.warn(CANCEL_TASKS_BY_DEFAULT, CPendingDeprecationWarning, stacklevel=1)
             warnings.warn("another pending deprecation", CPendingDeprecationWarning, stacklevel=1)
         assert len(caught) == expected + 1
+
+
+SHOW_QUEUE_SETTINGS = (
+    "import django, json; django.setup(); from django.conf import settings as s; "
+    "queues = getattr(s, 'CELERY_TASK_QUEUES', None) or []; "
+    "print(json.dumps({'queues': {q.name: q.queue_arguments for q in queues}, "
+    "'exchange': [getattr(s, 'CELERY_TASK_DEFAULT_EXCHANGE', None), getattr(s, 'CELERY_TASK_DEFAULT_EXCHANGE_TYPE', None)]}))"
+)
+
+
+def queue_settings(**env):
+    clean = {key: value for key, value in os.environ.items() if not key.startswith(("DJANGO_", "CELERY_", "RABBITMQ_"))}
+    clean |= {"DJANGO_SETTINGS_MODULE": "project.settings", "DJANGO_DEBUG": "true", **env}
+    return subprocess.run(
+        [sys.executable, "-c", SHOW_QUEUE_SETTINGS], cwd=REPO_ROOT, env=clean, capture_output=True, text=True
+    )
+
+
+def test_rabbitmq_task_queues_are_quorum_queues_with_a_delivery_limit_unless_classic_is_chosen():
+    import json
+
+    rabbitmq = "amqp://guest:guest@127.0.0.1:5672//"
+    quorum = json.loads(queue_settings(CELERY_BROKER_URL=rabbitmq, CELERY_CANARY_QUEUES="default,long,reports").stdout)
+    assert sorted(quorum["queues"]) == ["default", "long", "reports"]
+    assert quorum["queues"]["reports"] == {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": 20,
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": "reports.dead-letter",
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+    }
+    assert quorum["exchange"] == ["tasks", "topic"]
+    limited = json.loads(queue_settings(CELERY_BROKER_URL=rabbitmq, RABBITMQ_DELIVERY_LIMIT="3").stdout)
+    assert limited["queues"]["default"]["x-delivery-limit"] == 3
+
+    classic = json.loads(queue_settings(CELERY_BROKER_URL=rabbitmq, RABBITMQ_QUEUE_TYPE="classic").stdout)
+    assert classic == {"queues": {}, "exchange": [None, None]}  # Celery's defaults
+    on_redis = json.loads(queue_settings(CELERY_BROKER_URL="redis://127.0.0.1:6390/0").stdout)
+    assert on_redis["queues"] == {}
+
+    for env, error in [
+        ({"RABBITMQ_QUEUE_TYPE": "stream"}, "RABBITMQ_QUEUE_TYPE must be one of quorum, classic; got 'stream'."),
+        ({"RABBITMQ_DELIVERY_LIMIT": "0"}, "RABBITMQ_DELIVERY_LIMIT must be at least 1; got 0."),
+        ({"CELERY_CANARY_QUEUES": "default,eu.reports"}, "without dots; got 'eu.reports'."),
+    ]:
+        refused = queue_settings(CELERY_BROKER_URL=rabbitmq, **env)
+        assert refused.returncode != 0
+        assert error in refused.stderr

@@ -6,7 +6,8 @@ tests (tests/test_delivery.py):
 - ``retry_while_broker_unreachable``: its first run retries through a broker that refuses
   connections (as when the broker is down or restarting), so the retry cannot be published;
   the next run succeeds. Counted in Redis at RUNS_URL, under the key it is given.
-- ``kills_its_process``: every run SIGKILLs its own pool process, as an out-of-memory kill would.
+- ``kills_its_process``: every run SIGKILLs its own pool process, as an out-of-memory kill would;
+  ``kills_its_worker`` SIGKILLs the worker's main process (the message a poison message would be).
 - ``count_at_most_once``: counts its runs (at most once); ``sleep_at_most_once`` counts, then sleeps.
 - ``dies_after_storing_success``: at least once; on its first run, its pool process is SIGKILLed
   right after its SUCCESS is stored, before it counts in its chord. ``chord_callback`` counts.
@@ -60,6 +61,13 @@ def retry_at_most_once(self, key: str) -> int:
 def kills_its_process(key: str) -> None:
     _runs(key)
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+@app.task(name="faulty.kills_its_worker", **IDEMPOTENT)
+def kills_its_worker(key: str) -> None:
+    _runs(key)
+    os.kill(os.getppid(), signal.SIGKILL)  # the worker's main process: its broker connection closes
+    os._exit(1)
 
 
 @app.task(name="faulty.slow_at_least_once", **IDEMPOTENT)

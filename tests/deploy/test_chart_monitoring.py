@@ -47,6 +47,7 @@ ALERTS = {
     "CeleryWorkerDown",
     "CeleryTaskHighFailRate",
     "CeleryQueueBacklogGrowing",
+    "CeleryTasksDeadLettered",
     "CeleryTaskRuntimeP95High",
     "CeleryBeatNotTicking",
     "CeleryTaskHistoryBehind",
@@ -269,6 +270,7 @@ def test_without_beat_and_flower_their_monitors_and_beat_alerts_are_not_rendered
     assert set(alerts(rule_spec(docs))) & ALERTS == ALERTS - {
         "CeleryWorkerDown",
         "CeleryQueueBacklogGrowing",
+        "CeleryTasksDeadLettered",
         "CeleryBeatNotTicking",
         "CeleryTaskHistoryBehind",
         "CeleryHealthCheckCanaryFailing",
