@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 from prometheus_client import CollectorRegistry, Gauge
 
-from app import cluster_metrics
+from app import cluster_metrics, rabbitmq_queues
 from project.embedded import EmbeddedRedis, free_port, wait_for_port
 from tests.conftest import FIGURES, celery_app_for, start_worker, wait_until
 from tests.test_metrics import scrape, value
@@ -169,6 +169,7 @@ def test_rabbitmq_queue_length_is_the_passive_declare_count(start_beat, amqp_app
         assert has_series(samples, "celery_queue_length", queue_name=missing)
         assert value(samples, "celery_queue_length", queue_name=missing) == 0
         assert has_series(samples, "celery_queue_length", queue_name="default")
+        assert has_series(samples, "celery_queue_length", queue_name="default.dead-letter")  # quorum queues
         purge(amqp_app, queue)
         wait_until(lambda: value(scrape(port), "celery_queue_length", queue_name=queue) == 0, timeout=10)
 
@@ -349,3 +350,6 @@ def test_queue_names_cover_default_configured_routed_and_extra_queues(cluster_ap
         "routed",
         "routed-queue",
     ]
+    # A RabbitMQ task queue's dead letters are measured beside it.
+    cluster_app.conf.task_queues = [rabbitmq_queues.task_queue("default", delivery_limit=3)]
+    assert cluster_metrics.queue_names(cluster_app) == ["default", "default.dead-letter", "routed", "routed-queue"]

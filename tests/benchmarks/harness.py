@@ -126,16 +126,17 @@ def database_done_stamps(database_url: str) -> list[datetime]:
         return [done.replace(tzinfo=None) for (done,) in rows.fetchall()]
 
 
-def purge_queue(broker_url: str, queue: str = QUEUE) -> None:
-    """Empty a queue of an AMQP broker (a Redis one is emptied with its database)."""
+def delete_queue(broker_url: str, queue: str = QUEUE) -> None:
+    """Delete a queue of an AMQP broker and its dead-letter queue (a Redis one is emptied with its
+    database)."""
     from kombu import Connection
 
+    from app.rabbitmq_queues import dead_letter_queue_name
+
     with Connection(broker_url) as conn:
-        channel = conn.default_channel
-        try:
-            channel.queue_purge(queue)
-        except conn.channel_errors:
-            pass  # not declared yet
+        for name in (queue, dead_letter_queue_name(queue)):
+            with conn.channel() as channel:
+                channel.queue_delete(name)  # nothing to delete is no error
 
 
 def truncate_history(database_url: str) -> None:
@@ -235,10 +236,11 @@ def rate_between_first_and_last(stamps: list[datetime]) -> float:
     return (len(stamps) - 1) / (max(stamps) - min(stamps)).total_seconds()
 
 
-def fill_queue(broker_url: str, name: str, count: int, queue: str = QUEUE) -> None:
+def fill_queue(broker_url: str, name: str, count: int, queue: str = QUEUE, **conf) -> None:
     from celery import Celery
 
     publisher = Celery(broker=broker_url, set_as_current=False)
+    publisher.conf.update(conf)
     with publisher.producer_or_acquire() as producer:
         for i in range(count):
             publisher.send_task(name, args=[i, 1], queue=queue, producer=producer)

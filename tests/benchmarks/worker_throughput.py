@@ -9,7 +9,8 @@
   queue's tasks store it);
 - full, database results: the same with RESULT_BACKEND_URL=django-db;
 - with RABBITMQ_URL set, the full worker on RabbitMQ with Redis results and with database
-  results: the two choices of a RabbitMQ deployment.
+  results: the two choices of a RabbitMQ deployment; and on classic queues instead of quorum
+  queues (RABBITMQ_QUEUE_TYPE).
 
 Every worker is prefork with concurrency 2 and consumes a queue filled beforehand; throughput is
 worker side, from the first to the last completion (stored results' date_done; bare Celery's
@@ -28,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from app import rabbitmq_queues
 from tests.benchmarks import harness
 
 
@@ -54,6 +56,9 @@ MODES = {
     ),
     "full-db": Mode("project worker, database results", "project", results="django-db"),
     "amqp-redis": Mode("project worker on RabbitMQ, Redis results", "project", broker="amqp"),
+    "amqp-classic": Mode(
+        "the same on classic queues", "project", broker="amqp", env=(("RABBITMQ_QUEUE_TYPE", "classic"),)
+    ),
     "amqp-db": Mode("project worker on RabbitMQ, database results", "project", broker="amqp", results="django-db"),
 }
 
@@ -91,9 +96,15 @@ def run_mode(name: str, tasks: int, env: dict, workdir: Path, database_url: str,
     else:
         # Without Django in its environment Celery applies no Django fixup and runs no app code.
         env = {key: value for key, value in env.items() if key != "DJANGO_SETTINGS_MODULE"}
+    publisher_conf = {}
     if mode.broker == "amqp":
-        harness.purge_queue(broker_url)
-    harness.fill_queue(broker_url, "app.tasks.add" if mode.project else "bench.add", tasks)
+        # The queue as the project declares every pool's queue on RabbitMQ (a quorum queue with
+        # a delivery limit, app/rabbitmq_queues.py), created afresh.
+        harness.delete_queue(broker_url)
+        env["CELERY_CANARY_QUEUES"] = harness.QUEUE
+        queue_type = dict(mode.env).get("RABBITMQ_QUEUE_TYPE", "quorum")
+        publisher_conf = rabbitmq_queues.celery_settings([harness.QUEUE], queue_type=queue_type, delivery_limit=20)
+    harness.fill_queue(broker_url, "app.tasks.add" if mode.project else "bench.add", tasks, **publisher_conf)
     worker = harness.Process(harness.worker_command(mode.app), env, workdir / f"{name}-{time.monotonic_ns()}.log")
     deadline = time.monotonic() + 300
     try:
@@ -208,6 +219,10 @@ def report(result: Throughput, tasks: int, repeats: int) -> list[str]:
     lines.append(f"  database results vs Redis results, same worker: {result.ratio('full-db', 'full'):.2f}x")
     if "amqp-db" in result.runs:
         lines.append(f"  on RabbitMQ, database results vs Redis results: {result.ratio('amqp-db', 'amqp-redis'):.2f}x")
+        lines.append(
+            f"  on RabbitMQ, quorum queues vs classic queues: {result.ratio('amqp-redis', 'amqp-classic'):.2f}x "
+            f"(CPU per task {result.cpu('amqp-redis') / result.cpu('amqp-classic'):.2f}x)"
+        )
     else:
         lines.append("  (RabbitMQ modes skipped: no RABBITMQ_URL)")
     lines.append(
