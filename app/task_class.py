@@ -34,8 +34,9 @@ IDEMPOTENT = {"acks_late": True, "reject_on_worker_lost": True, "retry_on_worker
 
 
 class Request(CeleryRequest):
-    """Celery's worker-side request, naming the queue of a delayed message, reporting a task killed at its hard time limit once, and
-    running again a chord header task whose process died after storing its success.
+    """Celery's worker-side request, naming the queue of a delayed message, reporting a task
+    killed at its hard time limit once, and running again a chord header task whose process died
+    after storing its success.
 
     The pool reports a hard time-limit kill twice: its error callback (on_failure) and then its
     timeout callback (on_timeout), and since Celery 5.7 (celery#10226) both store the failure,
