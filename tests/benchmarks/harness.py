@@ -241,7 +241,9 @@ def fill_queue(broker_url: str, name: str, count: int, queue: str = QUEUE, **con
 
     publisher = Celery(broker=broker_url, set_as_current=False)
     publisher.conf.update(conf)
-    with publisher.producer_or_acquire() as producer:
+    # A connection of its own: kombu's pooled ones, shared by every app of this process on the
+    # same broker, remember queues as declared, and a queue deleted since would not be again.
+    with publisher.connection_for_write() as connection, connection.Producer() as producer:
         for i in range(count):
             publisher.send_task(name, args=[i, 1], queue=queue, producer=producer)
     publisher.close()
