@@ -186,3 +186,17 @@ def test_rabbitmq_task_queues_are_quorum_queues_with_a_delivery_limit_unless_cla
         refused = queue_settings(CELERY_BROKER_URL=rabbitmq, **env)
         assert refused.returncode != 0
         assert error in refused.stderr
+
+
+def test_celery_reads_the_settings_under_its_own_names_and_the_fixup_its_connection_reuse():
+    from celery.fixups.django import DjangoWorkerFixup
+    from django.conf import settings
+
+    from project.celery import app
+
+    assert app.conf.task_routes == settings.CELERY_TASK_ROUTES
+    assert app.conf.worker_prefetch_multiplier == settings.CELERY_WORKER_PREFETCH_MULTIPLIER
+    assert not app.conf.deprecated_settings  # no CDeprecationWarning per setting at worker start
+    # Read by Celery's Django fixup under its full name: unset, every task would close the
+    # database connections.
+    assert DjangoWorkerFixup(app).db_reuse_max == settings.CELERY_DB_REUSE_MAX == 10_000
