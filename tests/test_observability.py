@@ -306,11 +306,19 @@ def test_signals_of_alert_expressions():
     assert signals_of('time() - max(t) > 120\nor\nabsent(t{job="b"})') == ["time() - max(t)", 't{job="b"}']
 
 
+# Alerts whose signal exists only on a RabbitMQ broker (this system runs on Redis): the dead-letter
+# queues' lengths. Beat's series for them is tested on RabbitMQ (tests/test_cluster_metrics.py),
+# the alert's firing by promtool (tests/deploy/promtool/).
+RABBITMQ_ONLY_ALERTS = {"CeleryTasksDeadLettered"}
+
+
 def test_every_dashboard_panel_and_alert_returns_data(degraded):
     prometheus = degraded.prometheus
     time.sleep(5)  # rate() over the workload needs a few scrapes after it
     empty = []
     for source, expression in all_queries():
+        if any(source.endswith(f" alert: {name}") for name in RABBITMQ_ONLY_ALERTS):
+            continue
         expressions = signals_of(expression) if " alert: " in source else [expression]
         for query in expressions:
             if not prometheus.query(query):
