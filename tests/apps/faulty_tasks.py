@@ -7,7 +7,7 @@ tests (tests/test_delivery.py):
   connections (as when the broker is down or restarting), so the retry cannot be published;
   the next run succeeds. Counted in Redis at RUNS_URL, under the key it is given.
 - ``kills_its_process``: every run SIGKILLs its own pool process, as an out-of-memory kill would;
-  ``kills_its_worker`` SIGKILLs the worker's main process (the message a poison message would be).
+  ``kills_its_worker`` SIGKILLs the worker's main process, as a poison message that crashes it would.
 - ``count_at_most_once``: counts its runs (at most once); ``sleep_at_most_once`` counts, then sleeps.
 - ``dies_after_storing_success``: at least once; on its first run, its pool process is SIGKILLed
   right after its SUCCESS is stored, before it counts in its chord. ``chord_callback`` counts.
