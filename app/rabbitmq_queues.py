@@ -39,8 +39,13 @@ def dead_letter_queue_name(queue: str) -> str:
 
 
 def queue_of_routing_key(routing_key: str | None) -> str:
-    """The queue a task message was routed to: its routing key without a delay prefix."""
-    return DELAY_PREFIX.sub("", routing_key or "", count=1)
+    """The queue a task message was routed to: its routing key without a delay prefix. Called
+    for every task and publish: a routing key that cannot carry the prefix skips the regex."""
+    if not routing_key:
+        return ""
+    if routing_key[0] not in "01":
+        return routing_key
+    return DELAY_PREFIX.sub("", routing_key, count=1)
 
 
 class TaskQueue(Queue):

@@ -59,7 +59,7 @@ class Request(CeleryRequest):
         # comes with the delay in front of its routing key: the task, its stored state, its
         # history, logs and metrics see the queue's name.
         routing_key = self._delivery_info.get("routing_key")
-        if routing_key and routing_key[0] in "01":
+        if routing_key:
             self._delivery_info["routing_key"] = rabbitmq_queues.queue_of_routing_key(routing_key)
 
     def _success_was_stored(self):
