@@ -56,11 +56,14 @@ class Request(CeleryRequest):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         # A message that waited in RabbitMQ's delayed delivery (a countdown, a retry's delay)
-        # comes with the delay in front of its routing key: the task, its stored state, its
-        # history, logs and metrics see the queue's name.
+        # comes from a delay exchange with the delay in front of its routing key. The task sees
+        # it as sent to its queue: its stored state, history, logs and metrics name the queue,
+        # and a retry goes to the queue's exchange (Celery sends one where the message came
+        # from: a retry with no delay was unroutable in a delay exchange, and lost).
         routing_key = self._delivery_info.get("routing_key")
-        if routing_key:
-            self._delivery_info["routing_key"] = rabbitmq_queues.queue_of_routing_key(routing_key)
+        queue = rabbitmq_queues.queue_of_routing_key(routing_key)
+        if routing_key and queue != routing_key:
+            self._delivery_info.update(routing_key=queue, exchange=rabbitmq_queues.TASK_EXCHANGE.name)
 
     def _success_was_stored(self):
         task = self.task

@@ -170,6 +170,24 @@ def test_a_countdown_waits_in_rabbitmq_and_an_expired_task_is_revoked_not_dead_l
     assert messages_in(rabbitmq_url, rabbitmq_queues.dead_letter_queue_name(queue)) == 0
 
 
+def test_a_delayed_task_that_retries_at_once_runs_again(rabbitmq_url, redis_url, queue, service_log_dir):
+    # A retry is sent where the message came from: for one that waited in the delayed delivery,
+    # not to the delay exchange it arrived by (a retry with no delay was unroutable there, lost).
+    app = app_on(rabbitmq_url, redis_url, queue, delivery_limit=5)
+    worker = worker_on(app, rabbitmq_url, redis_url, queue, service_log_dir, delivery_limit=5)
+    key = f"runs-{uuid.uuid4().hex}"
+    try:
+        sent = app.send_task("faulty.retry_at_once", args=[key], queue=queue, countdown=2)
+        meta = wait_until(
+            lambda: (stored(redis_url, sent.id) or {}).get("status") == "SUCCESS" and stored(redis_url, sent.id),
+            timeout=30,
+            message="the retried task's success",
+        )
+    finally:
+        worker.stop()
+    assert (meta["result"], meta["queue"]) == (2, queue)
+
+
 def test_a_classic_queue_of_the_same_name_is_refused_with_what_to_do(rabbitmq_url, queue):
     with Connection(rabbitmq_url) as connection, connection.channel() as channel:
         Queue(queue, durable=True).bind(channel).declare()  # as Celery's classic queues were

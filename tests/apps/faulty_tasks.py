@@ -6,6 +6,7 @@ tests (tests/test_delivery.py):
 - ``retry_while_broker_unreachable``: its first run retries through a broker that refuses
   connections (as when the broker is down or restarting), so the retry cannot be published;
   the next run succeeds. Counted in Redis at RUNS_URL, under the key it is given.
+  ``retry_at_once``: its first run retries with no delay (countdown 0).
 - ``kills_its_process``: every run SIGKILLs its own pool process, as an out-of-memory kill would;
   ``kills_its_worker`` SIGKILLs the worker's main process, as a poison message that crashes it would.
 - ``count_at_most_once``: counts its runs (at most once); ``sleep_at_most_once`` counts, then sleeps.
@@ -55,6 +56,15 @@ def retry_at_least_once(self, key: str) -> int:
 @app.task(bind=True, name="faulty.retry_at_most_once")
 def retry_at_most_once(self, key: str) -> int:
     return _retry_while_broker_unreachable(self, key)
+
+
+@app.task(bind=True, name="faulty.retry_at_once", **IDEMPOTENT)
+def retry_at_once(self, key: str) -> int:
+    """Retries once with no delay, as a retry with full jitter now and then does."""
+    runs = _runs(key)
+    if runs == 1:
+        raise self.retry(countdown=0)
+    return runs
 
 
 @app.task(name="faulty.kills_its_process", **IDEMPOTENT)
