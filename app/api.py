@@ -8,6 +8,7 @@ import logging
 
 import redis
 from celery.result import GroupResult
+from django.db import DatabaseError
 from django.http import HttpRequest
 from django.shortcuts import render
 from kombu.exceptions import OperationalError
@@ -16,7 +17,7 @@ from ninja.openapi.docs import Swagger
 from ninja.security import HttpBearer
 
 import project
-from app import health, schemas, selectors, workflows
+from app import api_errors, health, schemas, selectors, workflows
 from project.celery import app as celery_app
 
 logger = logging.getLogger(__name__)
@@ -47,9 +48,15 @@ api = NinjaAPI(
     docs_url="/docs",
     openapi_url="/openapi.json",
     urls_namespace="api",
+    parser=api_errors.StrictJsonParser(),
 )
 
-ENQUEUED = {202: schemas.EnqueuedOut, 401: schemas.ErrorOut, 422: schemas.ErrorOut, 503: schemas.ErrorOut}
+# Every answer an endpoint can give, so the OpenAPI schema lists them all (README, "Errors").
+# A body: not JSON (400), no Content-Length (411), too large (413), not application/json (415),
+# invalid (422); all refused before anything is queued.
+BODY_ERRORS = {status: schemas.ErrorOut for status in (400, 411, 413, 415, 422)}
+ENQUEUED = {202: schemas.EnqueuedOut, 401: schemas.ErrorOut, 503: schemas.ErrorOut, **BODY_ERRORS}
+TASK_READ_ERRORS = {404: schemas.ErrorOut, 422: schemas.ErrorOut, 503: schemas.ErrorOut}
 auth = BearerToken()
 
 
@@ -69,6 +76,16 @@ def result_backend_unavailable(request, exc):
         request,
         {"detail": "The result backend is unavailable; task states cannot be read now. Retry later."},
         status=503,
+    )
+
+
+@api.exception_handler(DatabaseError)
+def database_unavailable(request, exc):
+    # Only a broken connection or server reaches here: the input checks keep what PostgreSQL
+    # refuses (NUL, lone surrogates, oversize ids) out of every query.
+    logger.warning("database error: %r", exc)
+    return api.create_response(
+        request, {"detail": "The database is unavailable; nothing was queued. Retry later."}, status=503
     )
 
 
@@ -138,8 +155,8 @@ def _not_found(task_id: str) -> Status:
     return Status(404, {"detail": f"Unknown task id {task_id!r}: no task with this id was ever queued here."})
 
 
-@api.get("/task-status/{task_id}/", response={200: schemas.TaskStatusOut, 404: schemas.ErrorOut}, tags=["monitoring"])
-def task_status(request, task_id: str):
+@api.get("/task-status/{task_id}/", response={200: schemas.TaskStatusOut, **TASK_READ_ERRORS}, tags=["monitoring"])
+def task_status(request, task_id: schemas.TaskId):
     state = selectors.task_state(task_id=task_id)
     if state is None:
         group = GroupResult.restore(task_id, app=celery_app)
@@ -172,10 +189,8 @@ def _group_status(group: GroupResult) -> dict:
     }
 
 
-@api.get(
-    "/task-progress/{task_id}/", response={200: schemas.TaskProgressOut, 404: schemas.ErrorOut}, tags=["monitoring"]
-)
-def task_progress(request, task_id: str):
+@api.get("/task-progress/{task_id}/", response={200: schemas.TaskProgressOut, **TASK_READ_ERRORS}, tags=["monitoring"])
+def task_progress(request, task_id: schemas.TaskId):
     state = selectors.task_state(task_id=task_id)
     if state is None:
         return _not_found(task_id)
@@ -192,11 +207,11 @@ def task_progress(request, task_id: str):
 
 @api.post(
     "/revoke-task/{task_id}/",
-    response={202: schemas.RevokeOut, 401: schemas.ErrorOut, 404: schemas.ErrorOut, 503: schemas.ErrorOut},
+    response={202: schemas.RevokeOut, 401: schemas.ErrorOut, **TASK_READ_ERRORS, **BODY_ERRORS},
     auth=auth,
     tags=["monitoring"],
 )
-def revoke_task(request, task_id: str, body: schemas.RevokeIn | None = None):
+def revoke_task(request, task_id: schemas.TaskId, body: schemas.RevokeIn | None = None):
     terminate = body.terminate if body else False
     if not selectors.is_known_task_id(task_id=task_id):
         return _not_found(task_id)
@@ -227,6 +242,11 @@ def health_live(request):
     return {"alive": True}
 
 
-@api.get("/task-overview/", response=dict, tags=["monitoring"], summary="counts and durations from TaskLog")
+@api.get(
+    "/task-overview/",
+    response={200: dict, 503: schemas.ErrorOut},
+    tags=["monitoring"],
+    summary="counts and durations from TaskLog",
+)
 def task_overview(request):
     return selectors.task_overview()

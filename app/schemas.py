@@ -1,16 +1,69 @@
 """Request and response bodies of the JSON API. Every bound here keeps one request from
-flooding the workers; a value out of bounds gets a 422 naming the field."""
+flooding the workers; a value out of bounds gets a 422 naming the field.
+
+Request bodies are strict: a number is a JSON number (not a boolean, not a string; an integer
+where a float is declared is fine), a date a string, an object an object; unknown fields are
+refused (a misspelt field would otherwise fall back to its default and queue a task nobody asked
+for), and no string holds a NUL, which PostgreSQL cannot store."""
 
 import datetime as dt
-from typing import Literal
+from typing import Annotated, Literal
 
 from django.conf import settings
-from ninja import Field, Schema
-from pydantic import model_validator
+from ninja import Field, Path, Schema
+from pydantic import BeforeValidator, ConfigDict, field_validator, model_validator
 
 from app.models import ReportType
 
-FiniteNumber = Field(..., allow_inf_nan=False, ge=-1e12, le=1e12)
+FiniteNumber = Field(..., strict=True, allow_inf_nan=False, ge=-1e12, le=1e12)
+
+# Celery's ids (task, group, chain: the last step's) are UUIDs, but a task sent with an id of
+# its own may use any short token: letters, digits and "_.:@+=-", starting with a letter or a
+# digit (never "." or ".."), at most TaskLog.task_id's 255 characters. Nothing else can have
+# been handed out here, so anything else is refused (422) before it reaches a store.
+TASK_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:@+=-]{0,254}$"
+TaskId = Annotated[
+    str,
+    Path(
+        ...,
+        pattern=TASK_ID_PATTERN,
+        max_length=255,
+        description="A task or group id handed out by this API (a UUID), or any id of that form.",
+    ),
+]
+
+
+def storable_text(value: str) -> str:
+    # PostgreSQL text and jsonb cannot hold it (pydantic itself refuses lone surrogates).
+    if "\x00" in value:
+        raise ValueError("must not contain a NUL character (\\u0000)")
+    return value
+
+
+def _json_string(value: object) -> object:
+    # Lax pydantic reads a number as a Unix time: a surprise a client should hear about.
+    if not isinstance(value, str):
+        raise ValueError("must be an ISO 8601 date-time string")
+    return value
+
+
+DateTimeString = Annotated[dt.datetime, BeforeValidator(_json_string)]
+StrictFiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+
+
+class InputSchema(Schema):
+    """A request body: an object with no unknown fields (ninja's Schema would also read a list or
+    null as an object whose fields are all missing), every string storable."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def strings_are_storable(cls, value):
+        if isinstance(value, str):
+            storable_text(value)
+        return value
+
 
 MAX_GROUP_SIZE = 1_000
 MAX_CHORD_CHUNKS = 1_000
@@ -18,7 +71,7 @@ MAX_CHUNK_SIZE = 1_000
 MAX_CHORD_NUMBERS = 100_000
 
 
-class Operands(Schema):
+class Operands(InputSchema):
     x: float = FiniteNumber
     y: float = FiniteNumber
 
@@ -27,17 +80,17 @@ class SimpleTaskIn(Operands):
     operation: Literal["add", "multiply"] = "add"
 
 
-class ChainIn(Schema):
-    value: int = Field(..., ge=-1_000_000, le=1_000_000, description="Input of workflow_step_1.")
+class ChainIn(InputSchema):
+    value: int = Field(..., strict=True, ge=-1_000_000, le=1_000_000, description="Input of workflow_step_1.")
 
 
-class GroupIn(Schema):
+class GroupIn(InputSchema):
     operation: Literal["add", "multiply"] = "add"
     pairs: list[Operands] = Field(..., min_length=1, max_length=MAX_GROUP_SIZE)
 
 
-class ChordIn(Schema):
-    chunks: list[list[float]] = Field(
+class ChordIn(InputSchema):
+    chunks: list[Annotated[list[StrictFiniteFloat], Field(max_length=MAX_CHUNK_SIZE)]] = Field(
         ...,
         min_length=1,
         max_length=MAX_CHORD_CHUNKS,
@@ -46,26 +99,23 @@ class ChordIn(Schema):
 
     @model_validator(mode="after")
     def bounded_chunks(self):
-        for index, chunk in enumerate(self.chunks):
-            if len(chunk) > MAX_CHUNK_SIZE:
-                raise ValueError(f"chunks[{index}] has {len(chunk)} numbers; at most {MAX_CHUNK_SIZE} allowed")
-            if any(value != value or value in (float("inf"), float("-inf")) for value in chunk):
-                raise ValueError(f"chunks[{index}] holds a non-finite number")
         total = sum(len(chunk) for chunk in self.chunks)
         if total > MAX_CHORD_NUMBERS:
             raise ValueError(f"chunks hold {total} numbers; at most {MAX_CHORD_NUMBERS} allowed")
         return self
 
 
-class LongTaskIn(Schema):
+class LongTaskIn(InputSchema):
     kind: Literal["progress", "time_limited"] = Field(
         "progress", description="progress: long_running_task; time_limited: time_limited_task."
     )
-    total_steps: int = Field(10, ge=1, le=1_000, description="progress: number of steps.")
-    step_seconds: float = Field(1.0, ge=0, le=10, description="progress: seconds per step.")
-    duration: float = Field(5.0, gt=0, le=600, description="time_limited: seconds of work to attempt.")
-    soft_time_limit: float | None = Field(None, gt=0, le=3_600, description="time_limited: override (s).")
-    time_limit: float | None = Field(None, gt=0, le=3_600, description="time_limited: hard limit override (s).")
+    total_steps: int = Field(10, strict=True, ge=1, le=1_000, description="progress: number of steps.")
+    step_seconds: float = Field(1.0, strict=True, ge=0, le=10, description="progress: seconds per step.")
+    duration: float = Field(5.0, strict=True, gt=0, le=600, description="time_limited: seconds of work to attempt.")
+    soft_time_limit: float | None = Field(None, strict=True, gt=0, le=3_600, description="time_limited: override (s).")
+    time_limit: float | None = Field(
+        None, strict=True, gt=0, le=3_600, description="time_limited: hard limit override (s)."
+    )
 
     @model_validator(mode="after")
     def soft_below_hard(self):
@@ -84,19 +134,19 @@ class LongTaskIn(Schema):
         return self
 
 
-class RetryTaskIn(Schema):
-    fail_probability: float = Field(0.5, ge=0, le=1)
-    fail_times: int | None = Field(None, ge=0, le=5, description="Fail exactly this many attempts first.")
+class RetryTaskIn(InputSchema):
+    fail_probability: float = Field(0.5, strict=True, ge=0, le=1)
+    fail_times: int | None = Field(None, strict=True, ge=0, le=5, description="Fail exactly this many attempts first.")
 
 
-class CreateUsersIn(Schema):
-    count: int = Field(..., ge=1, le=10_000)
+class CreateUsersIn(InputSchema):
+    count: int = Field(..., strict=True, ge=1, le=10_000)
     prefix: str = Field(..., pattern=r"^[a-z0-9_]{1,20}$", description="Lower-case letters, digits, _.")
 
 
-class ReportFilters(Schema):
-    since: dt.datetime | None = None
-    until: dt.datetime | None = None
+class ReportFilters(InputSchema):
+    since: DateTimeString | None = None
+    until: DateTimeString | None = None
     task_name: str | None = Field(None, max_length=255)
 
     @model_validator(mode="after")
@@ -106,13 +156,13 @@ class ReportFilters(Schema):
         return self
 
 
-class GenerateReportIn(Schema):
+class GenerateReportIn(InputSchema):
     report_type: ReportType
     filters: ReportFilters = Field(default_factory=ReportFilters)
 
 
-class RevokeIn(Schema):
-    terminate: bool = Field(False, description="Also kill the task if it is running (SIGTERM).")
+class RevokeIn(InputSchema):
+    terminate: bool = Field(False, strict=True, description="Also kill the task if it is running (SIGTERM).")
 
 
 class EnqueuedOut(Schema):

@@ -66,7 +66,17 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_prometheus.middleware.PrometheusAfterMiddleware",
+    # After the metrics and request logs, so they count its refusals: an API request body it
+    # will not read (411, 413, 415), and JSON, not HTML, for every error under /api/.
+    "app.api_errors.ApiRequestGuard",
 ]
+
+# The largest request body read (bytes): a larger one is refused before any view, 413 under /api/
+# (app/api_errors.py). The default, Django's own, holds the largest chord the API takes (100,000
+# numbers of up to about 24 characters each).
+API_MAX_BODY_BYTES = env.int("API_MAX_BODY_BYTES", default=2_621_440)
+# https://docs.djangoproject.com/en/5.2/ref/settings/#data-upload-max-memory-size
+DATA_UPLOAD_MAX_MEMORY_SIZE = API_MAX_BODY_BYTES
 
 ROOT_URLCONF = "project.urls"
 WSGI_APPLICATION = "project.wsgi.application"

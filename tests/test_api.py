@@ -148,7 +148,7 @@ BAD_INPUT_CASES = [
     ("/api/group-tasks/", {"pairs": []}, "pairs"),
     ("/api/group-tasks/", {"pairs": [{"x": 1, "y": 1}] * 1001}, "pairs"),
     ("/api/chord-tasks/", {"chunks": [[1]] * 1001}, "chunks"),
-    ("/api/chord-tasks/", {"chunks": [list(range(1001))]}, "chunks[0]"),
+    ("/api/chord-tasks/", {"chunks": [list(range(1001))]}, '"chunks", 0'),
     ("/api/chord-tasks/", {"chunks": "nope"}, "chunks"),
     ("/api/long-task/", {"total_steps": 0}, "total_steps"),
     ("/api/long-task/", {"total_steps": 1001}, "total_steps"),
