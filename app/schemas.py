@@ -47,7 +47,16 @@ def _json_string(value: object) -> object:
     return value
 
 
+def _whole_number(value: object) -> object:
+    # JSON has one number type: 3.0 is the integer 3 (JSON Schema agrees); 3.5 stays a float,
+    # which the strict int refuses, as it refuses a boolean or a string.
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 DateTimeString = Annotated[dt.datetime, BeforeValidator(_json_string)]
+Integer = Annotated[int, BeforeValidator(_whole_number), Field(strict=True)]
 StrictFiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 
 
@@ -81,7 +90,7 @@ class SimpleTaskIn(Operands):
 
 
 class ChainIn(InputSchema):
-    value: int = Field(..., strict=True, ge=-1_000_000, le=1_000_000, description="Input of workflow_step_1.")
+    value: Integer = Field(..., ge=-1_000_000, le=1_000_000, description="Input of workflow_step_1.")
 
 
 class GroupIn(InputSchema):
@@ -109,7 +118,7 @@ class LongTaskIn(InputSchema):
     kind: Literal["progress", "time_limited"] = Field(
         "progress", description="progress: long_running_task; time_limited: time_limited_task."
     )
-    total_steps: int = Field(10, strict=True, ge=1, le=1_000, description="progress: number of steps.")
+    total_steps: Integer = Field(10, ge=1, le=1_000, description="progress: number of steps.")
     step_seconds: float = Field(1.0, strict=True, ge=0, le=10, description="progress: seconds per step.")
     duration: float = Field(5.0, strict=True, gt=0, le=600, description="time_limited: seconds of work to attempt.")
     soft_time_limit: float | None = Field(None, strict=True, gt=0, le=3_600, description="time_limited: override (s).")
@@ -136,11 +145,15 @@ class LongTaskIn(InputSchema):
 
 class RetryTaskIn(InputSchema):
     fail_probability: float = Field(0.5, strict=True, ge=0, le=1)
-    fail_times: int | None = Field(None, strict=True, ge=0, le=5, description="Fail exactly this many attempts first.")
+    # The bounds before the validator: after it, or on the union, they would reach the OpenAPI
+    # schema as pydantic's own "ge"/"le", not JSON Schema's minimum/maximum.
+    fail_times: Annotated[int, Field(strict=True, ge=0, le=5), BeforeValidator(_whole_number)] | None = Field(
+        None, description="Fail exactly this many attempts first."
+    )
 
 
 class CreateUsersIn(InputSchema):
-    count: int = Field(..., strict=True, ge=1, le=10_000)
+    count: Integer = Field(..., ge=1, le=10_000)
     prefix: str = Field(..., pattern=r"^[a-z0-9_]{1,20}$", description="Lower-case letters, digits, _.")
 
 

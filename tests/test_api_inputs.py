@@ -210,7 +210,8 @@ WRONG_TYPES = [
     ("/api/chain-tasks/", {"value": False}, "value"),
     ("/api/chain-tasks/", {"value": True}, "value"),
     ("/api/chain-tasks/", {"value": "3"}, "value"),
-    ("/api/chain-tasks/", {"value": 3.0}, "value"),
+    ("/api/chain-tasks/", {"value": 3.5}, "value"),
+    ("/api/chain-tasks/", {"value": 1e300}, "value"),
     ("/api/chain-tasks/", {"value": None}, "value"),
     ("/api/simple-task/", {"x": True, "y": 1}, "x"),
     ("/api/simple-task/", {"x": "1", "y": 1}, "x"),
@@ -264,6 +265,14 @@ def test_an_integer_where_a_float_is_declared_is_accepted(api):
     response = api.post("/api/simple-task/", {"x": 2, "y": 3})
 
     assert response.status_code == 202, response.content
+
+
+def test_a_whole_float_where_an_integer_is_declared_is_that_integer(api):
+    # JSON has one number type; JSON Schema counts 3.0 as an integer.
+    response = api.post("/api/chain-tasks/", {"value": 3.0})
+
+    assert response.status_code == 202, response.content
+    assert celery_app.backend.stored_meta(response.json()["task_ids"][0])["args"] == [3]
 
 
 @pytest.mark.parametrize("path", [p for p in BODY_ENDPOINTS])
