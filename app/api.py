@@ -211,8 +211,8 @@ def task_progress(request, task_id: schemas.TaskId):
     auth=auth,
     tags=["monitoring"],
 )
-def revoke_task(request, task_id: schemas.TaskId, body: schemas.RevokeIn | None = None):
-    terminate = body.terminate if body else False
+def revoke_task(request, task_id: schemas.TaskId, body: schemas.RevokeBody):
+    terminate = body.terminate
     if not selectors.is_known_task_id(task_id=task_id):
         return _not_found(task_id)
     workflows.revoke(task_ids=[task_id], terminate=terminate)

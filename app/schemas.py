@@ -10,7 +10,7 @@ import datetime as dt
 from typing import Annotated, Literal
 
 from django.conf import settings
-from ninja import Field, Path, Schema
+from ninja import Body, Field, Path, Schema
 from pydantic import BeforeValidator, ConfigDict, field_validator, model_validator
 
 from app.models import ReportType
@@ -176,6 +176,10 @@ class GenerateReportIn(InputSchema):
 
 class RevokeIn(InputSchema):
     terminate: bool = Field(False, strict=True, description="Also kill the task if it is running (SIGTERM).")
+
+
+# Optional: no body means the defaults; a JSON null is not an object, so it is refused like [].
+RevokeBody = Annotated[RevokeIn, Body(default_factory=RevokeIn)]
 
 
 class EnqueuedOut(Schema):

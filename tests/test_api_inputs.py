@@ -138,9 +138,17 @@ def test_a_body_that_is_not_an_object_is_a_422(send, nothing_queued, path, value
     assert detail[0]["msg"].startswith("Input should be a valid dictionary"), detail
 
 
-@pytest.mark.parametrize("value", [[], [None, None], "x", 1, True], ids=["array", "nulls", "string", "number", "true"])
+@pytest.mark.parametrize("value", NOT_AN_OBJECT.values(), ids=NOT_AN_OBJECT.keys())
 def test_revoke_refuses_a_body_that_is_not_an_object(send, nothing_queued, value):
-    assert_error(send("/api/revoke-task/{known}/", json.dumps(value).encode()), 422)
+    detail = assert_error(send("/api/revoke-task/{known}/", json.dumps(value).encode()), 422)
+    assert detail[0]["loc"] == ["body", "body"], detail
+
+
+def test_revoke_without_a_body_takes_the_defaults(send):
+    response = send("/api/revoke-task/{known}/", b"", content_type=None)
+
+    assert response.status_code == 202, response.content
+    assert response.json()["terminate"] is False
 
 
 @pytest.mark.parametrize("path", [p for p in BODY_ENDPOINTS if "revoke" not in p])
@@ -518,3 +526,23 @@ def test_a_real_server_answers_hostile_bodies_with_json_and_queues_nothing(start
     assert celery_app.backend.client.xlen(HISTORY_STREAM) == history
     assert queued_messages() == messages
     assert not Report.objects.exists()
+
+
+@pytest.mark.integration
+@pytest.mark.django_db(transaction=True)
+def test_an_unreachable_database_is_a_json_503_and_queues_nothing(start_web, api_token):
+    from project.embedded import free_port
+
+    base = start_web(DATABASE_URL=f"postgres://postgres@127.0.0.1:{free_port()}/unreachable")
+    headers = {"Authorization": f"Bearer {api_token}", "Content-Type": "application/json"}
+    history, messages = celery_app.backend.client.xlen(HISTORY_STREAM), queued_messages()
+
+    status, content = http("GET", base + "/api/task-overview/", headers=headers)
+    assert status == 503, content[:300]
+    assert json.loads(content)["detail"].startswith("The database is unavailable")
+    body = json.dumps({"report_type": "user_summary"}).encode()
+    status, content = http("POST", base + "/api/generate-report/", body, headers)
+    assert status == 503, content[:300]
+
+    assert celery_app.backend.client.xlen(HISTORY_STREAM) == history
+    assert queued_messages() == messages
