@@ -404,6 +404,21 @@ def test_a_method_not_allowed_is_a_json_405_with_allow(client, api_token, method
     assert response.json() == {"detail": "Method Not Allowed"}
 
 
+def test_a_server_error_under_api_is_json_and_elsewhere_untouched(rf):
+    from django.http import HttpResponseServerError
+
+    from app.api_errors import ApiRequestGuard
+
+    guard = ApiRequestGuard(lambda request: HttpResponseServerError("<h1>Server Error (500)</h1>"))
+
+    api_response = guard(rf.get("/api/task-overview/"))
+    admin_response = guard(rf.get("/admin/"))
+
+    assert (api_response.status_code, api_response["Content-Type"]) == (500, "application/json")
+    assert json.loads(api_response.content) == {"detail": "Internal Server Error"}
+    assert admin_response.content == b"<h1>Server Error (500)</h1>"
+
+
 @pytest.mark.parametrize("path", ALL_GET_PATHS)
 def test_reads_with_a_token_still_answer(client, api_token, known_task, path):
     response = client.get(path.format(known=known_task), headers={"Authorization": f"Bearer {api_token}"})
