@@ -7,6 +7,7 @@ import logging
 from http import HTTPStatus
 
 from django.conf import settings
+from django.core.handlers.wsgi import WSGIRequest
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from ninja.parser import Parser
 
@@ -71,6 +72,19 @@ def refused_body(request: HttpRequest) -> JsonResponse | None:
             415, f"Request bodies must be JSON: Content-Type: application/json (UTF-8); got {sent!r}."
         )
     return None
+
+
+class LenientContentTypeRequest(WSGIRequest):
+    """Django's WSGI request, except that a Content-Type naming an unknown RFC 2231 charset
+    (`application/json; charset*=bogus''x`) reads as no content type at all, where Django raises
+    ValueError while building the request: a 500 before any middleware could answer. The guard
+    then refuses the body with a 415. project/wsgi.py makes it the web's request class."""
+
+    def _set_content_type_params(self, meta):
+        try:
+            super()._set_content_type_params(meta)
+        except ValueError:
+            self.content_type, self.content_params = "", {}
 
 
 def _as_json_error(response: HttpResponse) -> HttpResponse:

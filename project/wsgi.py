@@ -8,6 +8,10 @@ from django.urls import get_resolver
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
 
 application = get_wsgi_application()
+# After get_wsgi_application(), which sets Django up: a hostile Content-Type is a 415, not a 500.
+from app.api_errors import LenientContentTypeRequest  # noqa: E402
+
+application.request_class = LenientContentTypeRequest
 # The URLconf (the admin, the API and its schemas) now rather than at each worker's first
 # request: gunicorn imports this module once in the master (preload_app), and the workers it
 # forks share those pages and answer their first request without importing anything.

@@ -521,6 +521,14 @@ def test_a_real_server_answers_hostile_bodies_with_json_and_queues_nothing(start
         assert status == 422, (path, content[:200])
         assert json.loads(content)["detail"][0]["loc"] == ["path", "task_id"]
 
+    # A Content-Type Django cannot parse (it raises while building the request, before any middleware).
+    status, headers, body = raw_request(
+        base,
+        b"POST /api/chain-tasks/ HTTP/1.1\r\nHost: 127.0.0.1\r\n" + auth.encode() + b"Content-Type: application/json; "
+        b"charset*=bogus''x\r\nContent-Length: 12\r\nConnection: close\r\n\r\n" + b'{"value": 1}',
+    )
+    assert (status, headers["content-type"]) == (415, "application/json"), body
+
     # The report filter with a NUL, and a JSON body as text/plain.
     nul = json.dumps({"report_type": "task_summary", "filters": {"task_name": "a\u0000b"}}).encode()
     status, content = http(
