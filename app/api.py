@@ -10,21 +10,41 @@ import redis
 from celery.result import GroupResult
 from django.http import HttpRequest
 from django.shortcuts import render
+from django.utils import timezone
 from kombu.exceptions import OperationalError
 from ninja import NinjaAPI, Status
+from ninja.errors import HttpError
 from ninja.openapi.docs import Swagger
 from ninja.security import HttpBearer
 
 import project
-from app import health, schemas, selectors, workflows
+from app import api_tokens, health, schemas, selectors, workflows
+from app.models import TokenScope
 from project.celery import app as celery_app
 
 logger = logging.getLogger(__name__)
 
 
 class BearerToken(HttpBearer):
+    """An active, unexpired API token whose scope includes `scope` (app/models.py TokenScope).
+    No token or an unknown one: 401; expired: 401 saying so; a narrower scope: 403."""
+
+    def __init__(self, scope: TokenScope):
+        super().__init__()
+        self.scope = scope.value
+
     def authenticate(self, request: HttpRequest, token: str):
-        return selectors.active_api_token(secret=token)
+        grant = selectors.api_token_grant(secret=token)
+        if grant is None:
+            return None
+        if grant.expired(timezone.now()):
+            raise HttpError(401, f"The API token {grant.name!r} expired at {grant.expires_at.isoformat()}.")
+        if not grant.allows(self.scope):
+            raise HttpError(
+                403, f"The API token {grant.name!r} has the scope {grant.scope!r}; this needs {self.scope!r}."
+            )
+        api_tokens.note_used(grant)
+        return grant
 
 
 class LocalSwagger(Swagger):
@@ -41,16 +61,21 @@ class LocalSwagger(Swagger):
 api = NinjaAPI(
     title="Celery patterns API",
     version=project.__version__,
-    description="Start Celery tasks of every pattern and watch them run. "
-    "Mutating endpoints need `Authorization: Bearer <token>` (see `manage.py create_api_token`).",
+    description="Start Celery tasks of every pattern and watch them run. Every endpoint but the health "
+    "checks and these docs needs `Authorization: Bearer <token>` (see `manage.py create_api_token`): a "
+    "`read` token reads task status, progress and the overview, an `enqueue` token also starts tasks, a "
+    "`manage` token also revokes them.",
     docs=LocalSwagger(),
     docs_url="/docs",
     openapi_url="/openapi.json",
     urls_namespace="api",
 )
 
-ENQUEUED = {202: schemas.EnqueuedOut, 401: schemas.ErrorOut, 422: schemas.ErrorOut, 503: schemas.ErrorOut}
-auth = BearerToken()
+read_auth = BearerToken(TokenScope.READ)
+enqueue_auth = BearerToken(TokenScope.ENQUEUE)
+manage_auth = BearerToken(TokenScope.MANAGE)
+REFUSED = {401: schemas.ErrorOut, 403: schemas.ErrorOut}
+ENQUEUED = {202: schemas.EnqueuedOut, **REFUSED, 422: schemas.ErrorOut, 503: schemas.ErrorOut}
 
 
 @api.exception_handler(OperationalError)
@@ -86,28 +111,32 @@ def _enqueued(started: workflows.Started) -> Status:
     )
 
 
-@api.post("/simple-task/", response=ENQUEUED, auth=auth, tags=["patterns"], summary="add or multiply")
+@api.post("/simple-task/", response=ENQUEUED, auth=enqueue_auth, tags=["patterns"], summary="add or multiply")
 def simple_task(request, body: schemas.SimpleTaskIn):
     return _enqueued(workflows.start_simple(operation=body.operation, x=body.x, y=body.y))
 
 
-@api.post("/chain-tasks/", response=ENQUEUED, auth=auth, tags=["patterns"], summary="step_1 -> step_2 -> step_3")
+@api.post(
+    "/chain-tasks/", response=ENQUEUED, auth=enqueue_auth, tags=["patterns"], summary="step_1 -> step_2 -> step_3"
+)
 def chain_tasks(request, body: schemas.ChainIn):
     return _enqueued(workflows.start_chain(value=body.value))
 
 
-@api.post("/group-tasks/", response=ENQUEUED, auth=auth, tags=["patterns"], summary="tasks in parallel")
+@api.post("/group-tasks/", response=ENQUEUED, auth=enqueue_auth, tags=["patterns"], summary="tasks in parallel")
 def group_tasks(request, body: schemas.GroupIn):
     pairs = [(pair.x, pair.y) for pair in body.pairs]
     return _enqueued(workflows.start_group(operation=body.operation, pairs=pairs))
 
 
-@api.post("/chord-tasks/", response=ENQUEUED, auth=auth, tags=["patterns"], summary="parallel chunks + callback")
+@api.post(
+    "/chord-tasks/", response=ENQUEUED, auth=enqueue_auth, tags=["patterns"], summary="parallel chunks + callback"
+)
 def chord_tasks(request, body: schemas.ChordIn):
     return _enqueued(workflows.start_chord(chunks=body.chunks))
 
 
-@api.post("/long-task/", response=ENQUEUED, auth=auth, tags=["patterns"], summary="progress or time limits")
+@api.post("/long-task/", response=ENQUEUED, auth=enqueue_auth, tags=["patterns"], summary="progress or time limits")
 def long_task(request, body: schemas.LongTaskIn):
     if body.kind == "time_limited":
         started = workflows.start_time_limited(
@@ -118,17 +147,17 @@ def long_task(request, body: schemas.LongTaskIn):
     return _enqueued(started)
 
 
-@api.post("/retry-task/", response=ENQUEUED, auth=auth, tags=["patterns"], summary="retries with backoff")
+@api.post("/retry-task/", response=ENQUEUED, auth=enqueue_auth, tags=["patterns"], summary="retries with backoff")
 def retry_task(request, body: schemas.RetryTaskIn):
     return _enqueued(workflows.start_retry(fail_probability=body.fail_probability, fail_times=body.fail_times))
 
 
-@api.post("/create-users/", response=ENQUEUED, auth=auth, tags=["database"], summary="bulk, idempotent")
+@api.post("/create-users/", response=ENQUEUED, auth=enqueue_auth, tags=["database"], summary="bulk, idempotent")
 def create_users(request, body: schemas.CreateUsersIn):
     return _enqueued(workflows.start_create_users(count=body.count, prefix=body.prefix))
 
 
-@api.post("/generate-report/", response=ENQUEUED, auth=auth, tags=["reports"], summary="a Report row")
+@api.post("/generate-report/", response=ENQUEUED, auth=enqueue_auth, tags=["reports"], summary="a Report row")
 def generate_report(request, body: schemas.GenerateReportIn):
     filters = body.filters.model_dump(mode="json", exclude_none=True)
     return _enqueued(workflows.start_report(report_type=body.report_type, filters=filters))
@@ -138,7 +167,12 @@ def _not_found(task_id: str) -> Status:
     return Status(404, {"detail": f"Unknown task id {task_id!r}: no task with this id was ever queued here."})
 
 
-@api.get("/task-status/{task_id}/", response={200: schemas.TaskStatusOut, 404: schemas.ErrorOut}, tags=["monitoring"])
+@api.get(
+    "/task-status/{task_id}/",
+    response={200: schemas.TaskStatusOut, **REFUSED, 404: schemas.ErrorOut, 503: schemas.ErrorOut},
+    auth=read_auth,
+    tags=["monitoring"],
+)
 def task_status(request, task_id: str):
     state = selectors.task_state(task_id=task_id)
     if state is None:
@@ -173,7 +207,10 @@ def _group_status(group: GroupResult) -> dict:
 
 
 @api.get(
-    "/task-progress/{task_id}/", response={200: schemas.TaskProgressOut, 404: schemas.ErrorOut}, tags=["monitoring"]
+    "/task-progress/{task_id}/",
+    response={200: schemas.TaskProgressOut, **REFUSED, 404: schemas.ErrorOut, 503: schemas.ErrorOut},
+    auth=read_auth,
+    tags=["monitoring"],
 )
 def task_progress(request, task_id: str):
     state = selectors.task_state(task_id=task_id)
@@ -192,8 +229,8 @@ def task_progress(request, task_id: str):
 
 @api.post(
     "/revoke-task/{task_id}/",
-    response={202: schemas.RevokeOut, 401: schemas.ErrorOut, 404: schemas.ErrorOut, 503: schemas.ErrorOut},
-    auth=auth,
+    response={202: schemas.RevokeOut, **REFUSED, 404: schemas.ErrorOut, 503: schemas.ErrorOut},
+    auth=manage_auth,
     tags=["monitoring"],
 )
 def revoke_task(request, task_id: str, body: schemas.RevokeIn | None = None):
@@ -227,6 +264,12 @@ def health_live(request):
     return {"alive": True}
 
 
-@api.get("/task-overview/", response=dict, tags=["monitoring"], summary="counts and durations from TaskLog")
+@api.get(
+    "/task-overview/",
+    response={200: dict, **REFUSED},
+    auth=read_auth,
+    tags=["monitoring"],
+    summary="counts and durations from TaskLog",
+)
 def task_overview(request):
-    return selectors.task_overview()
+    return Status(200, selectors.task_overview())

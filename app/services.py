@@ -27,6 +27,7 @@ from app.models import (
     ScheduledTask,
     ScheduleType,
     TaskLog,
+    TokenScope,
     format_exception,
 )
 
@@ -274,6 +275,8 @@ def issue_api_token(token: ApiToken) -> str:
     return secret
 
 
-def create_api_token(*, name: str) -> tuple[ApiToken, str]:
-    token = ApiToken(name=name)
+def create_api_token(
+    *, name: str, owner, scope: str = TokenScope.ENQUEUE, expires_at: dt.datetime | None = None
+) -> tuple[ApiToken, str]:
+    token = ApiToken(name=name, owner=owner, scope=scope, expires_at=expires_at)
     return token, issue_api_token(token)
