@@ -19,6 +19,7 @@ from ninja.security import HttpBearer
 
 import project
 from app import api_tokens, health, schemas, selectors, workflows
+from app.idempotency import idempotent
 from app.models import TokenScope
 from project.celery import app as celery_app
 
@@ -75,7 +76,7 @@ read_auth = BearerToken(TokenScope.READ)
 enqueue_auth = BearerToken(TokenScope.ENQUEUE)
 manage_auth = BearerToken(TokenScope.MANAGE)
 REFUSED = {401: schemas.ErrorOut, 403: schemas.ErrorOut}
-ENQUEUED = {202: schemas.EnqueuedOut, **REFUSED, 422: schemas.ErrorOut, 503: schemas.ErrorOut}
+ENQUEUED = {202: schemas.EnqueuedOut, **REFUSED, 409: schemas.ErrorOut, 422: schemas.ErrorOut, 503: schemas.ErrorOut}
 
 
 @api.exception_handler(OperationalError)
@@ -112,6 +113,7 @@ def _enqueued(started: workflows.Started) -> Status:
 
 
 @api.post("/simple-task/", response=ENQUEUED, auth=enqueue_auth, tags=["patterns"], summary="add or multiply")
+@idempotent
 def simple_task(request, body: schemas.SimpleTaskIn):
     return _enqueued(workflows.start_simple(operation=body.operation, x=body.x, y=body.y))
 
@@ -119,11 +121,13 @@ def simple_task(request, body: schemas.SimpleTaskIn):
 @api.post(
     "/chain-tasks/", response=ENQUEUED, auth=enqueue_auth, tags=["patterns"], summary="step_1 -> step_2 -> step_3"
 )
+@idempotent
 def chain_tasks(request, body: schemas.ChainIn):
     return _enqueued(workflows.start_chain(value=body.value))
 
 
 @api.post("/group-tasks/", response=ENQUEUED, auth=enqueue_auth, tags=["patterns"], summary="tasks in parallel")
+@idempotent
 def group_tasks(request, body: schemas.GroupIn):
     pairs = [(pair.x, pair.y) for pair in body.pairs]
     return _enqueued(workflows.start_group(operation=body.operation, pairs=pairs))
@@ -132,11 +136,13 @@ def group_tasks(request, body: schemas.GroupIn):
 @api.post(
     "/chord-tasks/", response=ENQUEUED, auth=enqueue_auth, tags=["patterns"], summary="parallel chunks + callback"
 )
+@idempotent
 def chord_tasks(request, body: schemas.ChordIn):
     return _enqueued(workflows.start_chord(chunks=body.chunks))
 
 
 @api.post("/long-task/", response=ENQUEUED, auth=enqueue_auth, tags=["patterns"], summary="progress or time limits")
+@idempotent
 def long_task(request, body: schemas.LongTaskIn):
     if body.kind == "time_limited":
         started = workflows.start_time_limited(
@@ -148,16 +154,19 @@ def long_task(request, body: schemas.LongTaskIn):
 
 
 @api.post("/retry-task/", response=ENQUEUED, auth=enqueue_auth, tags=["patterns"], summary="retries with backoff")
+@idempotent
 def retry_task(request, body: schemas.RetryTaskIn):
     return _enqueued(workflows.start_retry(fail_probability=body.fail_probability, fail_times=body.fail_times))
 
 
 @api.post("/create-users/", response=ENQUEUED, auth=enqueue_auth, tags=["database"], summary="bulk, idempotent")
+@idempotent
 def create_users(request, body: schemas.CreateUsersIn):
     return _enqueued(workflows.start_create_users(count=body.count, prefix=body.prefix))
 
 
 @api.post("/generate-report/", response=ENQUEUED, auth=enqueue_auth, tags=["reports"], summary="a Report row")
+@idempotent
 def generate_report(request, body: schemas.GenerateReportIn):
     filters = body.filters.model_dump(mode="json", exclude_none=True)
     return _enqueued(workflows.start_report(report_type=body.report_type, filters=filters))

@@ -53,8 +53,8 @@ def api(client, api_token):
     """A test client that sends the bearer token (reads too) and JSON bodies."""
 
     class ApiClient:
-        def post(self, path, body=None, token=api_token, **headers):
-            headers = {**headers, **({"Authorization": f"Bearer {token}"} if token else {})}
+        def post(self, path, body=None, token=api_token, headers=None):
+            headers = {**(headers or {}), **({"Authorization": f"Bearer {token}"} if token else {})}
             return client.post(path, body if body is not None else {}, content_type="application/json", headers=headers)
 
         def get(self, path, token=api_token):
