@@ -78,7 +78,10 @@ def test_web_role_writes_one_json_access_log_line_per_request(tmp_path):
     token = make_api_token("read")
     port = free_port()
     log_path = tmp_path / "web.log"
-    env = subprocess_env(PORT=port, WEB_CONCURRENCY=1, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    # No metrics listener: its fixed default port may be taken by another web on this host.
+    env = subprocess_env(
+        PORT=port, WEB_METRICS_PORT=0, WEB_CONCURRENCY=1, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}"
+    )
     with open(log_path, "wb") as log:
         web = subprocess.Popen([str(ENTRYPOINT), "web"], cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
