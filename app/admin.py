@@ -356,16 +356,24 @@ class ScheduledTaskAdmin(admin.ModelAdmin):
 
 @admin.register(ApiToken)
 class ApiTokenAdmin(admin.ModelAdmin):
-    list_display = ("name", "prefix", "is_active", "created_at")
-    list_filter = ("is_active",)
-    search_fields = ("name", "prefix")
+    list_display = ("name", "prefix", "owner", "scope", "is_active", "expires_at", "last_used_at", "created_at")
+    list_filter = ("is_active", "scope")
+    list_select_related = ("owner",)
+    search_fields = ("name", "prefix", "owner__username")
     ordering = ("name",)
     list_per_page = 100
-    readonly_fields = ("prefix", "created_at")
+    autocomplete_fields = ("owner",)
+    readonly_fields = ("prefix", "last_used_at", "created_at")
 
     def get_fields(self, request, obj=None):
         # The prefix exists only once the secret does, when the token is saved.
-        return ("name", "is_active") if obj is None else ("name", "prefix", "is_active", "created_at")
+        editable = ("name", "owner", "scope", "is_active", "expires_at")
+        return editable if obj is None else (*editable, "prefix", "last_used_at", "created_at")
+
+    def get_form(self, request, obj=None, change=False, **kwargs):
+        form = super().get_form(request, obj, change, **kwargs)
+        form.base_fields["owner"].required = True  # null only for tokens older than owners
+        return form
 
     def save_model(self, request, obj, form, change):
         if change:

@@ -11,21 +11,42 @@ from celery.result import GroupResult
 from django.db import DatabaseError
 from django.http import HttpRequest
 from django.shortcuts import render
+from django.utils import timezone
 from kombu.exceptions import OperationalError
 from ninja import NinjaAPI, Status
+from ninja.errors import HttpError
 from ninja.openapi.docs import Swagger
 from ninja.security import HttpBearer
 
 import project
-from app import api_errors, health, schemas, selectors, workflows
+from app import api_errors, api_tokens, health, schemas, selectors, workflows
+from app.idempotency import idempotent
+from app.models import TokenScope
 from project.celery import app as celery_app
 
 logger = logging.getLogger(__name__)
 
 
 class BearerToken(HttpBearer):
+    """An active, unexpired API token whose scope includes `scope` (app/models.py TokenScope).
+    No token or an unknown one: 401; expired: 401 saying so; a narrower scope: 403."""
+
+    def __init__(self, scope: TokenScope):
+        super().__init__()
+        self.scope = scope.value
+
     def authenticate(self, request: HttpRequest, token: str):
-        return selectors.active_api_token(secret=token)
+        grant = selectors.api_token_grant(secret=token)
+        if grant is None:
+            return None
+        if grant.expired(timezone.now()):
+            raise HttpError(401, f"The API token {grant.name!r} expired at {grant.expires_at.isoformat()}.")
+        if not grant.allows(self.scope):
+            raise HttpError(
+                403, f"The API token {grant.name!r} has the scope {grant.scope!r}; this needs {self.scope!r}."
+            )
+        api_tokens.note_used(grant)
+        return grant
 
 
 class LocalSwagger(Swagger):
@@ -42,8 +63,10 @@ class LocalSwagger(Swagger):
 api = NinjaAPI(
     title="Celery patterns API",
     version=project.__version__,
-    description="Start Celery tasks of every pattern and watch them run. "
-    "Mutating endpoints need `Authorization: Bearer <token>` (see `manage.py create_api_token`).",
+    description="Start Celery tasks of every pattern and watch them run. Every endpoint but the health "
+    "checks and these docs needs `Authorization: Bearer <token>` (see `manage.py create_api_token`): a "
+    "`read` token reads task status, progress and the overview, an `enqueue` token also starts tasks, a "
+    "`manage` token also revokes them.",
     docs=LocalSwagger(),
     docs_url="/docs",
     openapi_url="/openapi.json",
@@ -51,13 +74,17 @@ api = NinjaAPI(
     parser=api_errors.StrictJsonParser(),
 )
 
+read_auth = BearerToken(TokenScope.READ)
+enqueue_auth = BearerToken(TokenScope.ENQUEUE)
+manage_auth = BearerToken(TokenScope.MANAGE)
 # Every answer an endpoint can give, so the OpenAPI schema lists them all (README, "Errors").
+REFUSED = {401: schemas.ErrorOut, 403: schemas.ErrorOut}
 # A body: not JSON (400), no Content-Length (411), too large (413), not application/json (415),
 # invalid (422); all refused before anything is queued.
 BODY_ERRORS = {status: schemas.ErrorOut for status in (400, 411, 413, 415, 422)}
-ENQUEUED = {202: schemas.EnqueuedOut, 401: schemas.ErrorOut, 503: schemas.ErrorOut, **BODY_ERRORS}
-TASK_READ_ERRORS = {404: schemas.ErrorOut, 422: schemas.ErrorOut, 503: schemas.ErrorOut}
-auth = BearerToken()
+ENQUEUED = {202: schemas.EnqueuedOut, **REFUSED, 409: schemas.ErrorOut, 503: schemas.ErrorOut, **BODY_ERRORS}
+# A task id: unknown (404), malformed (422); the result backend or database down (503).
+TASK_READ_ERRORS = {**REFUSED, 404: schemas.ErrorOut, 422: schemas.ErrorOut, 503: schemas.ErrorOut}
 
 
 @api.exception_handler(OperationalError)
@@ -103,28 +130,37 @@ def _enqueued(started: workflows.Started) -> Status:
     )
 
 
-@api.post("/simple-task/", response=ENQUEUED, auth=auth, tags=["patterns"], summary="add or multiply")
+@api.post("/simple-task/", response=ENQUEUED, auth=enqueue_auth, tags=["patterns"], summary="add or multiply")
+@idempotent
 def simple_task(request, body: schemas.SimpleTaskIn):
     return _enqueued(workflows.start_simple(operation=body.operation, x=body.x, y=body.y))
 
 
-@api.post("/chain-tasks/", response=ENQUEUED, auth=auth, tags=["patterns"], summary="step_1 -> step_2 -> step_3")
+@api.post(
+    "/chain-tasks/", response=ENQUEUED, auth=enqueue_auth, tags=["patterns"], summary="step_1 -> step_2 -> step_3"
+)
+@idempotent
 def chain_tasks(request, body: schemas.ChainIn):
     return _enqueued(workflows.start_chain(value=body.value))
 
 
-@api.post("/group-tasks/", response=ENQUEUED, auth=auth, tags=["patterns"], summary="tasks in parallel")
+@api.post("/group-tasks/", response=ENQUEUED, auth=enqueue_auth, tags=["patterns"], summary="tasks in parallel")
+@idempotent
 def group_tasks(request, body: schemas.GroupIn):
     pairs = [(pair.x, pair.y) for pair in body.pairs]
     return _enqueued(workflows.start_group(operation=body.operation, pairs=pairs))
 
 
-@api.post("/chord-tasks/", response=ENQUEUED, auth=auth, tags=["patterns"], summary="parallel chunks + callback")
+@api.post(
+    "/chord-tasks/", response=ENQUEUED, auth=enqueue_auth, tags=["patterns"], summary="parallel chunks + callback"
+)
+@idempotent
 def chord_tasks(request, body: schemas.ChordIn):
     return _enqueued(workflows.start_chord(chunks=body.chunks))
 
 
-@api.post("/long-task/", response=ENQUEUED, auth=auth, tags=["patterns"], summary="progress or time limits")
+@api.post("/long-task/", response=ENQUEUED, auth=enqueue_auth, tags=["patterns"], summary="progress or time limits")
+@idempotent
 def long_task(request, body: schemas.LongTaskIn):
     if body.kind == "time_limited":
         started = workflows.start_time_limited(
@@ -135,17 +171,20 @@ def long_task(request, body: schemas.LongTaskIn):
     return _enqueued(started)
 
 
-@api.post("/retry-task/", response=ENQUEUED, auth=auth, tags=["patterns"], summary="retries with backoff")
+@api.post("/retry-task/", response=ENQUEUED, auth=enqueue_auth, tags=["patterns"], summary="retries with backoff")
+@idempotent
 def retry_task(request, body: schemas.RetryTaskIn):
     return _enqueued(workflows.start_retry(fail_probability=body.fail_probability, fail_times=body.fail_times))
 
 
-@api.post("/create-users/", response=ENQUEUED, auth=auth, tags=["database"], summary="bulk, idempotent")
+@api.post("/create-users/", response=ENQUEUED, auth=enqueue_auth, tags=["database"], summary="bulk, idempotent")
+@idempotent
 def create_users(request, body: schemas.CreateUsersIn):
     return _enqueued(workflows.start_create_users(count=body.count, prefix=body.prefix))
 
 
-@api.post("/generate-report/", response=ENQUEUED, auth=auth, tags=["reports"], summary="a Report row")
+@api.post("/generate-report/", response=ENQUEUED, auth=enqueue_auth, tags=["reports"], summary="a Report row")
+@idempotent
 def generate_report(request, body: schemas.GenerateReportIn):
     filters = body.filters.model_dump(mode="json", exclude_none=True)
     return _enqueued(workflows.start_report(report_type=body.report_type, filters=filters))
@@ -155,7 +194,12 @@ def _not_found(task_id: str) -> Status:
     return Status(404, {"detail": f"Unknown task id {task_id!r}: no task with this id was ever queued here."})
 
 
-@api.get("/task-status/{task_id}/", response={200: schemas.TaskStatusOut, **TASK_READ_ERRORS}, tags=["monitoring"])
+@api.get(
+    "/task-status/{task_id}/",
+    response={200: schemas.TaskStatusOut, **TASK_READ_ERRORS},
+    auth=read_auth,
+    tags=["monitoring"],
+)
 def task_status(request, task_id: schemas.TaskId):
     state = selectors.task_state(task_id=task_id)
     if state is None:
@@ -189,7 +233,12 @@ def _group_status(group: GroupResult) -> dict:
     }
 
 
-@api.get("/task-progress/{task_id}/", response={200: schemas.TaskProgressOut, **TASK_READ_ERRORS}, tags=["monitoring"])
+@api.get(
+    "/task-progress/{task_id}/",
+    response={200: schemas.TaskProgressOut, **TASK_READ_ERRORS},
+    auth=read_auth,
+    tags=["monitoring"],
+)
 def task_progress(request, task_id: schemas.TaskId):
     state = selectors.task_state(task_id=task_id)
     if state is None:
@@ -207,8 +256,8 @@ def task_progress(request, task_id: schemas.TaskId):
 
 @api.post(
     "/revoke-task/{task_id}/",
-    response={202: schemas.RevokeOut, 401: schemas.ErrorOut, **TASK_READ_ERRORS, **BODY_ERRORS},
-    auth=auth,
+    response={202: schemas.RevokeOut, **TASK_READ_ERRORS, **BODY_ERRORS},
+    auth=manage_auth,
     tags=["monitoring"],
 )
 def revoke_task(request, task_id: schemas.TaskId, body: schemas.RevokeBody):
@@ -244,9 +293,10 @@ def health_live(request):
 
 @api.get(
     "/task-overview/",
-    response={200: dict, 503: schemas.ErrorOut},
+    response={200: dict, **REFUSED, 503: schemas.ErrorOut},
+    auth=read_auth,
     tags=["monitoring"],
     summary="counts and durations from TaskLog",
 )
 def task_overview(request):
-    return selectors.task_overview()
+    return Status(200, selectors.task_overview())

@@ -3,6 +3,7 @@
 import hashlib
 import secrets
 
+from django.conf import settings
 from django.db import models
 from django.utils import timezone
 from django_celery_beat.models import PeriodicTask
@@ -220,13 +221,30 @@ class ScheduledTask(models.Model):
         return self.periodic_task.total_run_count if self.periodic_task else 0
 
 
+class TokenScope(models.TextChoices):
+    """What a token may do; each scope includes the ones before it."""
+
+    READ = "read", "read: task status, progress and overview"
+    ENQUEUE = "enqueue", "enqueue: read, and start tasks"
+    MANAGE = "manage", "manage: enqueue, and revoke any task"
+
+
+TOKEN_SCOPE_ORDER = [TokenScope.READ, TokenScope.ENQUEUE, TokenScope.MANAGE]
+
+
 class ApiToken(models.Model):
-    """A bearer token for the mutating API endpoints. Only its SHA-256 digest is stored."""
+    """A bearer token for the API, held by a user. Only its SHA-256 digest is stored."""
 
     name = models.CharField(max_length=100, unique=True)
     prefix = models.CharField(max_length=8, help_text="First characters of the token, to recognise it.")
     digest = models.CharField(max_length=64, unique=True, editable=False)
+    # Null only for tokens made before tokens had owners (migration 0006).
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, null=True, related_name="api_tokens")
+    scope = models.CharField(max_length=10, choices=TokenScope.choices, default=TokenScope.ENQUEUE)
     is_active = models.BooleanField(default=True, db_index=True)
+    expires_at = models.DateTimeField(null=True, blank=True, help_text="Refused from then on; empty: never.")
+    # Written at most once a minute per token and process (app/api_tokens.py), not per request.
+    last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -243,3 +261,24 @@ class ApiToken(models.Model):
     def digest_of(secret: str) -> str:
         # Tokens are 256 random bits, so a fast hash is enough: there is nothing to brute-force.
         return hashlib.sha256(secret.encode()).hexdigest()
+
+
+class IdempotencyKey(models.Model):
+    """An enqueue request's ``Idempotency-Key`` and the answer it got (app/idempotency.py): a
+    retry with the same key and body gets that answer again and queues nothing."""
+
+    # Keys are per token holder: "user:<id>", or "token:<id>" for a token without an owner.
+    holder = models.CharField(max_length=40)
+    key = models.CharField(max_length=255)
+    # SHA-256 of the endpoint and the validated body: the same key with another body is refused.
+    fingerprint = models.CharField(max_length=64)
+    # The 202 answer's body; null while the first request runs.
+    response = models.JSONField(null=True, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField(db_index=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["holder", "key"], name="unique_idempotency_key_per_holder")]
+
+    def __str__(self) -> str:
+        return f"{self.holder} {self.key}"

@@ -88,11 +88,11 @@ def is_known_task_id(*, task_id: str) -> bool:
     return celery_app.backend.stored_meta(task_id) is not None or TaskLog.objects.filter(task_id=task_id).exists()
 
 
-def active_api_token(*, secret: str) -> str | None:
-    """The digest of `secret` if it names an active token, else None (app/api_tokens.py: no
-    database query per request, and exact: a disabled or deleted token is refused at once)."""
-    digest = ApiToken.digest_of(secret)
-    return digest if api_tokens.is_active(digest) else None
+def api_token_grant(*, secret: str) -> api_tokens.Grant | None:
+    """What the active token `secret` allows, or None (app/api_tokens.py: no database query per
+    request, and exact: a disabled or deleted token is refused at once). An expired token still
+    has its grant: the caller refuses it, saying why."""
+    return api_tokens.grant_for(ApiToken.digest_of(secret))
 
 
 def user_emails(*, user_ids: list[int]) -> dict[int, str]:

@@ -3,6 +3,7 @@
 Tasks, signal handlers, API views and the admin stay thin and call these.
 """
 
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -13,7 +14,7 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError
 from django.core.mail import send_mail
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
 from django_celery_beat.models import CrontabSchedule, IntervalSchedule, PeriodicTask
@@ -22,15 +23,21 @@ from app import selectors
 from app.models import (
     FINISHED_STATES,
     ApiToken,
+    IdempotencyKey,
     Report,
     ReportStatus,
     ScheduledTask,
     ScheduleType,
     TaskLog,
+    TokenScope,
     format_exception,
 )
 
 logger = logging.getLogger(__name__)
+
+# A claimed key whose request stored no answer by then died with its process (gunicorn's
+# timeout is 30 s): a retry takes the key over.
+IDEMPOTENCY_ABANDONED_AFTER = dt.timedelta(seconds=60)
 
 # --- Task history -------------------------------------------------------------
 # TaskLog is written only by app/task_history.py, from the states the result backend stores.
@@ -147,6 +154,13 @@ DEFAULT_SCHEDULES = [
         "crontab_hour": "3",
         "kwargs": {"days": 30},
         "description": "Deletes finished task history older than 30 days.",
+    },
+    {
+        "name": "delete-expired-idempotency-keys-hourly",
+        "task": "app.tasks.delete_expired_idempotency_keys",
+        "schedule_type": ScheduleType.CRONTAB,
+        "crontab_minute": "15",
+        "description": "Deletes the API's idempotency keys past IDEMPOTENCY_KEY_TTL_SECONDS.",
     },
     {
         "name": "cleanup-old-users-daily",
@@ -274,6 +288,72 @@ def issue_api_token(token: ApiToken) -> str:
     return secret
 
 
-def create_api_token(*, name: str) -> tuple[ApiToken, str]:
-    token = ApiToken(name=name)
+def create_api_token(
+    *, name: str, owner, scope: str = TokenScope.ENQUEUE, expires_at: dt.datetime | None = None
+) -> tuple[ApiToken, str]:
+    token = ApiToken(name=name, owner=owner, scope=scope, expires_at=expires_at)
     return token, issue_api_token(token)
+
+
+# --- Idempotency keys (app/idempotency.py) --------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class IdempotencyClaim:
+    """What a request with an idempotency key may do: run (``row`` is its claim), answer with
+    the stored ``response``, or answer ``conflict`` (409, 422) with ``detail``."""
+
+    row: IdempotencyKey | None = None
+    response: dict | None = None
+    conflict: int | None = None
+    detail: str = ""
+
+
+def claim_idempotency_key(*, holder: str, key: str, fingerprint: str) -> IdempotencyClaim:
+    now = timezone.now()
+    expires_at = now + dt.timedelta(seconds=settings.IDEMPOTENCY_KEY_TTL_SECONDS)
+    try:
+        with transaction.atomic():
+            row = IdempotencyKey.objects.create(
+                holder=holder, key=key, fingerprint=fingerprint, created_at=now, expires_at=expires_at
+            )
+        return IdempotencyClaim(row=row)
+    except IntegrityError:
+        pass
+    with transaction.atomic():
+        row = IdempotencyKey.objects.select_for_update().filter(holder=holder, key=key).first()
+        if row is None:  # released or deleted meanwhile: claim it again
+            row = IdempotencyKey.objects.create(
+                holder=holder, key=key, fingerprint=fingerprint, created_at=now, expires_at=expires_at
+            )
+            return IdempotencyClaim(row=row)
+        abandoned = row.response is None and now - row.created_at > IDEMPOTENCY_ABANDONED_AFTER
+        if row.expires_at <= now or abandoned:
+            row.fingerprint, row.response, row.created_at, row.expires_at = fingerprint, None, now, expires_at
+            row.save()
+            return IdempotencyClaim(row=row)
+    if row.fingerprint != fingerprint:
+        return IdempotencyClaim(
+            conflict=422,
+            detail=f"The Idempotency-Key {key!r} was used with another request (endpoint or body); "
+            "send a new key for a new request.",
+        )
+    if row.response is None:
+        return IdempotencyClaim(
+            conflict=409, detail=f"A request with the Idempotency-Key {key!r} is still running; retry in a moment."
+        )
+    return IdempotencyClaim(response=row.response)
+
+
+def store_idempotent_answer(row: IdempotencyKey, *, response: dict) -> None:
+    IdempotencyKey.objects.filter(pk=row.pk, created_at=row.created_at).update(response=response)
+
+
+def release_idempotency_key(row: IdempotencyKey) -> None:
+    """Give the key back (the request queued nothing): a retry runs for real."""
+    IdempotencyKey.objects.filter(pk=row.pk, created_at=row.created_at, response__isnull=True).delete()
+
+
+def delete_expired_idempotency_keys() -> int:
+    deleted, _ = IdempotencyKey.objects.filter(expires_at__lte=timezone.now()).delete()
+    return deleted

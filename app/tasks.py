@@ -159,6 +159,12 @@ def cleanup_task_logs(days: int = 30) -> dict:
     return {"deleted": services.cleanup_task_logs(days=days)}
 
 
+@shared_task(**IDEMPOTENT)
+def delete_expired_idempotency_keys() -> dict:
+    """Delete the API's expired idempotency keys. Delivery: at least once (idempotent)."""
+    return {"deleted": services.delete_expired_idempotency_keys()}
+
+
 # --- Email --------------------------------------------------------------------------
 
 

@@ -245,7 +245,8 @@ def main() -> int:
             + "  ".join(f"{role} http://127.0.0.1:{port}/metrics" for role, port in metrics_ports.items()),
             f"  Broker    {os.environ['CELERY_BROKER_URL']}"
             + ("  (embedded Redis, in memory: queued tasks end with the run)" if redis else ""),
-            "  New API token: manage.py create_api_token NAME;  new admin password: manage.py changepassword admin",
+            "  New API token: manage.py create_api_token NAME --owner admin [--scope read|enqueue|manage]",
+            "  New admin password: manage.py changepassword admin",
             "Ctrl-C stops everything.",
             "-" * 72,
         ]

@@ -414,6 +414,12 @@ HEALTH_READY_CACHE_SECONDS = env.float("HEALTH_READY_CACHE_SECONDS", default=5.0
 # database that hangs makes web not ready, never ties up a gunicorn worker for longer.
 HEALTH_READY_TIMEOUT_SECONDS = env.float("HEALTH_READY_TIMEOUT_SECONDS", default=3.0)
 
+# --- API ----------------------------------------------------------------------
+# How long an enqueue answer is kept for a retry with the same Idempotency-Key (app/idempotency.py).
+IDEMPOTENCY_KEY_TTL_SECONDS = env.int("IDEMPOTENCY_KEY_TTL_SECONDS", default=86_400)
+if IDEMPOTENCY_KEY_TTL_SECONDS < 60:
+    raise ImproperlyConfigured(f"IDEMPOTENCY_KEY_TTL_SECONDS must be 60 or more, not {IDEMPOTENCY_KEY_TTL_SECONDS}.")
+
 # --- Web and beat metrics (app/web_metrics.py, app/beat_scheduler.py) -------------------------
 # gunicorn's second listener, serving only /metrics (project/gunicorn_conf.py); 0: none.
 # The public port answers /metrics with 404.

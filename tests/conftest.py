@@ -31,25 +31,34 @@ def _plain_static_storage(settings):
     }
 
 
-@pytest.fixture
-def api_token(db) -> str:
+def make_api_token(scope: str = "manage", **fields) -> str:
+    """A new API token's secret: held by a new user, with every right (manage) unless told."""
+    from django.contrib.auth import get_user_model
+
     from app import services
 
-    _token, secret = services.create_api_token(name=f"test-{uuid.uuid4().hex[:8]}")
+    name = f"test-{uuid.uuid4().hex[:8]}"
+    owner = get_user_model().objects.create_user(username=name)
+    _token, secret = services.create_api_token(name=name, owner=owner, scope=scope, **fields)
     return secret
 
 
 @pytest.fixture
+def api_token(db) -> str:
+    return make_api_token()
+
+
+@pytest.fixture
 def api(client, api_token):
-    """A test client that sends the bearer token and JSON bodies."""
+    """A test client that sends the bearer token (reads too) and JSON bodies."""
 
     class ApiClient:
-        def post(self, path, body=None, token=api_token):
-            headers = {"Authorization": f"Bearer {token}"} if token else {}
+        def post(self, path, body=None, token=api_token, headers=None):
+            headers = {**(headers or {}), **({"Authorization": f"Bearer {token}"} if token else {})}
             return client.post(path, body if body is not None else {}, content_type="application/json", headers=headers)
 
-        def get(self, path):
-            return client.get(path)
+        def get(self, path, token=api_token):
+            return client.get(path, headers={"Authorization": f"Bearer {token}"} if token else {})
 
     return ApiClient()
 

@@ -38,6 +38,12 @@ def scheduled_task(name: str, **fields) -> ScheduledTask:
     return services.save_scheduled_task(ScheduledTask(name=name, **{**defaults, **fields}))
 
 
+def new_user(username: str):
+    from django.contrib.auth import get_user_model
+
+    return get_user_model().objects.create_user(username)
+
+
 def report(**fields) -> Report:
     defaults = {"report_type": ReportType.TASK_SUMMARY, "filters": {"task_name": "app.tasks.add"}}
     return Report.objects.create(**{**defaults, **fields})
@@ -228,8 +234,8 @@ def test_scheduled_task_change_page_renders(admin_client):
     assert 'value="app.tasks.health_check"' in response.content.decode()
 
 
-def test_api_token_pages_never_show_the_digest(admin_client):
-    token, _secret = services.create_api_token(name="ci")
+def test_api_token_pages_never_show_the_digest(admin_client, admin_user):
+    token, _secret = services.create_api_token(name="ci", owner=admin_user)
 
     listing = admin_client.get(changelist("apitoken"))
     detail = admin_client.get(change_page(token))
@@ -253,7 +259,7 @@ def _queries_for(client, url: str) -> int:
         ("tasklog", lambda i: task_log(state=TaskState.SUCCESS, duration=dt.timedelta(seconds=i))),
         ("report", lambda i: report(status=ReportStatus.COMPLETED, data={"i": i})),
         ("scheduledtask", lambda i: scheduled_task(f"schedule-{i}")),
-        ("apitoken", lambda i: services.create_api_token(name=f"token-{i}")),
+        ("apitoken", lambda i: services.create_api_token(name=f"token-{i}", owner=new_user(f"owner-{i}"))),
     ],
 )
 def test_changelist_makes_no_query_per_row(admin_client, model, make_row):
@@ -457,8 +463,12 @@ def test_delete_view_also_deletes_the_periodic_task(admin_client):
 # --- ApiToken: the secret is shown once, only its digest is kept -----------------------------------------
 
 
-def test_adding_a_token_shows_its_secret_once_and_stores_only_the_digest(admin_client):
-    response = admin_client.post(reverse("admin:app_apitoken_add"), {"name": "ci", "is_active": "on"}, follow=True)
+def test_adding_a_token_shows_its_secret_once_and_stores_only_the_digest(admin_client, admin_user):
+    response = admin_client.post(
+        reverse("admin:app_apitoken_add"),
+        {"name": "ci", "owner": admin_user.pk, "scope": "read", "is_active": "on"},
+        follow=True,
+    )
 
     assert response.status_code == 200
     [secret] = re.findall(r"<code>([\w-]{43})</code>", response.content.decode())
@@ -466,6 +476,7 @@ def test_adding_a_token_shows_its_secret_once_and_stores_only_the_digest(admin_c
     assert token.digest == ApiToken.digest_of(secret)
     assert token.prefix == secret[:8]
     assert secret not in {token.name, token.prefix, token.digest}
-    assert selectors.active_api_token(secret=secret) == token.digest
+    grant = selectors.api_token_grant(secret=secret)
+    assert (grant.token_id, grant.scope, grant.owner_id) == (token.pk, "read", admin_user.pk)
     for url in (changelist("apitoken"), change_page(token)):
         assert secret not in admin_client.get(url).content.decode()

@@ -11,7 +11,7 @@ import pytest
 from app.models import ApiToken, Report, ReportStatus, TaskLog, TaskState
 from app.result_backend import HISTORY_STREAM
 from project.celery import app as celery_app
-from tests.conftest import http
+from tests.conftest import http, make_api_token
 
 pytestmark = pytest.mark.django_db
 
@@ -199,6 +199,7 @@ def test_malformed_json_is_a_400(api, client, api_token):
 
 
 MUTATING_PATHS = [case[0] for case in ENQUEUE_CASES] + ["/api/revoke-task/some-id/"]
+READ_PATHS = ["/api/task-status/some-id/", "/api/task-progress/some-id/", "/api/task-overview/"]
 
 
 @pytest.mark.parametrize("path", sorted(set(MUTATING_PATHS)))
@@ -210,16 +211,98 @@ def test_mutating_endpoints_need_a_valid_token(api, path, token):
     assert response.json() == {"detail": "Unauthorized"}
 
 
+@pytest.mark.parametrize("path", READ_PATHS)
+@pytest.mark.parametrize("token", [None, "not-a-real-token"])
+def test_reads_need_a_valid_token(api, path, token):
+    response = api.get(path, token=token)
+
+    assert response.status_code == 401
+    assert response.json() == {"detail": "Unauthorized"}
+
+
+@pytest.mark.parametrize("path", ["/api/health/", "/api/health/ready", "/api/health/live", "/api/openapi.json"])
+def test_health_and_the_schema_need_no_token(api, path):
+    assert api.get(path, token=None).status_code in (200, 503)
+
+
+def test_a_read_token_reads_but_neither_enqueues_nor_revokes(api, api_token):
+    started = api.post("/api/simple-task/", {"x": 1, "y": 2}).json()  # with the fixture's manage token
+    reader = make_api_token("read")
+    queued = history_length()
+
+    assert api.get(f"/api/task-status/{started['task_id']}/", token=reader).status_code == 200
+    assert api.get("/api/task-overview/", token=reader).status_code == 200
+    enqueue = api.post("/api/simple-task/", {"x": 1, "y": 2}, token=reader)
+    revoke = api.post(f"/api/revoke-task/{started['task_id']}/", {}, token=reader)
+
+    assert (enqueue.status_code, revoke.status_code) == (403, 403)
+    assert "has the scope 'read'; this needs 'enqueue'" in enqueue.json()["detail"]
+    assert "this needs 'manage'" in revoke.json()["detail"]
+    assert history_length() == queued  # nothing queued for a refused request
+
+
+def test_an_enqueue_token_starts_tasks_but_does_not_revoke(api):
+    token = make_api_token("enqueue")
+
+    started = api.post("/api/simple-task/", {"x": 1, "y": 2}, token=token)
+    revoke = api.post(f"/api/revoke-task/{started.json()['task_id']}/", {}, token=token)
+
+    assert started.status_code == 202
+    assert revoke.status_code == 403
+
+
+def test_an_expired_token_is_refused_saying_so(api):
+    import datetime as dt
+
+    from django.utils import timezone
+
+    token = make_api_token(expires_at=timezone.now() - dt.timedelta(seconds=1))
+    valid = make_api_token(expires_at=timezone.now() + dt.timedelta(days=1))
+
+    refused = api.get("/api/task-overview/", token=token)
+    assert refused.status_code == 401
+    assert "expired at" in refused.json()["detail"]
+    assert api.get("/api/task-overview/", token=valid).status_code == 200
+
+
+def test_the_last_use_is_written_once_a_minute_not_per_request(api, api_token):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    assert ApiToken.objects.get().last_used_at is None
+    api.get("/api/task-overview/")
+    first_use = ApiToken.objects.get().last_used_at
+    assert first_use is not None
+
+    with CaptureQueriesContext(connection) as queries:
+        for _ in range(3):
+            assert api.get("/api/task-overview/").status_code == 200
+    assert not [query for query in queries if "app_apitoken" in query["sql"]]
+    assert ApiToken.objects.get().last_used_at == first_use
+
+
 def test_an_inactive_token_is_refused(api, api_token):
     ApiToken.objects.update(is_active=False)
 
     assert api.post("/api/simple-task/", {"x": 1, "y": 2}).status_code == 401
+    assert api.get("/api/task-overview/").status_code == 401
 
 
 def test_tokens_are_stored_only_as_digests(api_token):
     token = ApiToken.objects.get()
     assert api_token not in (token.digest, token.prefix, token.name)
     assert token.digest == ApiToken.digest_of(api_token)
+
+
+def test_the_schema_says_which_endpoints_need_a_token(api):
+    schema = api.get("/api/openapi.json").json()
+
+    for path, operations in schema["paths"].items():
+        for operation in operations.values():
+            public = path.startswith("/api/health/")
+            assert ("security" not in operation) == public, path
+            if not public:
+                assert {"401", "403"} <= set(operation["responses"]), path
 
 
 def test_health_reports_each_dependency(api):
@@ -331,7 +414,10 @@ def test_a_disabled_or_deleted_token_is_refused_by_every_web_process_on_the_next
     command = [sys.executable, "-m", "gunicorn", "-c", "python:project.gunicorn_conf", "project.wsgi"]
     env = subprocess_env(PORT=port, WEB_METRICS_PORT=0, WEB_CONCURRENCY=2, GUNICORN_WORKER_TMP_DIR="/tmp")
     web = Service(f"web-tokens-{port}", command, env, service_log_dir)
-    token, secret = services.create_api_token(name="rotating")
+    from django.contrib.auth import get_user_model
+
+    owner = get_user_model().objects.create_user("rotating")
+    token, secret = services.create_api_token(name="rotating", owner=owner)
 
     def statuses() -> set[int]:
         # New connections, spread over both gunicorn workers.
@@ -350,6 +436,10 @@ def test_a_disabled_or_deleted_token_is_refused_by_every_web_process_on_the_next
         token.is_active = True
         token.save()
         assert statuses() == {202}
+
+        token.scope = "read"
+        token.save()
+        assert statuses() == {403}
 
         token.delete()
         assert statuses() == {401}
@@ -370,6 +460,6 @@ def test_an_unreachable_result_backend_is_a_503_for_reads_and_never_fails_an_enq
     assert status == 202, content
     task_id = json.loads(content)["task_id"]
 
-    status, content = http("GET", f"{base}/api/task-status/{task_id}/")
+    status, content = http("GET", f"{base}/api/task-status/{task_id}/", headers=headers)
     assert status == 503
     assert json.loads(content)["detail"].startswith("The result backend is unavailable")

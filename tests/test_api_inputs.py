@@ -429,12 +429,14 @@ def test_reads_with_a_token_still_answer(client, api_token, known_task, path):
 # --- The OpenAPI schema lists every answer -----------------------------------------------------
 
 BODY_STATUSES = {"400", "411", "413", "415", "422"}
+REFUSED = {"401", "403"}
+# 409: an idempotency key whose first request still runs.
+ENQUEUE_STATUSES = {"202", "409", "503"} | REFUSED | BODY_STATUSES
 EXPECTED_STATUSES = {
-    ("post", "/api/simple-task/"): {"202", "401", "503"} | BODY_STATUSES,
-    ("post", "/api/revoke-task/{task_id}/"): {"202", "401", "404", "503"} | BODY_STATUSES,
-    ("get", "/api/task-status/{task_id}/"): {"200", "404", "422", "503"},
-    ("get", "/api/task-progress/{task_id}/"): {"200", "404", "422", "503"},
-    ("get", "/api/task-overview/"): {"200", "503"},
+    ("post", "/api/revoke-task/{task_id}/"): {"202", "404", "503"} | REFUSED | BODY_STATUSES,
+    ("get", "/api/task-status/{task_id}/"): {"200", "404", "422", "503"} | REFUSED,
+    ("get", "/api/task-progress/{task_id}/"): {"200", "404", "422", "503"} | REFUSED,
+    ("get", "/api/task-overview/"): {"200", "503"} | REFUSED,
     ("get", "/api/health/"): {"200", "503"},
 }
 
@@ -444,12 +446,13 @@ def test_openapi_lists_every_status_each_endpoint_answers(client):
     enqueue_paths = [p for p in BODY_ENDPOINTS if "revoke" not in p]
 
     for path in enqueue_paths:
-        assert set(schema["paths"][path]["post"]["responses"]) == {"202", "401", "503"} | BODY_STATUSES, path
+        assert set(schema["paths"][path]["post"]["responses"]) == ENQUEUE_STATUSES, path
     for (method, path), statuses in EXPECTED_STATUSES.items():
         assert set(schema["paths"][path][method]["responses"]) == statuses, path
     error = schema["paths"]["/api/simple-task/"]["post"]["responses"]["415"]["content"]["application/json"]
     assert error["schema"] == {"$ref": "#/components/schemas/ErrorOut"}
     (task_id,) = schema["paths"]["/api/task-status/{task_id}/"]["get"]["parameters"]
+    assert task_id["in"] == "path"
     assert task_id["schema"]["pattern"] == schemas.TASK_ID_PATTERN
     assert task_id["schema"]["maxLength"] == 255
     assert schema["components"]["schemas"]["RevokeIn"]["additionalProperties"] is False

@@ -73,17 +73,23 @@ def test_an_unknown_role_is_refused():
 
 @pytest.mark.django_db(transaction=True)
 def test_web_role_writes_one_json_access_log_line_per_request(tmp_path):
-    from tests.conftest import subprocess_env
+    from tests.conftest import make_api_token, subprocess_env
 
+    token = make_api_token("read")
     port = free_port()
     log_path = tmp_path / "web.log"
-    env = subprocess_env(PORT=port, WEB_CONCURRENCY=1, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    # No metrics listener: its fixed default port may be taken by another web on this host.
+    env = subprocess_env(
+        PORT=port, WEB_METRICS_PORT=0, WEB_CONCURRENCY=1, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}"
+    )
     with open(log_path, "wb") as log:
         web = subprocess.Popen([str(ENTRYPOINT), "web"], cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
             wait_for_port(port, timeout=30, process=web)
             status, _ = http(
-                "GET", f"http://127.0.0.1:{port}/api/task-overview/?x=%22quoted%22", headers={"X-Request-ID": "req-1"}
+                "GET",
+                f"http://127.0.0.1:{port}/api/task-overview/?x=%22quoted%22",
+                headers={"X-Request-ID": "req-1", "Authorization": f"Bearer {token}"},
             )
             assert status == 200
         finally:
@@ -98,3 +104,4 @@ def test_web_role_writes_one_json_access_log_line_per_request(tmp_path):
     assert access[0]["status"] == 200
     assert access[0]["request_id"] == "req-1"
     assert access[0]["duration_ms"] > 0
+    assert token not in log_path.read_text()

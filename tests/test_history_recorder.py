@@ -178,7 +178,9 @@ def test_killing_the_recorder_mid_stream_loses_and_doubles_nothing(redis_url, se
         wait_until(lambda: 100 < TaskLog.objects.count(), timeout=60, interval=0.01, message="some history")
         kill_while_holding_a_batch(first, client, "a")
         second = start_recorder("a", redis_url, service_log_dir)  # same name: re-reads its pending entries
-        wait_until(lambda: TaskLog.objects.count() > 500, timeout=60, interval=0.01, message="more history")
+        wait_until(lambda: "Reading again" in second.log(), timeout=60, message="a's pending entries read again")
+        written = TaskLog.objects.count()
+        wait_until(lambda: TaskLog.objects.count() > written, timeout=60, interval=0.01, message="more history")
         kill_while_holding_a_batch(second, client, "a")
         # Another name: the entries "a" read and never acknowledged are claimed once idle.
         third = start_recorder("b", redis_url, service_log_dir, TASK_HISTORY_CLAIM_IDLE_SECONDS=1)

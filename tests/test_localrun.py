@@ -20,7 +20,6 @@ from django.contrib.auth import get_user_model
 from django.core.management import call_command
 
 from app import selectors
-from app.models import ApiToken
 from project.embedded import free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -115,7 +114,8 @@ def test_bootstrap_local_creates_the_admin_and_a_token_once_and_keeps_only_hashe
     assert admin.is_superuser
     assert admin.check_password(password)
     assert password not in admin.password
-    assert ApiToken.objects.get(digest=selectors.active_api_token(secret=token)).name == "local"
+    grant = selectors.api_token_grant(secret=token)
+    assert (grant.name, grant.scope, grant.owner_id) == ("local", "manage", admin.pk)
 
     second = bootstrap_output()
     assert "create_api_token NAME" in second
@@ -169,7 +169,7 @@ def test_localrun_serves_runs_a_task_and_stops_cleanly_on_ctrl_c(tmp_path):
         task_id = json.loads(body)["task_id"]
         deadline = time.monotonic() + 30
         while True:
-            status, body = http(f"{web}/api/task-status/{task_id}/")
+            status, body = http(f"{web}/api/task-status/{task_id}/", headers={"Authorization": f"Bearer {token}"})
             task = json.loads(body)
             if task["state"] == "SUCCESS" or time.monotonic() > deadline:
                 break

@@ -17,7 +17,15 @@ from celery.exceptions import TimeLimitExceeded
 
 from project import logging_config
 from project.embedded import free_port, wait_for_port
-from tests.conftest import REPO_ROOT, Service, celery_app_for, subprocess_env, wait_for_worker, wait_until
+from tests.conftest import (
+    REPO_ROOT,
+    Service,
+    celery_app_for,
+    make_api_token,
+    subprocess_env,
+    wait_for_worker,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -117,7 +125,11 @@ def lines_with(lines: list[dict], **fields) -> list[dict]:
 
 @pytest.mark.django_db(transaction=True)
 def test_web_logs_json_lines_with_request_id_method_path_status_and_duration(json_web):
-    status, headers = get(f"{json_web.url}/api/task-overview/?window=1", {"X-Request-ID": "req-logging-1"})
+    token = make_api_token("read")
+    status, headers = get(
+        f"{json_web.url}/api/task-overview/?window=1",
+        {"X-Request-ID": "req-logging-1", "Authorization": f"Bearer {token}"},
+    )
     assert status == 200
     assert headers["X-Request-ID"] == "req-logging-1"
 
@@ -136,13 +148,14 @@ def test_web_logs_json_lines_with_request_id_method_path_status_and_duration(jso
         assert line["level"] == "info"
         assert line["timestamp"].endswith("Z")
     assert access_line["query"] == "window=1"
+    assert token not in json_web.log()
     # gunicorn's own lines (start-up, workers) are JSON too.
     assert any(line["logger"] == "gunicorn.error" and "Booting worker" in line["event"] for line in lines)
 
 
 @pytest.mark.django_db(transaction=True)
 def test_a_request_without_an_id_gets_one_in_its_response_and_its_log_lines(json_web):
-    _, headers = get(f"{json_web.url}/api/task-overview/")
+    _, headers = get(f"{json_web.url}/api/task-overview/", {"Authorization": f"Bearer {make_api_token('read')}"})
     request_id = headers["X-Request-ID"]
     assert uuid.UUID(request_id)
 
@@ -318,7 +331,7 @@ def test_with_celery_task_lines_on_every_task_also_logs_received_started_and_suc
 @pytest.mark.django_db(transaction=True)
 def test_with_debug_on_the_logs_are_readable_text_not_json(start_web, service_log_dir):
     url = start_web(DJANGO_DEBUG="true")
-    get(f"{url}/api/task-overview/", {"X-Request-ID": "req-console-1"})
+    get(f"{url}/api/task-overview/", {"X-Request-ID": "req-console-1", "Authorization": f"Bearer {make_api_token()}"})
     log_path = service_log_dir / f"web-{url.rsplit(':', 1)[1]}.log"  # start_web's Service log
 
     line = wait_until(

@@ -21,7 +21,15 @@ import yaml
 from django_celery_beat.models import IntervalSchedule, PeriodicTask
 
 from project.embedded import EmbeddedRedis, free_port, wait_for_port
-from tests.conftest import Service, celery_app_for, http, subprocess_env, wait_for_worker, wait_until
+from tests.conftest import (
+    Service,
+    celery_app_for,
+    http,
+    make_api_token,
+    subprocess_env,
+    wait_for_worker,
+    wait_until,
+)
 from tests.deploy.monitoring_queries import MIXIN_DIR, all_queries, chart_rule_groups
 from tests.prometheus_server import PrometheusServer, ScrapeTarget, prometheus_binary
 
@@ -181,9 +189,11 @@ def system(django_db_setup, django_db_blocker, service_log_dir, tmp_path_factory
 
 
 @pytest.fixture(scope="module")
-def workload(system):
+def workload(system, django_db_blocker):
     """500 tasks (350 succeed, 100 fail, 50 retry once then succeed), a canary on each queue,
     and 50 web requests."""
+    with django_db_blocker.unblock():
+        read_token = make_api_token("read")
     for i in range(ADDS_OK):
         system.app.send_task("app.tasks.add", args=(i, 1))
     for i in range(ADDS_FAILING):
@@ -200,7 +210,9 @@ def workload(system):
     for _ in range(UNKNOWN_TASKS):
         system.app.send_task("app.tasks.no_such_task", queue="default")  # rejected by the worker
     for _ in range(PAGE_VIEWS):
-        status, _body = http("GET", system.web_url("/api/task-overview/"))
+        status, _body = http(
+            "GET", system.web_url("/api/task-overview/"), headers={"Authorization": f"Bearer {read_token}"}
+        )
         assert status == 200
     for i in range(NOT_FOUND):
         status, _body = http("GET", system.web_url(f"/no-such-page-{i}/"))

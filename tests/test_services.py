@@ -186,7 +186,7 @@ def test_default_schedules_are_created_once():
     first = services.ensure_default_schedules()
     second = services.ensure_default_schedules()
 
-    assert len(first) == 4
+    assert len(first) == 5
     assert second == []
     canaries = ScheduledTask.objects.filter(task="app.tasks.health_check").order_by("queue")
     assert [(c.queue, c.interval_seconds, c.periodic_task.queue, c.periodic_task.enabled) for c in canaries] == [

@@ -12,7 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from project.embedded import free_port, wait_for_port
-from tests.conftest import REPO_ROOT, Service, http, subprocess_env
+from tests.conftest import REPO_ROOT, Service, http, make_api_token, subprocess_env
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -53,8 +53,10 @@ class Gunicorn:
         if self.service is not None:
             self.service.stop()
 
-    def public(self, path: str):
-        return http("GET", f"http://127.0.0.1:{self.port}{path}")
+    def public(self, path: str, token: str | None = None):
+        return http(
+            "GET", f"http://127.0.0.1:{self.port}{path}", headers={"Authorization": f"Bearer {token}"} if token else {}
+        )
 
     def metrics(self) -> list:
         status, body = http("GET", f"http://127.0.0.1:{self.metrics_port}/metrics")
@@ -82,15 +84,17 @@ def recycling_gunicorn(tmp_path, service_log_dir):
 
 
 @pytest.mark.integration
+@pytest.mark.django_db(transaction=True)
 def test_request_counts_are_exact_over_workers_and_their_replacements(recycling_gunicorn):
     gunicorn = recycling_gunicorn
+    token = make_api_token("read")
     paths = (
         ["/api/health/live"] * 120  # 200
         + [f"/api/task-status/{uuid.uuid4()}/" for _ in range(50)]  # 404 after database lookups
         + ["/no-such-page/"] * 30  # 404 from the URL resolver
     )
     with ThreadPoolExecutor(max_workers=8) as pool:
-        statuses = [status for status, _ in pool.map(gunicorn.public, paths)]
+        statuses = [status for status, _ in pool.map(lambda path: gunicorn.public(path, token), paths)]
     assert sorted(statuses) == [200] * 120 + [404] * 80
 
     found = gunicorn.metrics()

@@ -78,14 +78,25 @@ def measure(servers: harness.Servers, database_url: str, seconds: float, rounds:
         WEB_METRICS_PORT=0,
         GUNICORN_WORKER_TMP_DIR=tempfile.gettempdir(),
     )
-    token = subprocess.run(
-        [sys.executable, "manage.py", "create_api_token", f"bench-{time.monotonic_ns()}"],
-        cwd=harness.REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
+    owner = f"bench-{time.monotonic_ns()}"
+
+    def manage(*args: str) -> str:
+        run = subprocess.run(
+            [sys.executable, "manage.py", *args],
+            cwd=harness.REPO_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return run.stdout.strip()
+
+    manage(
+        "shell",
+        "-c",
+        f"from django.contrib.auth import get_user_model; get_user_model().objects.create_user({owner!r})",
+    )
+    token = manage("create_api_token", owner, "--owner", owner)
     port = free_port()
     command = [sys.executable, "-m", "gunicorn", "-c", "python:project.gunicorn_conf", "project.wsgi"]
     web = harness.Process([*command, "--bind", f"127.0.0.1:{port}"], env, servers.workdir / "web.log")

@@ -8,7 +8,7 @@ from django.core.management.base import BaseCommand
 from django.db import transaction
 
 from app import services
-from app.models import ApiToken
+from app.models import ApiToken, TokenScope
 
 ADMIN_USERNAME = "admin"
 TOKEN_NAME = "local"  # noqa: S105 (a label, not a secret)
@@ -29,7 +29,7 @@ class Command(BaseCommand):
         if user_model.objects.filter(username=ADMIN_USERNAME).exists():
             self.stdout.write(
                 f"User '{ADMIN_USERNAME}' exists (forgot its password? manage.py changepassword {ADMIN_USERNAME}). "
-                "A new API token: manage.py create_api_token NAME"
+                f"A new API token: manage.py create_api_token NAME --owner {ADMIN_USERNAME} --scope manage"
             )
             return
 
@@ -38,8 +38,8 @@ class Command(BaseCommand):
         if ApiToken.objects.filter(name=token_name).exists():
             token_name = f"{TOKEN_NAME}-{secrets.token_hex(3)}"
         with transaction.atomic():
-            user_model.objects.create_superuser(ADMIN_USERNAME, f"{ADMIN_USERNAME}@localhost", password)
-            _token, secret = services.create_api_token(name=token_name)
+            admin = user_model.objects.create_superuser(ADMIN_USERNAME, f"{ADMIN_USERNAME}@localhost", password)
+            _token, secret = services.create_api_token(name=token_name, owner=admin, scope=TokenScope.MANAGE)
 
         self.stdout.write(
             "\n".join(
@@ -50,7 +50,7 @@ class Command(BaseCommand):
                     "They are shown this once and stored only as hashes; copy them now.",
                     f"  Admin username  {ADMIN_USERNAME}",
                     f"  Admin password  {password}",
-                    f"  API token       {secret}   (name '{token_name}'; send 'Authorization: Bearer <token>')",
+                    f"  API token       {secret}   (name '{token_name}', scope manage; send 'Authorization: Bearer <token>')",
                     "=" * 72,
                     "",
                 ]
