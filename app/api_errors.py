@@ -3,15 +3,12 @@ that is not strict JSON (400), and a JSON error body, never Django's HTML page, 
 error under /api/ (an unknown path, a method not allowed, a server error)."""
 
 import json
-import logging
 from http import HTTPStatus
 
 from django.conf import settings
 from django.core.handlers.wsgi import WSGIRequest
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from ninja.parser import Parser
-
-logger = logging.getLogger(__name__)
 
 API_PREFIX = "/api/"
 # Methods whose body a view may read: the guard checks their body before any view sees it.
