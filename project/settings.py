@@ -75,6 +75,8 @@ MIDDLEWARE = [
 # (app/api_errors.py). The default, Django's own, holds the largest chord the API takes (100,000
 # numbers of up to about 24 characters each).
 API_MAX_BODY_BYTES = env.int("API_MAX_BODY_BYTES", default=2_621_440)
+if API_MAX_BODY_BYTES < 1:
+    raise ImproperlyConfigured(f"API_MAX_BODY_BYTES must be a positive number of bytes; got {API_MAX_BODY_BYTES}.")
 # https://docs.djangoproject.com/en/5.2/ref/settings/#data-upload-max-memory-size
 DATA_UPLOAD_MAX_MEMORY_SIZE = API_MAX_BODY_BYTES
 

@@ -200,3 +200,20 @@ def test_celery_reads_the_settings_under_its_own_names_and_the_fixup_its_connect
     # Read by Celery's Django fixup under its full name: unset, every task would close the
     # database connections.
     assert DjangoWorkerFixup(app).db_reuse_max == settings.CELERY_DB_REUSE_MAX == 10_000
+
+
+def test_the_request_body_limit_comes_from_api_max_body_bytes():
+    show = "import django; django.setup(); from django.conf import settings as s; "
+    show += "print(s.API_MAX_BODY_BYTES, s.DATA_UPLOAD_MAX_MEMORY_SIZE)"
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "project.settings", "DJANGO_DEBUG": "true"}
+
+    def run(value: str):
+        command = [sys.executable, "-c", show]
+        return subprocess.run(
+            command, cwd=REPO_ROOT, env={**env, "API_MAX_BODY_BYTES": value}, capture_output=True, text=True
+        )
+
+    assert run("4096").stdout.split() == ["4096", "4096"]
+    refused = run("0")
+    assert refused.returncode != 0
+    assert "API_MAX_BODY_BYTES must be a positive number of bytes; got 0." in refused.stderr
