@@ -426,6 +426,39 @@ def test_reads_with_a_token_still_answer(client, api_token, known_task, path):
     assert response.status_code == 200, response.content
 
 
+HOSTILE = {
+    "10 MB": (b'{"x": "' + b"a" * (10 * 1024 * 1024) + b'"}', "application/json"),
+    "deep nesting": (b"[" * 100_000 + b"]" * 100_000, "application/json"),
+    "NUL": (json.dumps({"x": "\u0000", "report_type": "\u0000", "value": "\u0000"}).encode(), "application/json"),
+    "invalid UTF-8": (b'{"x": "\xff"}', "application/json"),
+    "text/plain": (b'{"value": 1}', "text/plain"),
+    "array of nulls": (b"[null, null]", "application/json"),
+    "bool for numbers": (b'{"x": true, "y": false, "value": false, "count": true}', "application/json"),
+}
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+@pytest.mark.parametrize("body", HOSTILE.values(), ids=HOSTILE.keys())
+def test_every_endpoint_answers_hostile_input_with_json_and_no_server_error(
+    client, api_token, known_task, nothing_queued, method, body
+):
+    paths = client.get("/api/openapi.json", headers={"Authorization": f"Bearer {api_token}"}).json()["paths"]
+    assert len(paths) == 15
+    for path in paths:
+        content, content_type = body
+        response = client.generic(
+            method,
+            path.replace("{task_id}", known_task),
+            content,
+            content_type=content_type,
+            headers={"Authorization": f"Bearer {api_token}"},
+        )
+        assert response.status_code < 500, (method, path, response.status_code, response.content[:300])
+        assert _json_content_type(response) == "application/json", (method, path, response.content[:300])
+        if method.lower() not in paths[path]:
+            assert response.status_code in (405, 413, 415), (method, path, response.status_code)
+
+
 # --- The OpenAPI schema lists every answer -----------------------------------------------------
 
 BODY_STATUSES = {"400", "411", "413", "415", "422"}
