@@ -14,6 +14,11 @@ API_PREFIX = "/api/"
 # Methods whose body a view may read: the guard checks their body before any view sees it.
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 JSON_CONTENT_TYPE = "application/json"
+# An oversize body up to this size is read and thrown away before the 413 goes out: a client that
+# sends its whole body before reading (Python's urllib and requests) would otherwise hit a closed
+# connection and never see the answer. A larger one is not read: the connection just closes.
+DRAIN_AT_MOST_BYTES = 32 * 1024 * 1024
+DRAIN_CHUNK_BYTES = 64 * 1024
 # Headers of an error response that still say something once its body is JSON.
 KEPT_HEADERS = ("Allow", "WWW-Authenticate", "Retry-After", "X-Request-ID")
 
@@ -59,6 +64,9 @@ def refused_body(request: HttpRequest) -> JsonResponse | None:
         return error_response(400, f"Invalid Content-Length {raw_length!r}.")
     limit = settings.API_MAX_BODY_BYTES
     if length > limit:
+        if length <= DRAIN_AT_MOST_BYTES:
+            while request.read(DRAIN_CHUNK_BYTES):
+                pass
         return error_response(413, f"The request body has {length} bytes; at most {limit} are accepted.")
     if length == 0:
         return None
