@@ -9,7 +9,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from project import logging_config
+from project import logging_config, tracing
 
 
 def _int(name: str, default: int) -> int:
@@ -90,8 +90,12 @@ def pre_fork(server, worker):
 
 def post_fork(server, worker):
     """Worker: if something imported prometheus-client before this file set its directory, the
-    worker inherited the single-process value class; switch it, as prometheus-client would have."""
+    worker inherited the single-process value class; switch it, as prometheus-client would have.
+    With tracing on, the worker starts its own exporter (its thread would not survive the fork)."""
     from prometheus_client import values
+
+    if tracing.enabled():
+        tracing.start_exporting("web")
 
     if not getattr(values.ValueClass, "_multiprocess", False):
         server.log.warning("prometheus-client was imported too early; switching it to multiprocess mode")
