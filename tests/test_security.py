@@ -437,6 +437,32 @@ def test_every_flower_page_and_its_metrics_need_credentials(flower, path):
     assert http("GET", flower.url + path, headers=FLOWER_AUTH)[0] != 401
 
 
+def test_flower_under_a_url_prefix_asks_for_credentials_on_metrics_too(tmp_path):
+    # The chart's ingress routes /flower there, with FLOWER_URL_PREFIX=flower.
+    port = free_port()
+    env = {
+        **os.environ,
+        "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
+        "DJANGO_SECRET_KEY": "flower-tests",
+        "FLOWER_BASIC_AUTH": f"{FLOWER_USER}:{FLOWER_PASSWORD}",
+        "FLOWER_PORT": str(port),
+        "FLOWER_ADDRESS": "127.0.0.1",
+        "FLOWER_URL_PREFIX": "flower",
+    }
+    service = Service(f"flower-prefix-{port}", ["sh", str(ENTRYPOINT), "flower"], env, tmp_path)
+    try:
+        wait_for_port(port, timeout=60, process=service.process)
+        base = f"http://127.0.0.1:{port}/flower"
+        for path in ("/", "/metrics", "/api/workers"):
+            assert http("GET", base + path)[0] == 401, path
+        status, body = http("GET", base + "/metrics", headers=FLOWER_AUTH)
+        assert status == 200
+        assert b"# HELP flower_" in body
+        assert http("GET", base + "/healthcheck")[0] == 200
+    finally:
+        service.stop()
+
+
 def test_flowers_probe_path_stays_open(flower):
     assert http("GET", flower.url + "/healthcheck") == (200, b"OK")
 
