@@ -523,7 +523,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 @pytest.mark.skipif(CHROMIUM is None, reason="needs chromium (apt-get install -y chromium)")
 @pytest.mark.django_db(transaction=True)
 def test_admin_api_docs_and_flower_work_in_chromium_without_csp_violations(
-    tmp_path, static_root, start_role, flower, django_user_model
+    tmp_path, static_root, start_role, flower, redis_worker, django_user_model
 ):
     from playwright.sync_api import sync_playwright
 
@@ -547,7 +547,7 @@ def test_admin_api_docs_and_flower_work_in_chromium_without_csp_violations(
 
         def visit(url: str, ready: str) -> None:
             page.goto(url)
-            page.wait_for_selector(ready, timeout=20_000)
+            page.wait_for_selector(ready, timeout=20_000, state="attached")
             page.wait_for_timeout(300)
             violations.extend(page.evaluate("window.__csp || []"))
 
@@ -566,7 +566,13 @@ def test_admin_api_docs_and_flower_work_in_chromium_without_csp_violations(
         page.click(".opblock-summary >> nth=0")
         page.wait_for_selector(".opblock-body", timeout=10_000)
         violations.extend(page.evaluate("window.__csp || []"))
-        for path, ready in (("/", "#workers-table"), ("/tasks", "#tasks-table"), ("/workers", "#workers-table")):
+        # Flower: the dashboard (its inline script), tasks, and a live worker's page (its style attribute).
+        for path, ready in (
+            ("/", "#workers-table"),
+            ("/tasks", "#tasks-table"),
+            ("/workers", "#workers-table"),
+            (f"/worker/{redis_worker.hostname}", "#limits-table"),
+        ):
             visit(flower.url + path, ready)
         browser.close()
 
