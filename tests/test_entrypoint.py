@@ -143,7 +143,10 @@ def test_web_role_writes_one_json_access_log_line_per_request(tmp_path):
 
     port = free_port()
     log_path = tmp_path / "web.log"
-    env = subprocess_env(PORT=port, WEB_CONCURRENCY=1, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    # No metrics listener: the chart's fixed 9808 may be held by a test worker of this session.
+    env = subprocess_env(
+        PORT=port, WEB_CONCURRENCY=1, WEB_METRICS_PORT=0, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}"
+    )
     with open(log_path, "wb") as log:
         web = subprocess.Popen([str(ENTRYPOINT), "web"], cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
