@@ -166,9 +166,8 @@ def production_web_env(tmp: Path, static_root: Path, **overrides) -> dict:
             DJANGO_STATIC_ROOT=str(static_root),
             CELERY_BROKER_URL=os.environ["CELERY_BROKER_URL"],
             CACHE_URL=os.environ["CACHE_URL"],
-            WEB_METRICS_PORT="0",
             WEB_CONCURRENCY="1",
-            **overrides,
+            **{"WEB_METRICS_PORT": "0", **overrides},
         )
     )
     return env
@@ -236,11 +235,14 @@ def test_behind_tls_the_probes_still_answer_200_over_plain_http_and_everything_e
     (web,) = workloads(docs, "web")
     container = main_container(web)
     # The chart's FORWARDED_ALLOW_IPS: this test's loopback client is not a trusted proxy.
-    port = start_role("web", production_web_env(tmp_path, static_root), "PORT")
+    metrics_port = free_port()
+    port = start_role("web", production_web_env(tmp_path, static_root, WEB_METRICS_PORT=str(metrics_port)), "PORT")
 
     for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
         # 200 exactly: a kubelet counts a redirect as success (and would then follow it to https).
         assert kubelet_get(port, container[kind]) == 200, kind
+    # Prometheus scrapes the metrics listener over plain http, by the pod's address.
+    assert fetch(metrics_port, "/metrics", {"Host": "10.1.2.3:9808"}).status == 200
 
     response = fetch(port, "/admin/login/", {"Host": "celery.example.com"})
     assert response.status == 301
