@@ -1,7 +1,9 @@
 """The single definition of "healthy": database, cache, broker and result backend.
 
 Used by the health_check task (run by workers on a schedule) and by GET /api/health/ and
-/api/health/ready (the web readiness probe, through run_checks_cached).
+/api/health/ready (the web readiness probe, through run_checks_cached). Those endpoints are public:
+a report names each check and its state, never an error's text (host names, ports, driver
+messages); the text goes to the log, one line per failing check.
 """
 
 import logging
@@ -58,19 +60,32 @@ CHECKS: dict[str, Callable[[], None]] = {
 }
 
 
+# A check's state in a report: it passed, it raised (the log line says why), or the round of
+# checks did not finish within HEALTH_READY_TIMEOUT_SECONDS (readiness only).
+OK, FAILING, TIMED_OUT = "ok", "failing", "timed out"
+
+
 def run_checks() -> dict:
-    """Run every check; never raises. {"healthy": bool, "checks": {name: {...}}}."""
+    """Run every check; never raises.
+
+    {"healthy": bool, "checks": {name: {"healthy": bool, "state": "ok"|"failing", "latency_ms": float}}}
+    """
     results = {}
     for name, check in CHECKS.items():
         started = time.perf_counter()
         try:
             check()
         except Exception as exc:
-            results[name] = {"healthy": False, "error": f"{type(exc).__name__}: {exc}"}
+            logger.warning("health check %s failing: %s: %s", name, type(exc).__name__, exc)
+            results[name] = {"healthy": False, "state": FAILING}
         else:
-            results[name] = {"healthy": True}
+            results[name] = {"healthy": True, "state": OK}
         results[name]["latency_ms"] = round((time.perf_counter() - started) * 1000, 2)
     return {"healthy": all(r["healthy"] for r in results.values()), "checks": results}
+
+
+def _timed_out() -> dict:
+    return {"healthy": False, "checks": {name: {"healthy": False, "state": TIMED_OUT} for name in CHECKS}}
 
 
 _lock = threading.Lock()
@@ -106,7 +121,10 @@ def run_checks_cached() -> dict:
     try:
         report = running.result(timeout=settings.HEALTH_READY_TIMEOUT_SECONDS)
     except FutureTimeout:
-        return {"healthy": False, "checks": {}, "error": "the checks are still running: a dependency hangs"}
+        logger.warning(
+            "health checks still running after %s s: a dependency hangs", settings.HEALTH_READY_TIMEOUT_SECONDS
+        )
+        return _timed_out()
     with _lock:
         if _running is running:
             _cached, _running = (time.monotonic(), report), None

@@ -2,7 +2,9 @@
 
 import os
 
-from celery import Celery
+from celery import Celery, signals
+
+from project import tracing
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
 
@@ -35,6 +37,19 @@ def read_django_settings_once(sender, **_):
 
 
 app.autodiscover_tasks()
+
+
+# Traces (off unless an OTLP endpoint is set, project/tracing.py): in each pool process, which
+# runs the tasks and publishes what they start, and in beat.
+@signals.worker_process_init.connect
+def trace_the_pool_process(**_):
+    tracing.start("worker")
+
+
+@signals.beat_init.connect
+def trace_beat(**_):
+    tracing.start("beat")
+
 
 # The worker's probe files (alive, ready), written from its event loop: app/worker_health.py.
 app.steps["consumer"].add("app.worker_health.HealthFiles")

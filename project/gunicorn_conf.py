@@ -5,11 +5,12 @@ https://docs.gunicorn.org/en/stable/settings.html
 """
 
 import gc
+import ipaddress
 import os
 import tempfile
 from pathlib import Path
 
-from project import logging_config
+from project import logging_config, tracing
 
 
 def _int(name: str, default: int) -> int:
@@ -36,6 +37,9 @@ max_requests_jitter = _int("GUNICORN_MAX_REQUESTS_JITTER", 100)
 worker_tmp_dir = os.environ.get("GUNICORN_WORKER_TMP_DIR") or "/dev/shm"  # noqa: S108 - tmpfs by design
 # gunicorn 25+ creates a control socket under $HOME by default; nothing uses it here.
 control_socket_disable = True
+# The proxies (addresses or CIDR networks; * for any) trusted with X-Forwarded-* headers: the
+# chart's ingress controller. gunicorn takes the scheme from them only; pre_request below drops
+# those headers from every other peer before Django sees them.
 forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS") or "127.0.0.1,::1"
 loglevel = os.environ.get("GUNICORN_LOG_LEVEL") or "info"
 # gunicorn's error and access logs go through the project's logging configuration
@@ -82,6 +86,31 @@ def on_starting(server):
     server.log.info("Web metrics: multiprocess directory %s", WEB_METRICS_DIR)
 
 
+# Django reads X-Forwarded-Proto (SECURE_PROXY_SSL_HEADER) and django-axes X-Forwarded-For (the
+# client address a login lock-out counts) from request headers, whoever sent them: a client that
+# reaches gunicorn directly could claim https or someone else's address.
+FORWARDED_HEADERS = frozenset(
+    {"X-FORWARDED-FOR", "X-FORWARDED-PROTO", "X-FORWARDED-HOST", "X-FORWARDED-PORT", "FORWARDED"}
+)
+
+
+def is_trusted_proxy(peer, allowed: list[str]) -> bool:
+    """Whether the peer (gunicorn's (host, port), or a UNIX socket's name) is in FORWARDED_ALLOW_IPS."""
+    if not isinstance(peer, tuple) or "*" in allowed:
+        return True  # a UNIX socket: only the local proxy can connect (gunicorn's own rule)
+    try:
+        address = ipaddress.ip_address(peer[0])
+    except ValueError:
+        return False
+    return any(address in ipaddress.ip_network(network, strict=False) for network in allowed)
+
+
+def pre_request(worker, req):
+    """Worker, before each request: X-Forwarded-* headers count only from a trusted proxy."""
+    if not is_trusted_proxy(req.peer_addr, worker.cfg.forwarded_allow_ips):
+        req.headers = [(name, value) for name, value in req.headers if name not in FORWARDED_HEADERS]
+
+
 def pre_fork(server, worker):
     """Master, before each worker is forked: the preloaded app's objects move to a permanent
     generation, so the workers' garbage collections never write to (and so copy) those pages."""
@@ -90,8 +119,12 @@ def pre_fork(server, worker):
 
 def post_fork(server, worker):
     """Worker: if something imported prometheus-client before this file set its directory, the
-    worker inherited the single-process value class; switch it, as prometheus-client would have."""
+    worker inherited the single-process value class; switch it, as prometheus-client would have.
+    With tracing on, the worker starts its own exporter (its thread would not survive the fork)."""
     from prometheus_client import values
+
+    if tracing.enabled():
+        tracing.start_exporting("web")
 
     if not getattr(values.ValueClass, "_multiprocess", False):
         server.log.warning("prometheus-client was imported too early; switching it to multiprocess mode")

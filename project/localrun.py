@@ -227,9 +227,7 @@ def main() -> int:
     )
     manager.add_process(
         "flower",
-        command(
-            python, "-m", "celery", "-A", "project.flower_app", "flower", "--address=127.0.0.1", f"--port={flower_port}"
-        ),
+        command(python, "-m", "project.flower_app", "--address=127.0.0.1", f"--port={flower_port}"),
         cwd=BASE_DIR,
     )
 

@@ -10,6 +10,8 @@ import logging
 import environ
 import structlog
 
+from project import tracing
+
 LOG_FORMATS = ("json", "console")
 
 
@@ -44,12 +46,20 @@ def gunicorn_access_fields(_logger, _method_name, event_dict: dict) -> dict:
     return event_dict
 
 
-# Added to every record, structlog's and the standard library's alike.
+def trace_ids(_logger, _method_name, event_dict: dict) -> dict:
+    """The trace and span of the request or task that logs the line (project/tracing.py)."""
+    event_dict.update(tracing.current_ids())
+    return event_dict
+
+
+# Added to every record, structlog's and the standard library's alike; the trace ids only when
+# tracing is on.
 _SHARED_PROCESSORS = [
     structlog.contextvars.merge_contextvars,
     structlog.stdlib.add_logger_name,
     structlog.stdlib.add_log_level,
     structlog.processors.TimeStamper(fmt="iso", utc=True),
+    *([trace_ids] if tracing.enabled() else []),
 ]
 
 

@@ -7,6 +7,8 @@ https://docs.sentry.io/platforms/python/integrations/celery/
 
 import logging
 
+from project import tracing
+
 
 def init_sentry(*, dsn: str, environment: str, release: str, traces_sample_rate: float) -> bool:
     """Start the SDK when a DSN is given; returns whether it did. Imported only then: the SDK
@@ -25,6 +27,7 @@ def init_sentry(*, dsn: str, environment: str, release: str, traces_sample_rate:
         traces_sample_rate=traces_sample_rate,
         # No user ids, IP addresses, cookies or request bodies leave the cluster.
         send_default_pii=False,
+        before_send=with_trace_ids if tracing.enabled() else None,
         integrations=[
             DjangoIntegration(),
             # Beat's schedules become cron monitors: a missed or failed run raises an alert.
@@ -34,3 +37,12 @@ def init_sentry(*, dsn: str, environment: str, release: str, traces_sample_rate:
         ],
     )
     return True
+
+
+def with_trace_ids(event: dict, _hint) -> dict:
+    """Tag an event with the OpenTelemetry trace and span it happened in (project/tracing.py):
+    the trace id found in Sentry finds the trace and the log lines."""
+    ids = tracing.current_ids()
+    if ids:
+        event.setdefault("tags", {}).update(ids)
+    return event

@@ -4,6 +4,7 @@ import importlib.util
 import logging
 import os
 import tempfile
+from datetime import timedelta
 from pathlib import Path
 
 import environ
@@ -47,6 +48,8 @@ INSTALLED_APPS = [
     "django_celery_beat",
     "django_prometheus",
     "django_structlog",
+    # Failed admin logins: counted per client address, locked out after AXES_FAILURE_LIMIT.
+    "axes",
     "app",
 ]
 
@@ -65,6 +68,10 @@ MIDDLEWARE = [
     "django_structlog.middlewares.RequestMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # django-csp: the Content-Security-Policy header (CONTENT_SECURITY_POLICY below).
+    "csp.middleware.CSPMiddleware",
+    # django-axes: last but one, as its docs ask; answers a locked-out client with 429.
+    "axes.middleware.AxesMiddleware",
     "django_prometheus.middleware.PrometheusAfterMiddleware",
     # After the metrics and request logs, so they count its refusals: an API request body it
     # will not read (411, 413, 415), and JSON, not HTML, for every error under /api/.
@@ -79,6 +86,83 @@ if API_MAX_BODY_BYTES < 1:
     raise ImproperlyConfigured(f"API_MAX_BODY_BYTES must be a positive number of bytes; got {API_MAX_BODY_BYTES}.")
 # https://docs.djangoproject.com/en/5.2/ref/settings/#data-upload-max-memory-size
 DATA_UPLOAD_MAX_MEMORY_SIZE = API_MAX_BODY_BYTES
+
+# --- Security (README, "Security") ---------------------------------------------
+# https://docs.djangoproject.com/en/5.2/ref/middleware/#module-django.middleware.security
+# All off by default: `make run` serves plain http. The chart turns them on behind its TLS ingress,
+# and `manage.py check --deploy` then reports nothing (tests/test_security.py).
+#
+# The header a TLS-terminating proxy sets to "https" (X-Forwarded-Proto for ingress-nginx); empty:
+# none, a request is secure only when it reached gunicorn over TLS. gunicorn passes X-Forwarded-*
+# headers on only from FORWARDED_ALLOW_IPS (project/gunicorn_conf.py), so a client cannot forge it.
+_PROXY_SSL_HEADER = env.str("DJANGO_SECURE_PROXY_SSL_HEADER", default="")
+SECURE_PROXY_SSL_HEADER = (
+    ("HTTP_" + _PROXY_SSL_HEADER.upper().replace("-", "_"), "https") if _PROXY_SSL_HEADER else None
+)
+SECURE_SSL_REDIRECT = env.bool("DJANGO_SECURE_SSL_REDIRECT", default=False)
+# The kubelet probes web over plain http on the pod's port: its probe paths are never redirected.
+SECURE_REDIRECT_EXEMPT = env.list("DJANGO_SECURE_REDIRECT_EXEMPT", default=[r"^api/health/(live|ready)$"])
+# Sent only on secure requests. A year, with subdomains and preload, is what check --deploy and
+# hstspreload.org ask for; start lower when trying TLS out (a browser keeps it for that long).
+SECURE_HSTS_SECONDS = env.int("DJANGO_SECURE_HSTS_SECONDS", default=0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("DJANGO_SECURE_HSTS_INCLUDE_SUBDOMAINS", default=True)
+SECURE_HSTS_PRELOAD = env.bool("DJANGO_SECURE_HSTS_PRELOAD", default=True)
+# Cookies sent over https only: on with the redirect unless set.
+SESSION_COOKIE_SECURE = env.bool("DJANGO_SESSION_COOKIE_SECURE", default=SECURE_SSL_REDIRECT)
+CSRF_COOKIE_SECURE = env.bool("DJANGO_CSRF_COOKIE_SECURE", default=SECURE_SSL_REDIRECT)
+
+# Content-Security-Policy (django-csp 4): only this site's own scripts, styles, images and fonts
+# (the admin and the Swagger UI at /api/docs need nothing else; swagger-ui draws its icons as data:
+# images), no plugins, no framing, forms post only here. Flower sets its own (project/flower_app.py).
+# https://django-csp.readthedocs.io/en/latest/configuration.html
+CSP_REPORT_URI = env.str("DJANGO_CSP_REPORT_URI", default="")
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": ["'self'"],
+        "script-src": ["'self'"],
+        "style-src": ["'self'"],
+        "img-src": ["'self'", "data:"],
+        "font-src": ["'self'"],
+        "connect-src": ["'self'"],
+        "object-src": ["'none'"],
+        "base-uri": ["'none'"],
+        "frame-ancestors": ["'none'"],
+        "form-action": ["'self'"],
+        **({"report-uri": [CSP_REPORT_URI]} if CSP_REPORT_URI else {}),
+    },
+}
+
+# Admin passwords: Django's validators (length 12 by default, not like the user's name, not a
+# common password, not only digits). https://docs.djangoproject.com/en/5.2/topics/auth/passwords/
+AUTH_PASSWORD_MIN_LENGTH = env.int("AUTH_PASSWORD_MIN_LENGTH", default=12)
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {
+        "NAME": "django.contrib.auth.password_validation.MinimumLengthValidator",
+        "OPTIONS": {"min_length": AUTH_PASSWORD_MIN_LENGTH},
+    },
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+# Failed logins (django-axes): AXES_FAILURE_LIMIT failures from one client address lock it out for
+# AXES_COOLOFF_MINUTES (429), counting in the database, so every web pod sees the same count.
+# https://django-axes.readthedocs.io/en/latest/4_configuration.html
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_FAILURE_LIMIT = env.int("AXES_FAILURE_LIMIT", default=5)
+AXES_COOLOFF_MINUTES = env.int("AXES_COOLOFF_MINUTES", default=15)
+AXES_COOLOFF_TIME = timedelta(minutes=AXES_COOLOFF_MINUTES)
+AXES_LOCKOUT_PARAMETERS = ["ip_address"]
+AXES_RESET_ON_SUCCESS = True
+# The client address (django-ipware): the right-most X-Forwarded-For entry, the address the proxy in
+# front of gunicorn saw (entries to its left come from the client and can be forged), else the
+# peer's address. gunicorn drops X-Forwarded-For from peers outside FORWARDED_ALLOW_IPS, and no
+# other header (X-Real-IP...) is read.
+AXES_IPWARE_PROXY_ORDER = "right-most"
+AXES_IPWARE_META_PRECEDENCE_ORDER = ["HTTP_X_FORWARDED_FOR", "REMOTE_ADDR"]
 
 ROOT_URLCONF = "project.urls"
 WSGI_APPLICATION = "project.wsgi.application"

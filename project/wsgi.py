@@ -5,8 +5,14 @@ import os
 from django.core.wsgi import get_wsgi_application
 from django.urls import get_resolver
 
+from project import tracing
+
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
 
+# Before the handler loads the middleware: OpenTelemetry's joins it. Each gunicorn worker
+# starts exporting after the fork (project/gunicorn_conf.py).
+if tracing.enabled():
+    tracing.instrument()
 application = get_wsgi_application()
 # After get_wsgi_application(), which sets Django up: a hostile Content-Type is a 415, not a 500.
 from app.api_errors import LenientContentTypeRequest  # noqa: E402

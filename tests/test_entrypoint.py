@@ -1,11 +1,13 @@
 """The image's entrypoint roles, run as local processes (the container runs are in
-test_image.py): migrate under a lock, flower's refusal without auth, the JSON access log."""
+test_image.py): migrate under a lock, flower's refusal without complete authentication, the JSON
+access log."""
 
 import json
 import os
 import subprocess
 import sys
 import time
+from http.client import HTTPConnection
 from pathlib import Path
 
 import pytest
@@ -62,6 +64,70 @@ def test_flower_refuses_to_start_without_authentication():
 
     assert run.returncode == 64
     assert "refusing to start without authentication" in run.stderr
+
+
+OAUTH = {
+    "FLOWER_AUTH_PROVIDER": "flower.views.auth.GoogleLoginHandler",
+    "FLOWER_AUTH": r".*@example\.com",
+    "FLOWER_OAUTH2_KEY": "key",
+    "FLOWER_OAUTH2_SECRET": "secret",
+    "FLOWER_OAUTH2_REDIRECT_URI": "https://celery.example.com/flower/login",
+}
+
+
+@pytest.mark.parametrize(
+    ("flower_env", "missing"),
+    [
+        # The review's case: a provider without FLOWER_AUTH let everyone in.
+        ({"FLOWER_AUTH_PROVIDER": OAUTH["FLOWER_AUTH_PROVIDER"]}, "FLOWER_AUTH FLOWER_OAUTH2_KEY"),
+        ({k: v for k, v in OAUTH.items() if k != "FLOWER_AUTH"}, "missing: FLOWER_AUTH ("),
+        ({k: v for k, v in OAUTH.items() if k != "FLOWER_OAUTH2_SECRET"}, "missing: FLOWER_OAUTH2_SECRET ("),
+        ({k: v for k, v in OAUTH.items() if k != "FLOWER_AUTH_PROVIDER"}, "missing: FLOWER_AUTH_PROVIDER ("),
+        ({**OAUTH, "FLOWER_AUTH_PROVIDER": "flower.views.auth.OktaLoginHandler"}, "FLOWER_OAUTH2_OKTA_BASE_URL"),
+        # Basic auth beside half an OAuth setting is refused too: the setting is wrong either way.
+        ({"FLOWER_BASIC_AUTH": "ops:pw", "FLOWER_AUTH_PROVIDER": OAUTH["FLOWER_AUTH_PROVIDER"]}, "FLOWER_AUTH "),
+        ({"FLOWER_BASIC_AUTH": "ops:"}, "incomplete FLOWER_BASIC_AUTH"),
+        ({"FLOWER_BASIC_AUTH": ":pw"}, "incomplete FLOWER_BASIC_AUTH"),
+        ({"FLOWER_BASIC_AUTH": "ops:pw,,other:pw"}, "incomplete FLOWER_BASIC_AUTH"),
+        ({"FLOWER_BASIC_AUTH": "ops"}, "incomplete FLOWER_BASIC_AUTH"),
+    ],
+)
+def test_flower_refuses_an_incomplete_authentication_setting(flower_env, missing):
+    env = {k: v for k, v in role_env().items() if not k.startswith(("FLOWER_AUTH", "FLOWER_OAUTH2", "FLOWER_BASIC"))}
+
+    run = subprocess.run(
+        [str(ENTRYPOINT), "flower"],
+        cwd=REPO_ROOT,
+        env={**env, **flower_env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert run.returncode == 64, run.stderr
+    assert "flower: refusing to start with an incomplete" in run.stderr
+    assert missing in run.stderr
+
+
+def test_flower_starts_with_a_complete_oauth_setting_and_sends_visitors_to_log_in(tmp_path):
+    port = free_port()
+    env = {**role_env(FLOWER_PORT=port, FLOWER_ADDRESS="127.0.0.1", DJANGO_SECRET_KEY="x"), **OAUTH}
+    env.pop("FLOWER_BASIC_AUTH", None)
+    with open(tmp_path / "flower.log", "wb") as log:
+        flower = subprocess.Popen([str(ENTRYPOINT), "flower"], cwd=REPO_ROOT, env=env, stdout=log, stderr=log)
+        try:
+            wait_for_port(port, timeout=60, process=flower)
+            for path in ("/", "/workers", "/metrics"):
+                connection = HTTPConnection("127.0.0.1", port, timeout=10)
+                connection.request("GET", path)
+                response = connection.getresponse()
+                # Not a page: the OAuth login (the provider's redirect is not followed here).
+                assert response.status == 302, (path, response.status)
+                assert response.headers["Location"].startswith("/login?next="), response.headers["Location"]
+                connection.close()
+        finally:
+            flower.terminate()
+            flower.wait(timeout=30)
 
 
 def test_an_unknown_role_is_refused():

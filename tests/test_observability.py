@@ -71,7 +71,9 @@ class System:
         self.broker_url = f"{os.environ['REDIS_URL'].rstrip('/')}/{OBSERVABILITY_BROKER_DB}"
         self.app = celery_app_for(self.broker_url)
         self.services: list[Service] = []
-        self.ports = {name: free_port() for name in ("web", "web_metrics", "worker", "beat", "flower")}
+        self.ports = {
+            name: free_port() for name in ("web", "web_metrics", "worker", "beat", "flower", "flower_metrics")
+        }
         # A cache of the system's own, stopped half-way to make health checks fail.
         self.cache = EmbeddedRedis(workdir=workdir)
 
@@ -130,12 +132,13 @@ class System:
                 CELERY_BEAT_HEARTBEAT_FILE=self.workdir / "beat-heartbeat",
             ),
         )
+        # As the image runs it: its pages behind basic auth, /metrics alone on a port of its own.
         self.flower = self._start(
             "flower",
-            [*celery, "flower", "--address=127.0.0.1", f"--port={self.ports['flower']}"],
-            self.env(FLOWER_BASIC_AUTH=":".join(FLOWER_AUTH)),
+            [sys.executable, "-m", "project.flower_app", "--address=127.0.0.1", f"--port={self.ports['flower']}"],
+            self.env(FLOWER_BASIC_AUTH=":".join(FLOWER_AUTH), FLOWER_METRICS_PORT=self.ports["flower_metrics"]),
         )
-        for name in ("web", "web_metrics", "beat", "flower"):
+        for name in ("web", "web_metrics", "beat", "flower", "flower_metrics"):
             wait_for_port(self.ports[name], timeout=60)
         wait_for_worker(self.app, self.worker_hostname, self.worker)
         wait_for_port(self.ports["worker"], timeout=30)
@@ -147,7 +150,8 @@ class System:
             targets=[
                 ScrapeTarget("celery", self.ports["worker"]),
                 ScrapeTarget("celery-exporter", self.ports["beat"]),
-                ScrapeTarget("celery-flower", self.ports["flower"], basic_auth=FLOWER_AUTH),
+                # The chart's PodMonitor: Flower's metrics port, no credentials.
+                ScrapeTarget("celery-flower", self.ports["flower_metrics"]),
                 ScrapeTarget("web", self.ports["web_metrics"]),
             ],
             rule_files=[

@@ -142,6 +142,7 @@ class Stack:
             # Other tests and programs on this machine use the chart's fixed ports.
             "CELERY_METRICS_PORT": "0",
             "WEB_METRICS_PORT": "0",
+            "FLOWER_METRICS_PORT": "0",
             "PORT": str(self.ports["http"]),
             "FLOWER_PORT": str(self.ports["flower"]),
             "FLOWER_ADDRESS": "127.0.0.1",

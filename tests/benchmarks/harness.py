@@ -86,6 +86,34 @@ def servers():
             server.stop()
 
 
+@contextmanager
+def otlp_sink():
+    """An OTLP/HTTP endpoint on loopback that takes every export and throws it away: what
+    tracing costs the traced process, without a collector's work on the same machine. Yields
+    its base URL (OTEL_EXPORTER_OTLP_ENDPOINT)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Sink(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *_):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Sink)
+    thread = threading.Thread(target=server.serve_forever, name="otlp-sink", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def _admin_connection(database_url: str):
     import psycopg
 

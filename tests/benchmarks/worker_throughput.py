@@ -8,6 +8,8 @@
 - full, STARTED stored for every task (CELERY_TASK_TRACK_STARTED=true; by default only the long
   queue's tasks store it);
 - full, database results: the same with RESULT_BACKEND_URL=django-db;
+- full, traced: OpenTelemetry on (project/tracing.py), every task sampled, and one in ten,
+  exporting to an OTLP endpoint that throws the spans away (harness.otlp_sink);
 - with RABBITMQ_URL set, the full worker on RabbitMQ with Redis results and with database
   results: the two choices of a RabbitMQ deployment; and on classic queues instead of quorum
   queues (RABBITMQ_QUEUE_TYPE).
@@ -40,6 +42,7 @@ class Mode:
     broker: str = "redis"  # or "amqp"
     results: str | None = "redis"  # "redis", "django-db" or None
     env: tuple = ()  # more settings, (name, value) pairs
+    traced: bool = False  # OpenTelemetry on, exporting to the run's OTLP sink
 
     @property
     def project(self) -> bool:
@@ -55,6 +58,18 @@ MODES = {
         "project worker, STARTED stored for every task", "project", env=(("CELERY_TASK_TRACK_STARTED", "true"),)
     ),
     "full-db": Mode("project worker, database results", "project", results="django-db"),
+    "full-traced": Mode(
+        "project worker, traced, every task sampled",
+        "project",
+        traced=True,
+        env=(("OTEL_TRACES_SAMPLER", "traceidratio"), ("OTEL_TRACES_SAMPLER_ARG", "1.0")),
+    ),
+    "full-traced-10": Mode(
+        "project worker, traced, one task in ten sampled",
+        "project",
+        traced=True,
+        env=(("OTEL_TRACES_SAMPLER", "traceidratio"), ("OTEL_TRACES_SAMPLER_ARG", "0.1")),
+    ),
     "amqp-redis": Mode("project worker on RabbitMQ, Redis results", "project", broker="amqp"),
     "amqp-classic": Mode(
         "the same on classic queues", "project", broker="amqp", env=(("RABBITMQ_QUEUE_TYPE", "classic"),)
@@ -90,7 +105,10 @@ def run_mode(name: str, tasks: int, env: dict, workdir: Path, database_url: str,
     redis.Redis.from_url(redis_url).flushdb()
     harness.truncate_history(database_url)
     broker_url = os.environ["RABBITMQ_URL"] if mode.broker == "amqp" else redis_url
+    sink = env.pop(OTLP_SINK_VARIABLE)
     env = {**env, "CELERY_BROKER_URL": broker_url, **dict(mode.env)}
+    if mode.traced:
+        env["OTEL_EXPORTER_OTLP_ENDPOINT"] = sink
     if mode.project:
         env["RESULT_BACKEND_URL"] = "django-db" if mode.results == "django-db" else redis_url
     else:
@@ -185,12 +203,16 @@ def modes_here() -> list[str]:
     return [name for name, mode in MODES.items() if mode.broker != "amqp" or os.environ.get("RABBITMQ_URL")]
 
 
+OTLP_SINK_VARIABLE = "BENCH_OTLP_SINK"  # the sink's URL, handed to run_mode beside the environment
+
+
 def measure(servers: harness.Servers, database_url: str, tasks: int, repeats: int) -> Throughput:
     env = harness.base_env(database_url, servers.redis(12), servers.workdir)
     result = Throughput(modes=modes_here())
-    for _ in range(repeats):
-        for name in result.modes:
-            run_mode(name, tasks, env, servers.workdir, database_url, result)
+    with harness.otlp_sink() as sink:
+        for _ in range(repeats):
+            for name in result.modes:
+                run_mode(name, tasks, {**env, OTLP_SINK_VARIABLE: sink}, servers.workdir, database_url, result)
     return result
 
 
@@ -217,6 +239,11 @@ def report(result: Throughput, tasks: int, repeats: int) -> list[str]:
         f"(CPU per task {result.cpu('full-started') / result.cpu('full'):.2f}x)"
     )
     lines.append(f"  database results vs Redis results, same worker: {result.ratio('full-db', 'full'):.2f}x")
+    for name, share in (("full-traced", "every task"), ("full-traced-10", "one task in ten")):
+        lines.append(
+            f"  traced ({share} sampled) vs not traced: {result.ratio(name, 'full'):.2f}x "
+            f"(CPU per task {result.cpu(name) / result.cpu('full'):.2f}x)"
+        )
     if "amqp-db" in result.runs:
         lines.append(f"  on RabbitMQ, database results vs Redis results: {result.ratio('amqp-db', 'amqp-redis'):.2f}x")
         lines.append(

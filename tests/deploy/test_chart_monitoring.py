@@ -185,19 +185,18 @@ def test_the_worker_pod_monitor_scrapes_every_pool_on_its_metrics_port(productio
     assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
 
 
-@pytest.mark.parametrize(("component", "port", "path"), [("beat", "metrics", "/metrics"), ("flower", "flower", None)])
-def test_beat_and_flower_pod_monitors_select_only_their_pod_and_port(production, component, port, path):
-    values = merged_values(load_values("production-values.yaml"))
+@pytest.mark.parametrize("component", ["beat", "flower"])
+def test_beat_and_flower_pod_monitors_select_only_their_pod_and_its_metrics_port(production, component):
     monitor = monitor_of(production, component)
     selected = [w for w in workloads(production) if selector_matches(monitor["spec"]["selector"], pod_labels(w))]
     (endpoint,) = endpoints(monitor)
 
     assert [pod_labels(w)[COMPONENT_LABEL] for w in selected] == [component]
-    assert endpoint["port"] == port
-    assert port_named(main_container(selected[0]), port)
-    # Flower answers under FLOWER_URL_PREFIX, here the ingress path.
-    expected = path or f"{values['ingress']['flower']['path']}{values['metrics']['podMonitor']['flower']['path']}"
-    assert endpoint["path"] == expected
+    # Flower's too: its metrics listener (FLOWER_METRICS_PORT) serves /metrics without credentials
+    # and without FLOWER_URL_PREFIX; its public port's /metrics asks for them.
+    assert endpoint["port"] == "metrics"
+    assert endpoint["path"] == "/metrics"
+    assert port_named(main_container(selected[0]), "metrics")
 
 
 def test_the_web_service_monitor_scrapes_the_metrics_port_not_the_public_one(production):
@@ -302,7 +301,7 @@ def test_each_role_can_be_left_unscraped():
 # --- NetworkPolicy --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("component", ["worker", "beat", "web"])
+@pytest.mark.parametrize("component", ["worker", "beat", "web", "flower"])
 def test_network_policy_opens_the_metrics_port_to_metrics_from_only(production, component):
     values = merged_values(load_values("production-values.yaml"))
     port, metrics_from = values["metrics"]["port"], values["networkPolicy"]["metricsFrom"]

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from secrets import token_urlsafe
 
 import kubernetes_validate
 import pytest
@@ -318,6 +319,31 @@ def test_production_overlay_references_external_secrets_by_name_only():
     assert not of_kind(docs, "Secret"), "production secrets must come from outside the repository"
     assert secrets == {EXISTING_SECRET}
     assert {doc["metadata"].get("namespace") for doc in docs} == {"django-celery-k8s"}
+
+
+@needs_kubectl
+def test_production_overlay_passes_check_deploy_with_its_settings():
+    # Its ConfigMap, with the Secret's values a cluster would have: behind TLS, check --deploy is clean.
+    (config,) = [doc for doc in of_kind(overlay("production"), "ConfigMap") if name(doc) == "django-celery-k8s"]
+    env = {
+        **config["data"],
+        "PATH": os.environ["PATH"],
+        "DJANGO_SECRET_KEY": token_urlsafe(50),
+        "DATABASE_URL": "postgres://app:pw@db.example.internal:5432/app",
+        "CELERY_BROKER_URL": "redis://:pw@redis.example.internal:6379/0",
+    }
+
+    run = subprocess.run(
+        [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert config["data"]["DJANGO_SECURE_SSL_REDIRECT"] == "true"
 
 
 @needs_kubectl
