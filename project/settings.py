@@ -30,6 +30,9 @@ if not SECRET_KEY:
             "Set it to a long random string, or set DJANGO_DEBUG=true for local development."
         )
     SECRET_KEY = "insecure-development-key-never-use-in-production"  # noqa: S105 - DEBUG only
+# Earlier keys, still accepted for what they signed (sessions, password-reset links) while
+# DJANGO_SECRET_KEY is rotated; drop them once those have expired (README, "Security").
+SECRET_KEY_FALLBACKS = env.list("DJANGO_SECRET_KEY_FALLBACKS", default=[])
 
 ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env.list("DJANGO_CSRF_TRUSTED_ORIGINS", default=[])

@@ -217,3 +217,23 @@ def test_the_request_body_limit_comes_from_api_max_body_bytes():
     refused = run("0")
     assert refused.returncode != 0
     assert "API_MAX_BODY_BYTES must be a positive number of bytes; got 0." in refused.stderr
+
+
+def test_a_rotated_secret_key_still_accepts_what_the_old_one_signed_while_it_is_a_fallback():
+    def run(code: str, **env) -> subprocess.CompletedProcess:
+        clean = {key: value for key, value in os.environ.items() if not key.startswith("DJANGO_")}
+        clean |= {"DJANGO_SETTINGS_MODULE": "project.settings", **env}
+        setup = "import django; django.setup(); from django.core import signing; "
+        return subprocess.run(
+            [sys.executable, "-c", setup + code], cwd=REPO_ROOT, env=clean, capture_output=True, text=True
+        )
+
+    old, new = "old-" + "o" * 50, "new-" + "n" * 50
+    signed = run("print(signing.dumps('session'))", DJANGO_SECRET_KEY=old).stdout.strip()
+    read = f"print(signing.loads({signed!r}))"
+
+    rotated = run(read, DJANGO_SECRET_KEY=new, DJANGO_SECRET_KEY_FALLBACKS=f"{old},other")
+    assert (rotated.returncode, rotated.stdout.strip()) == (0, "session"), rotated.stderr
+    dropped = run(read, DJANGO_SECRET_KEY=new)
+    assert dropped.returncode != 0
+    assert "BadSignature" in dropped.stderr
