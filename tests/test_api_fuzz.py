@@ -16,7 +16,7 @@ from tests.conftest import REPO_ROOT, empty_redis_db
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
-# Per operation and phase: about 1,000 cases in all, half a minute on 2 cores. One worker: with more,
+# Examples per operation and phase: about 1,000 cases in all, half a minute on 2 cores. One worker: with more,
 # hypothesis' parsing of lambda sources (not thread-safe) sometimes stops a phase with an error.
 MAX_EXAMPLES = 25
 # The broker and result backend of the web under test: the tasks valid data queues (hundreds,
