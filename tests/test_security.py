@@ -406,20 +406,25 @@ def test_readiness_that_times_out_names_each_check_as_timed_out(monkeypatch, set
 # --- Flower: authentication everywhere, metrics on their own port, its CSP ----------------------
 
 
-@pytest.fixture(scope="module")
-def flower(tmp_path_factory):
-    """Flower through the image's entrypoint, with basic auth and a metrics port."""
-    tmp = tmp_path_factory.mktemp("flower")
-    port, metrics_port = free_port(), free_port()
-    env = {
+def flower_env(port: int, **extra: str) -> dict:
+    """The image's flower role on loopback `port`, with basic auth."""
+    return {
         **os.environ,
         "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
         "DJANGO_SECRET_KEY": "flower-tests",
         "FLOWER_BASIC_AUTH": f"{FLOWER_USER}:{FLOWER_PASSWORD}",
         "FLOWER_PORT": str(port),
         "FLOWER_ADDRESS": "127.0.0.1",
-        "FLOWER_METRICS_PORT": str(metrics_port),
+        **extra,
     }
+
+
+@pytest.fixture(scope="module")
+def flower(tmp_path_factory):
+    """Flower through the image's entrypoint, with basic auth and a metrics port."""
+    tmp = tmp_path_factory.mktemp("flower")
+    port, metrics_port = free_port(), free_port()
+    env = flower_env(port, FLOWER_METRICS_PORT=str(metrics_port))
     service = Service(f"flower-{port}", ["sh", str(ENTRYPOINT), "flower"], env, tmp)
     try:
         wait_for_port(port, timeout=60, process=service.process)
@@ -442,15 +447,7 @@ def test_every_flower_page_and_its_metrics_need_credentials(flower, path):
 def test_flower_under_a_url_prefix_asks_for_credentials_on_metrics_too(tmp_path):
     # The chart's ingress routes /flower there, with FLOWER_URL_PREFIX=flower.
     port = free_port()
-    env = {
-        **os.environ,
-        "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
-        "DJANGO_SECRET_KEY": "flower-tests",
-        "FLOWER_BASIC_AUTH": f"{FLOWER_USER}:{FLOWER_PASSWORD}",
-        "FLOWER_PORT": str(port),
-        "FLOWER_ADDRESS": "127.0.0.1",
-        "FLOWER_URL_PREFIX": "flower",
-    }
+    env = flower_env(port, FLOWER_URL_PREFIX="flower")
     service = Service(f"flower-prefix-{port}", ["sh", str(ENTRYPOINT), "flower"], env, tmp_path)
     try:
         wait_for_port(port, timeout=60, process=service.process)
