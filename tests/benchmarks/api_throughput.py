@@ -108,6 +108,9 @@ def measure(servers: harness.Servers, database_url: str, seconds: float, rounds:
         f"wrk.method = 'POST'\nwrk.body = '{POST_BODY}'\n"
         + "".join(f"wrk.headers['{k}'] = '{v}'\n" for k, v in headers.items())
     )
+    # Reads need the token too; the empty view gets the same request, so only the work differs.
+    get_script = servers.workdir / "get.lua"
+    get_script.write_text(f"wrk.headers['Authorization'] = '{headers['Authorization']}'\n")
     rates: dict[str, list[float]] = {"empty": [], "enqueue": [], "status": []}
     try:
         wait_for_port(port, timeout=30, process=web.popen)
@@ -115,9 +118,9 @@ def measure(servers: harness.Servers, database_url: str, seconds: float, rounds:
         connection.request("POST", "/api/simple-task/", body=POST_BODY, headers=headers)
         task_id = json.loads(connection.getresponse().read())["task_id"]
         targets = {
-            "empty": (f"{base}/bench/empty/", None, "GET", None),
+            "empty": (f"{base}/bench/empty/", get_script, "GET", None),
             "enqueue": (f"{base}/api/simple-task/", script, "POST", POST_BODY),
-            "status": (f"{base}/api/task-status/{task_id}/", None, "GET", None),
+            "status": (f"{base}/api/task-status/{task_id}/", get_script, "GET", None),
         }
         for _ in range(rounds + 1):  # the first round warms up and is dropped
             for name, (url, lua, method, body) in targets.items():
