@@ -160,6 +160,8 @@ AXES_COOLOFF_MINUTES = env.int("AXES_COOLOFF_MINUTES", default=15)
 AXES_COOLOFF_TIME = timedelta(minutes=AXES_COOLOFF_MINUTES)
 AXES_LOCKOUT_PARAMETERS = ["ip_address"]
 AXES_RESET_ON_SUCCESS = True
+# No "AXES: BEGIN ..." line at every start of every process (lock-outs are still logged).
+AXES_VERBOSE = False
 # The client address (django-ipware): the right-most X-Forwarded-For entry, the address the proxy in
 # front of gunicorn saw (entries to its left come from the client and can be forged), else the
 # peer's address. gunicorn drops X-Forwarded-For from peers outside FORWARDED_ALLOW_IPS, and no
