@@ -311,25 +311,26 @@ class IdempotencyClaim:
 
 def claim_idempotency_key(*, holder: str, key: str, fingerprint: str) -> IdempotencyClaim:
     now = timezone.now()
-    expires_at = now + dt.timedelta(seconds=settings.IDEMPOTENCY_KEY_TTL_SECONDS)
+    # A new claim's fields: a first claim's, and an expired or abandoned one taken over.
+    claim = {
+        "fingerprint": fingerprint,
+        "response": None,
+        "created_at": now,
+        "expires_at": now + dt.timedelta(seconds=settings.IDEMPOTENCY_KEY_TTL_SECONDS),
+    }
     try:
         with transaction.atomic():
-            row = IdempotencyKey.objects.create(
-                holder=holder, key=key, fingerprint=fingerprint, created_at=now, expires_at=expires_at
-            )
-        return IdempotencyClaim(row=row)
+            return IdempotencyClaim(row=IdempotencyKey.objects.create(holder=holder, key=key, **claim))
     except IntegrityError:
         pass
     with transaction.atomic():
         row = IdempotencyKey.objects.select_for_update().filter(holder=holder, key=key).first()
         if row is None:  # released or deleted meanwhile: claim it again
-            row = IdempotencyKey.objects.create(
-                holder=holder, key=key, fingerprint=fingerprint, created_at=now, expires_at=expires_at
-            )
-            return IdempotencyClaim(row=row)
+            return IdempotencyClaim(row=IdempotencyKey.objects.create(holder=holder, key=key, **claim))
         abandoned = row.response is None and now - row.created_at > IDEMPOTENCY_ABANDONED_AFTER
         if row.expires_at <= now or abandoned:
-            row.fingerprint, row.response, row.created_at, row.expires_at = fingerprint, None, now, expires_at
+            for name, value in claim.items():
+                setattr(row, name, value)
             row.save()
             return IdempotencyClaim(row=row)
     if row.fingerprint != fingerprint:
