@@ -31,6 +31,7 @@ from django.db.models.signals import post_delete, post_save
 from django.dispatch import receiver
 from django.utils import timezone
 
+from app import redis_sentinel
 from app.models import TOKEN_SCOPE_ORDER, ApiToken
 
 logger = logging.getLogger(__name__)
@@ -119,8 +120,9 @@ def _grant_in_database(digest: str) -> Grant | None:
 
 
 def _cache_redis() -> redis.Redis | None:
-    """A client of the cache's (first) Redis server, or None when the cache is not Redis. redis-py's
-    connection pool starts afresh in a forked process by itself."""
+    """A client of the cache's (first) Redis server (its primary, for a sentinel:// cache), or None
+    when the cache is not Redis. redis-py's connection pool starts afresh in a forked process by
+    itself."""
     global _client
     if _client is None:
         cache = settings.CACHES["default"]
@@ -128,7 +130,14 @@ def _cache_redis() -> redis.Redis | None:
             return None
         location = cache["LOCATION"]
         url = location[0] if isinstance(location, list | tuple) else str(location).split(",")[0]
-        _client = redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
+        timeouts = {"socket_timeout": 1.0, "socket_connect_timeout": 1.0}
+        if redis_sentinel.is_sentinel_url(url):
+            options = cache["OPTIONS"]
+            _client = redis_sentinel.primary_client(
+                url, master_name=options["master_name"], sentinel_kwargs=options["sentinel_kwargs"], **timeouts
+            )
+        else:
+            _client = redis.Redis.from_url(url, **timeouts)
     return _client
 
 

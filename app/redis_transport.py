@@ -18,6 +18,8 @@ enter the outbox again with their push.
 Cost: the same round trips as kombu (the push and the write-down are each one transaction, two
 more commands in it), and Redis memory for a second copy of each message while it waits in its
 list. Only task messages (with a ``task`` header) go through the outbox, not control replies.
+
+``SentinelTransport`` is the same on a primary found through Redis Sentinel (sentinel:// URLs).
 """
 
 import time
@@ -179,3 +181,14 @@ class Channel(kombu_redis.Channel):
 
 class Transport(kombu_redis.Transport):
     Channel = Channel
+
+
+class SentinelChannel(Channel, kombu_redis.SentinelChannel):
+    """The same outbox, on the primary a Sentinel names (a sentinel:// broker URL, app/redis_sentinel.py).
+    The outbox, the lists and the unacknowledged set all live on the primary and reach its
+    replicas in the order they were written, so a promoted replica holds them as consistently as
+    the primary did (a write the primary took in the instant before it died may be missing)."""
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    Channel = SentinelChannel

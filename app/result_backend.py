@@ -10,7 +10,8 @@ invent a state the backend holds:
   bytes to the ``celery-task-history`` stream, which the history recorder drains into TaskLog
   in batches (app/history_recorder.py). One Redis round trip per state, and no database
   round trip on the task's path. Stock Celery makes two (a GET to refuse overwriting SUCCESS,
-  then SETEX + PUBLISH); the script does the same check inside Redis.
+  then SETEX + PUBLISH); the script does the same check inside Redis. ``SentinelStateBackend``
+  is the same through Redis Sentinel (a sentinel:// URL).
 - ``UpsertDatabaseBackend`` (RESULT_BACKEND_URL=django-db, for a deployment without Redis):
   django-celery-results' table, each state one upsert, and the TaskLog row folded in the same
   transaction. Several database round trips per state: see the README's figures.
@@ -26,7 +27,7 @@ import time
 from functools import cached_property
 
 from celery import states
-from celery.backends.redis import RedisBackend
+from celery.backends.redis import RedisBackend, SentinelBackend
 from celery.exceptions import BackendStoreError
 from django.db import IntegrityError, transaction
 from django.utils import timezone
@@ -235,6 +236,11 @@ class RedisStateBackend(RedisBackend):
     def runs(self) -> list[dict]:
         """The runs recorded as going on."""
         return [json.loads(raw) for raw in self.client.hgetall(RUNS_HASH).values()]
+
+
+class SentinelStateBackend(RedisStateBackend, SentinelBackend):
+    """The same on the primary a Sentinel names (a sentinel:// RESULT_BACKEND_URL): Celery's
+    SentinelBackend finds it, and finds the new one after a failover."""
 
 
 class UpsertDatabaseBackend(DatabaseBackend):

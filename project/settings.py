@@ -11,6 +11,7 @@ import environ
 from django.core.exceptions import ImproperlyConfigured
 
 import project
+from app import redis_sentinel
 from project import logging_config, sentry
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -223,10 +224,35 @@ if _db_engine in {f"django.db.backends.{name}" for name in ("postgresql", "sqlit
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
+# --- Redis Sentinel (app/redis_sentinel.py; README, "Redis Sentinel") --------------------------
+# A sentinel://host:26379/0;sentinel://host2:26379/0 URL in CELERY_BROKER_URL, RESULT_BACKEND_URL
+# or CACHE_URL reaches the primary these Sentinels name, and the new one after a failover.
+# https://redis.io/docs/latest/operate/oss_and_stack/management/sentinel/
+REDIS_SENTINEL_MASTER_NAME = env.str("REDIS_SENTINEL_MASTER_NAME", default="mymaster")
+# Only for Sentinels that ask for one (their requirepass); the primary's is in the URL.
+REDIS_SENTINEL_PASSWORD = env.str("REDIS_SENTINEL_PASSWORD", default="")
+# Seconds a command waits on a silent Redis connection: the broker, the results, and the
+# Sentinels and primary of a sentinel:// cache.
+REDIS_SOCKET_TIMEOUT = env.float("REDIS_SOCKET_TIMEOUT", default=5.0)
+SENTINEL_TRANSPORT_OPTIONS = redis_sentinel.transport_options(
+    master_name=REDIS_SENTINEL_MASTER_NAME, password=REDIS_SENTINEL_PASSWORD, socket_timeout=REDIS_SOCKET_TIMEOUT
+)
+
 # --- Cache ----------------------------------------------------------------
 
-# redis://... selects Django's built-in Redis cache; the default keeps it in process memory.
-CACHES = {"default": env.cache_url("CACHE_URL", default="locmemcache://")}
+# redis://... selects Django's built-in Redis cache, sentinel://... the same through Sentinel;
+# the default keeps it in process memory.
+CACHE_URL = env.str("CACHE_URL", default="locmemcache://")
+CACHES = {
+    "default": redis_sentinel.cache_settings(
+        CACHE_URL,
+        master_name=REDIS_SENTINEL_MASTER_NAME,
+        password=REDIS_SENTINEL_PASSWORD,
+        socket_timeout=REDIS_SOCKET_TIMEOUT,
+    )
+    if redis_sentinel.is_sentinel_url(CACHE_URL)
+    else env.cache_url_config(CACHE_URL)
+}
 
 # --- Email ----------------------------------------------------------------
 
@@ -256,7 +282,8 @@ if DEBUG:
 # https://docs.celeryq.dev/en/stable/userguide/configuration.html
 
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="redis://127.0.0.1:6379/0")
-BROKER_IS_REDIS = CELERY_BROKER_URL.startswith(("redis://", "rediss://"))
+BROKER_IS_SENTINEL = redis_sentinel.is_sentinel_url(CELERY_BROKER_URL)
+BROKER_IS_REDIS = CELERY_BROKER_URL.startswith(("redis://", "rediss://")) or BROKER_IS_SENTINEL
 BROKER_IS_RABBITMQ = CELERY_BROKER_URL.startswith(("amqp://", "amqps://", "pyamqp://"))
 # Where a task's live state is kept (app/result_backend.py): a redis:// or rediss:// URL (the
 # broker's own when it is Redis), or django-db (the database, for a deployment without Redis:
@@ -274,9 +301,12 @@ if RESULT_BACKEND_URL == "django-db":
     CELERY_RESULT_BACKEND = "app.result_backend:UpsertDatabaseBackend"
 elif RESULT_BACKEND_URL.startswith(("redis://", "rediss://")):
     CELERY_RESULT_BACKEND = f"app.result_backend:RedisStateBackend+{RESULT_BACKEND_URL}"
+elif redis_sentinel.is_sentinel_url(RESULT_BACKEND_URL):
+    CELERY_RESULT_BACKEND = f"app.result_backend:SentinelStateBackend+{RESULT_BACKEND_URL}"
+    CELERY_RESULT_BACKEND_TRANSPORT_OPTIONS = SENTINEL_TRANSPORT_OPTIONS
 else:
     raise ImproperlyConfigured(
-        f"RESULT_BACKEND_URL must be a redis:// or rediss:// URL, or django-db; got {RESULT_BACKEND_URL!r}."
+        f"RESULT_BACKEND_URL must be a redis://, rediss:// or sentinel:// URL, or django-db; got {RESULT_BACKEND_URL!r}."
     )
 CELERY_CACHE_BACKEND = "django-cache"
 # Name, args, worker, queue and retries in every stored state: the history is built from them.
@@ -378,10 +408,9 @@ WORKER_POOL_NAME = env.str("WORKER_POOL_NAME", default="")
 # sweeps every 100 s: 10 s, on every 10th turn).
 REDIS_RESTORE_INTERVAL = env.int("REDIS_RESTORE_INTERVAL", default=5)
 # A Redis broker that vanishes without closing the connection (failover, a NAT or firewall
-# timeout) is noticed in seconds: a command waits at most REDIS_SOCKET_TIMEOUT, and an idle
+# timeout) is noticed in seconds: a command waits at most REDIS_SOCKET_TIMEOUT (above), and an idle
 # connection is checked every REDIS_HEALTH_CHECK_INTERVAL seconds (a stuck BRPOP is dropped after
 # about 1 + 2 x that; kombu's default of 25 s gives 51 s). A timed-out command is retried once.
-REDIS_SOCKET_TIMEOUT = env.float("REDIS_SOCKET_TIMEOUT", default=5.0)
 REDIS_HEALTH_CHECK_INTERVAL = env.int("REDIS_HEALTH_CHECK_INTERVAL", default=5)
 # RabbitMQ: every publish waits for the broker's confirm, so a 202 (or a chain's next step) means
 # the broker has the message; without it a message sent just before a broker crash is lost
@@ -391,7 +420,7 @@ CELERY_BROKER_CONFIRM_PUBLISH = env.bool("CELERY_BROKER_CONFIRM_PUBLISH", defaul
 # as unacknowledged, so a worker killed between its BRPOP and that write loses nothing
 # (app/redis_transport.py).
 if BROKER_IS_REDIS:
-    CELERY_BROKER_TRANSPORT = "app.redis_transport:Transport"
+    CELERY_BROKER_TRANSPORT = f"app.redis_transport:{'SentinelTransport' if BROKER_IS_SENTINEL else 'Transport'}"
 CELERY_BROKER_TRANSPORT_OPTIONS = {}
 if BROKER_IS_RABBITMQ:
     CELERY_BROKER_TRANSPORT_OPTIONS = {"confirm_publish": CELERY_BROKER_CONFIRM_PUBLISH}
@@ -402,6 +431,7 @@ if BROKER_IS_REDIS:
         "retry_on_timeout": True,
         "unacked_restore_interval": REDIS_RESTORE_INTERVAL,
         "unacked_restore_throttle": 1,
+        **(SENTINEL_TRANSPORT_OPTIONS if BROKER_IS_SENTINEL else {}),
     }
     if CELERY_BROKER_VISIBILITY_TIMEOUT is not None:
         CELERY_BROKER_TRANSPORT_OPTIONS["visibility_timeout"] = CELERY_BROKER_VISIBILITY_TIMEOUT

@@ -195,7 +195,7 @@ def celery_app_for(broker_url: str, **conf):
     app = Celery("project", set_as_current=False)
     app.config_from_object("django.conf:settings", namespace="CELERY")
     app.conf.broker_read_url = app.conf.broker_write_url = broker_url
-    if not broker_url.startswith(("redis://", "rediss://")):
+    if not broker_url.startswith(("redis://", "rediss://", "sentinel://")):
         # The settings chose the Redis transport (app/redis_transport.py) for the suite's broker,
         # and no RabbitMQ queues: those a worker on this broker declares (project/settings.py).
         from django.conf import settings

@@ -71,6 +71,57 @@ def test_every_backend_is_chosen_by_url():
     }
 
 
+SHOW_SENTINEL_SETTINGS = (
+    "import django, json; django.setup(); from django.conf import settings as s; "
+    "print(json.dumps({'transport': s.CELERY_BROKER_TRANSPORT, 'broker': s.CELERY_BROKER_TRANSPORT_OPTIONS, "
+    "'backend': s.CELERY_RESULT_BACKEND, 'results': s.CELERY_RESULT_BACKEND_TRANSPORT_OPTIONS, "
+    "'cache': s.CACHES['default'], 'no_prefetch': s.CELERY_WORKER_DISABLE_PREFETCH}))"
+)
+
+
+def test_sentinel_urls_choose_the_sentinel_transport_results_and_cache_with_the_master_name():
+    import json
+
+    url = "sentinel://:secret@s1:26379/0;sentinel://:secret@s2:26379/0"
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "CACHE_", "RESULT_", "CELERY_"))}
+    env = {
+        "DJANGO_SETTINGS_MODULE": "project.settings",
+        "DJANGO_SECRET_KEY": "s",
+        "CELERY_BROKER_URL": url,
+        "CACHE_URL": url.replace("/0", "/2"),
+        "REDIS_SENTINEL_MASTER_NAME": "tasks",
+        "REDIS_SENTINEL_PASSWORD": "sentinel-secret",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", SHOW_SENTINEL_SETTINGS], cwd=REPO_ROOT, env=clean | env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    values = json.loads(result.stdout)
+
+    sentinels = {
+        "master_name": "tasks",
+        "sentinel_kwargs": {"socket_timeout": 5.0, "socket_connect_timeout": 5.0, "password": "sentinel-secret"},
+    }
+    assert values["transport"] == "app.redis_transport:SentinelTransport"
+    assert values["broker"]["master_name"] == "tasks"
+    assert values["broker"]["sentinel_kwargs"] == sentinels["sentinel_kwargs"]
+    assert values["no_prefetch"] is True  # Redis' delivery settings hold through Sentinel too
+    # The results on the broker's Redis, through the same Sentinels.
+    assert values["backend"] == f"app.result_backend:SentinelStateBackend+{url}"
+    assert values["results"] == sentinels
+    assert values["cache"]["BACKEND"] == "django.core.cache.backends.redis.RedisCache"
+    assert values["cache"]["LOCATION"] == [url.replace("/0", "/2")]  # one server: never split at ";"
+    assert values["cache"]["OPTIONS"]["pool_class"] == "app.redis_sentinel.CachePool"
+    assert values["cache"]["OPTIONS"]["master_name"] == "tasks"
+
+
+def test_a_malformed_sentinel_cache_url_fails_at_start_up():
+    result = run_settings(DJANGO_SECRET_KEY="s", CACHE_URL="sentinel://;redis://other:6379/1")
+
+    assert result.returncode != 0
+    assert "not a sentinel://host:port[/db];sentinel://... URL" in result.stderr
+
+
 def test_soft_limit_must_be_below_hard_limit():
     result = run_settings(DJANGO_SECRET_KEY="s", CELERY_TASK_SOFT_TIME_LIMIT="400", CELERY_TASK_TIME_LIMIT="300")
 

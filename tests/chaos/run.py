@@ -311,30 +311,31 @@ def run_faults(workers: list[Worker], broker, env: dict, workdir: Path, seconds:
         time.sleep(2)
 
 
-def runs_by_attempt(ledger_server: RedisServer) -> dict[tuple[str, int], list[float]]:
+def runs_by_attempt(ledger_url: str) -> dict[tuple[str, int], list[float]]:
     """When each attempt (task id, retries) ran: more than one time is a second run of it."""
     import redis
 
     runs: dict[tuple[str, int], list[float]] = {}
-    for raw in redis.Redis.from_url(ledger_server.url(0)).lrange("chaos:runs", 0, -1):
+    for raw in redis.Redis.from_url(ledger_url).lrange("chaos:runs", 0, -1):
         task_id, retries, at, _pid = json.loads(raw)
         runs.setdefault((task_id, retries), []).append(at)
     return runs
 
 
-def states(task_ids: list[str]) -> dict[str, dict]:
-    """The stored state of each task, in one MGET (the Redis result backend)."""
+def states(task_ids: list[str], backend=None) -> dict[str, dict]:
+    """The stored state of each task, in one MGET (the Redis result backend; the current app's
+    unless another is given)."""
     from celery import current_app
 
-    backend = current_app.backend
+    backend = backend or current_app.backend
     raws = backend.client.mget([backend.get_key_for_task(task_id) for task_id in task_ids]) if task_ids else []
     return {task_id: backend.decode_result(raw) if raw else {} for task_id, raw in zip(task_ids, raws, strict=True)}
 
 
-def settle(ledger: Ledger, deadline: float) -> dict[str, dict]:
+def settle(ledger: Ledger, deadline: float, backend=None) -> dict[str, dict]:
     """Waits until every task that ran or was ever stored is final, or the deadline."""
     while True:
-        found = states(list(ledger.names))
+        found = states(list(ledger.names), backend)
         open_ids = [
             task_id
             for task_id, meta in found.items()
@@ -473,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
         wait = max(redelivery_wait, settings.LOST_TASK_AFTER + 3 * lost_tasks.SWEEP_INTERVAL) + 60
         found = settle(ledger, time.monotonic() + wait)
         log("settled")
-        figures, passed = report(ledger, found, runs_by_attempt(ledger_server), faults)
+        figures, passed = report(ledger, found, runs_by_attempt(ledger_server.url(0)), faults)
     finally:
         for worker in workers:
             worker.warm_stop(timeout=30)
