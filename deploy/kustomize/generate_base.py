@@ -37,6 +37,8 @@ COMPONENTS = {
     "autoscaling": {"web": {"autoscaling": {"enabled": True}}, "worker": {"autoscaling": {"enabled": True}}},
     "disruption-budgets": {"web": {"pdb": {"enabled": True}}, "worker": {"pdb": {"enabled": True}}},
     "network-policies": {"networkPolicy": {"enabled": True}},
+    # sentinel:// URLs in the overlay's Secret; the master name is the chart's default (a patch changes it).
+    "sentinel": {"redisSentinel": {"enabled": True}},
     "monitoring": {
         "metrics": {
             "serviceMonitor": {"enabled": True},

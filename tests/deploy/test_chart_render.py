@@ -38,7 +38,7 @@ CUSTOM_KINDS = {
 }
 
 
-def test_the_five_values_files_exist():
+def test_the_expected_values_files_exist():
     missing = [ci_file for ci_file in EXPECTED_CI_FILES if not (CI_DIR / ci_file).is_file()]
 
     assert not missing, f"missing values files in {CI_DIR}: {missing}"
@@ -560,3 +560,62 @@ def test_the_result_backend_url_reaches_the_secret_only_when_set(minimal_values)
     assert result_backends(render_chart(minimal_values)) == set()
     with pytest.raises(Exception, match="schema"):
         render_chart(deep_merge(minimal_values, {"secrets": {"resultBackendUrl": "memcached://x"}}))
+
+
+def app_settings(docs) -> dict:
+    """The app's ConfigMap and Secret (the migrate hook's copies hold the same), decoded, merged."""
+    import base64
+
+    found = {}
+    for doc in of_kind(docs, "ConfigMap"):
+        found.update(doc.get("data") or {})
+    for doc in of_kind(docs, "Secret"):
+        found.update({key: base64.b64decode(value).decode() for key, value in (doc.get("data") or {}).items()})
+    return found
+
+
+def test_sentinel_values_give_the_master_name_and_the_sentinels_password(render_ci):
+    values = load_values("sentinel-values.yaml")
+    found = app_settings(render_ci("sentinel-values.yaml"))
+
+    assert found["REDIS_SENTINEL_MASTER_NAME"] == "tasks"
+    assert found["REDIS_SENTINEL_PASSWORD"] == "sentinel-password"
+    assert found["CELERY_BROKER_URL"] == values["secrets"]["brokerUrl"]
+    assert found["CACHE_URL"] == values["secrets"]["cacheUrl"]
+    # Without Sentinel neither is set (the app's default master name is mymaster).
+    assert not {"REDIS_SENTINEL_MASTER_NAME", "REDIS_SENTINEL_PASSWORD"} & set(
+        app_settings(render_ci("minimal-values.yaml"))
+    )
+
+
+SENTINEL_URL = "sentinel://:pw@sentinel-0:26379/0;sentinel://:pw@sentinel-1:26379/0"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"secrets": {"brokerUrl": SENTINEL_URL}}, "set redisSentinel.enabled"),
+        ({"secrets": {"resultBackendUrl": SENTINEL_URL}}, "set redisSentinel.enabled"),
+        ({"redisSentinel": {"enabled": True}}, "no sentinel:// URL in secrets"),
+        (
+            {"redisSentinel": {"enabled": True}, "bundledRedis": {"enabled": True}, "secrets": {"brokerUrl": ""}},
+            "the bundled Redis has no Sentinel",
+        ),
+    ],
+)
+def test_a_half_configured_sentinel_fails_the_render_naming_what_to_set(minimal_values, overrides, message):
+    with pytest.raises(Exception, match=re.escape(message)):
+        render_chart(deep_merge(minimal_values, overrides))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"redisSentinel": {"masterName": ""}},
+        {"redisSentinel": {"masterName": "two words"}},
+        {"redisSentinel": {"hosts": []}},
+    ],
+)
+def test_the_schema_refuses_a_bad_sentinel_value(minimal_values, overrides):
+    with pytest.raises(Exception, match="schema"):
+        render_chart(deep_merge(minimal_values, overrides))

@@ -33,7 +33,14 @@ GENERATOR = KUSTOMIZE_DIR / "generate_base.py"
 GENERATED = ("base", "components")
 OVERLAYS = ("local", "production")
 COMPONENTS = sorted(path.name for path in (KUSTOMIZE_DIR / "components").iterdir() if path.is_dir())
-EXPECTED_COMPONENTS = {"autoscaling", "bundled-services", "disruption-budgets", "monitoring", "network-policies"}
+EXPECTED_COMPONENTS = {
+    "autoscaling",
+    "bundled-services",
+    "disruption-budgets",
+    "monitoring",
+    "network-policies",
+    "sentinel",
+}
 KUBE_VERSIONS = ("1.30", "1.34")
 # Custom resources have no schema in kubernetes-validate: their fields are checked below instead.
 CUSTOM_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
@@ -210,6 +217,20 @@ def test_component_adds_its_feature_targeting_base_workloads(component, kinds, t
             selector_matches(doc["spec"]["selector"], d["spec"]["template"]["metadata"]["labels"])
             for d in deployments.values()
         ), name(doc)
+
+
+@needs_kubectl
+def test_sentinel_component_names_the_primary_in_the_app_config_map_and_rolls_every_pod(tmp_path):
+    base = {(doc["kind"], name(doc)): doc for doc in build(KUSTOMIZE_DIR / "base")}
+    docs = with_component("sentinel", tmp_path)
+
+    assert {(doc["kind"], name(doc)) for doc in docs} == set(base)  # it adds nothing, it changes
+    (app_config,) = of_kind(docs, "ConfigMap")
+    assert app_config["data"]["REDIS_SENTINEL_MASTER_NAME"] == "mymaster"
+    for doc in workloads(docs):
+        annotations = doc["spec"]["template"]["metadata"]["annotations"]
+        before = base[(doc["kind"], name(doc))]["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["checksum/config"] != before["checksum/config"], name(doc)
 
 
 # --- The local overlay --------------------------------------------------------------------------
