@@ -131,6 +131,18 @@ class QoS(kombu_redis.QoS):
 class Channel(kombu_redis.Channel):
     QoS = QoS
 
+    def _get_pool(self, asynchronous=False):
+        """A lost connection, not an AttributeError, for a channel whose connection is gone.
+        After a lost broker (a Sentinel failover showed it in about one run in two) Celery's
+        consumer closes the old connection twice, and acknowledges the messages that old channel
+        delivered once their tasks end: kombu then rebuilds the channel's pool from a connection
+        that is None, and the AttributeError, which neither kombu nor Celery catches, ends the
+        worker. As a connection error it is what those callers expect: the messages stay in the
+        unacknowledged set and come back after the visibility timeout."""
+        if self.connection is None or self.connection.client is None:
+            raise kombu_redis.redis.exceptions.ConnectionError("the channel's broker connection is closed")
+        return super()._get_pool(asynchronous)
+
     def _put(self, queue, message, **kwargs):
         if not _is_task(message):
             return super()._put(queue, message, **kwargs)

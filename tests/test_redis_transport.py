@@ -118,3 +118,22 @@ def test_a_message_restored_from_the_unacknowledged_set_is_in_the_outbox_again(c
     assert queue == b"outbox-test"
     assert client.lrange("outbox-test", 0, -1) == [payload]
     assert json.loads(payload)["headers"]["redelivered"] is True
+
+
+def test_a_channel_whose_connection_is_gone_keeps_its_messages_and_fails_as_a_lost_connection(connection, client):
+    """What Celery's consumer does after a lost broker (a Sentinel failover): collect() releases the
+    transport's connection parameters while the channel's own close failed midway, the
+    connection's close closes the channel again, and a task that ends afterwards acknowledges its
+    message on that old channel. kombu rebuilt the pool from no connection both times
+    (AttributeError: the worker exited)."""
+    publish(connection)
+    message = take(connection)
+    channel = connection.default_channel
+    connection.transport.client = None  # what kombu's Connection._do_close_transport leaves
+    errors = connection.connection_errors + connection.channel_errors
+
+    connection.maybe_close_channel(channel)  # raises nothing but a connection error, which it ignores
+    with pytest.raises(errors):
+        message.ack()
+
+    assert client.hexists("unacked", message.delivery_tag)  # back after the visibility timeout
