@@ -19,6 +19,7 @@ from tests.deploy.conftest import (
     deep_merge,
     labels,
     load_values,
+    main_container,
     merged_values,
     name,
     of_kind,
@@ -132,6 +133,26 @@ def test_the_query_selects_the_release_namespace_and_the_pod_monitors_job_names(
         query = only_trigger(doc)["metadata"]["query"]
         assert f'celery_queue_length{{namespace="{NAMESPACE}", job="{jobs["beat"]}",' in query
         assert f'celery_worker_tasks_active{{namespace="{NAMESPACE}", job="{jobs["worker"]}",' in query
+
+
+def test_the_query_selects_the_worker_names_of_its_own_pool_only(pools_on_redis):
+    # celery_worker_tasks_active is labelled with the worker's name, which the image's entrypoint
+    # makes ${CELERY_WORKER_NAME}@<pod hostname>; the chart sets CELERY_WORKER_NAME to the pool.
+    from tests.conftest import REPO_ROOT
+
+    entrypoint = (REPO_ROOT / "deploy" / "image" / "entrypoint.sh").read_text()
+    assert '--hostname "${CELERY_WORKER_NAME:-worker}@%h"' in entrypoint
+    _, docs = pools_on_redis
+    deployments = {name(d): d for d in of_kind(docs, "Deployment")}
+
+    for pool_name, doc in scaled_objects_by_pool(docs).items():
+        deployment = deployments[doc["spec"]["scaleTargetRef"]["name"]]
+        env = {item["name"]: item.get("value") for item in main_container(deployment)["env"]}
+        hostname = f"{env['CELERY_WORKER_NAME']}@{name(deployment)}-7d9f-a"
+        (selector,) = re.findall(r'hostname=~"([^"]+)"', only_trigger(doc)["metadata"]["query"])
+        assert re.fullmatch(selector, hostname), (selector, hostname)
+        others = [f"{other}@{name(deployment)}-7d9f-a" for other in scaled_objects_by_pool(docs) if other != pool_name]
+        assert not any(re.fullmatch(selector, other) for other in others), (selector, others)
 
 
 def test_a_queue_name_is_matched_literally(minimal_values):
