@@ -37,6 +37,8 @@ COMPONENTS = {
     "autoscaling": {"web": {"autoscaling": {"enabled": True}}, "worker": {"autoscaling": {"enabled": True}}},
     "disruption-budgets": {"web": {"pdb": {"enabled": True}}, "worker": {"pdb": {"enabled": True}}},
     "network-policies": {"networkPolicy": {"enabled": True}},
+    # The collector's address is the overlay's to change: a patch of the ConfigMap's OTEL_* keys.
+    "tracing": {"tracing": {"enabled": True, "endpoint": "http://otel-collector:4318"}},
     "monitoring": {
         "metrics": {
             "serviceMonitor": {"enabled": True},

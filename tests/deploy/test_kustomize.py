@@ -33,7 +33,14 @@ GENERATOR = KUSTOMIZE_DIR / "generate_base.py"
 GENERATED = ("base", "components")
 OVERLAYS = ("local", "production")
 COMPONENTS = sorted(path.name for path in (KUSTOMIZE_DIR / "components").iterdir() if path.is_dir())
-EXPECTED_COMPONENTS = {"autoscaling", "bundled-services", "disruption-budgets", "monitoring", "network-policies"}
+EXPECTED_COMPONENTS = {
+    "autoscaling",
+    "bundled-services",
+    "disruption-budgets",
+    "monitoring",
+    "network-policies",
+    "tracing",
+}
 KUBE_VERSIONS = ("1.30", "1.34")
 # Custom resources have no schema in kubernetes-validate: their fields are checked below instead.
 CUSTOM_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
