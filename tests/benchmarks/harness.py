@@ -63,6 +63,17 @@ def setup_django() -> None:
     logging.disable(logging.INFO)  # no line per task this process publishes
 
 
+# The image's packages alone (requirements.txt, `make bench` installs them): start-up and memory
+# are measured with them, as the image runs. The development set adds packages that other
+# packages import when they find them (structlog imports rich: a twentieth of a second).
+RUNTIME_PYTHON = REPO_ROOT / ".venv" / "runtime" / "bin" / "python"
+
+
+def runtime_python() -> str:
+    """The image's interpreter and packages where `make bench` made them, else this one."""
+    return str(RUNTIME_PYTHON) if RUNTIME_PYTHON.exists() else sys.executable
+
+
 def compile_like_the_image() -> None:
     """Bytecode for the project's own modules, as the image has it (Dockerfile: compileall).
     With PYTHONDONTWRITEBYTECODE set (these machines set it) every role started here would
@@ -201,10 +212,12 @@ def base_env(database_url: str, broker_url: str, workdir: Path, **extra) -> dict
     return env
 
 
-def worker_command(app: str, concurrency: int = 2, queues: str = QUEUE, name: str | None = None) -> list[str]:
+def worker_command(
+    app: str, concurrency: int = 2, queues: str = QUEUE, name: str | None = None, python: str = sys.executable
+) -> list[str]:
     """The worker the image runs (deploy/image/entrypoint.sh), on the benchmark's queue."""
     command = [
-        sys.executable, "-m", "celery", "-A", app, "worker", "-Q", queues, "-c", str(concurrency),
+        python, "-m", "celery", "-A", app, "worker", "-Q", queues, "-c", str(concurrency),
         "--pool", "prefork", "--without-mingle", "--without-gossip", "-l", "info",
     ]  # fmt: skip
     return [*command, "-n", name] if name else command
