@@ -16,8 +16,10 @@ from project import logging_config, sentry
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 env = environ.Env()
-# A local .env is a convenience for development; the environment always wins.
-environ.Env.read_env(BASE_DIR / ".env", overwrite=False)
+# A local .env is a convenience for development; the environment always wins. Read only when
+# there is one: django-environ warns at every start (each role, each process) otherwise.
+if (BASE_DIR / ".env").is_file():
+    environ.Env.read_env(BASE_DIR / ".env", overwrite=False)
 
 # --- Core -----------------------------------------------------------------
 
