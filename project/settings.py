@@ -65,12 +65,14 @@ MIDDLEWARE = [
     "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
+    # Outside CommonMiddleware, so a request it redirects (/api -> /api/) is logged with the 301
+    # it answered, not the 404 it turned into one; request_finished still carries the user id
+    # (bound when the response passes back through).
+    "django_structlog.middlewares.RequestMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
-    # After authentication, so its lines carry the user id (django-structlog's advice).
-    "django_structlog.middlewares.RequestMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     # django-csp: the Content-Security-Policy header (CONTENT_SECURITY_POLICY below).
