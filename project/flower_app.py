@@ -26,6 +26,8 @@ from django.conf import settings
 from flower.app import Flower
 from flower.views import monitor
 
+from project import tls
+
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
 
 app = Celery("project", fixups=[], set_as_current=True)
@@ -116,6 +118,8 @@ def main(argv: list[str]) -> None:
     command.extract_settings()
     command.setup_logging()
 
+    # A TLS server whose certificate is not trusted ends Flower here (project/tls.py).
+    tls.check_servers(settings.TLS_CLIENTS)
     metrics_port = int(os.environ.get("FLOWER_METRICS_PORT") or 0)
     flower = ProjectFlower(capp=app, options=command.options, metrics_port=metrics_port, **command.settings)
     atexit.register(flower.stop)
