@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import sys
+from functools import cached_property
 
 import prometheus_client
 import tornado.web
@@ -99,6 +100,13 @@ class ProjectFlower(Flower):
         for rule in self.wildcard_router.rules:
             if rule.target is monitor.Metrics:
                 rule.target = AuthenticatedMetrics
+
+    @cached_property
+    def broker_uri_with_password(self):
+        """The broker URL as given, for Flower's broker page (queue lengths): kombu would name the
+        project's Redis transport (app/redis_transport.py) by its class path, a scheme the page
+        does not know ("'redis' broker is not supported"). Its TLS options: broker_use_ssl."""
+        return settings.CELERY_BROKER_URL
 
     def start_http_server(self):
         port = super().start_http_server()

@@ -111,18 +111,33 @@ class TlsClient:
         return context
 
     def handshake(self, timeout: float) -> None:
-        """A TLS handshake with the server, as its clients make it; raises what they would meet."""
+        """A TLS handshake with the server, as its clients make it; raises what they would meet:
+        ssl.SSLError, Refused when the server drops the connection after the handshake, or
+        another OSError when it cannot be reached."""
         with socket.create_connection((self.host, self.port), timeout=timeout) as sock:
             with self.context().wrap_socket(sock, server_hostname=self.host) as tls:
-                if self.scheme == "rediss":
-                    tls.sendall(REDIS_PING)
-                    tls.recv(1)
-                    return
-                tls.settimeout(AMQPS_ALERT_WAIT_SECONDS)
                 try:
-                    tls.recv(1)
-                except TimeoutError:
-                    pass
+                    if self.scheme == "rediss":
+                        tls.sendall(REDIS_PING)
+                        answered = tls.recv(1)
+                    else:
+                        tls.settimeout(AMQPS_ALERT_WAIT_SECONDS)
+                        try:
+                            answered = tls.recv(1)
+                        except TimeoutError:
+                            answered = b"(nothing yet: no alert)"
+                except ssl.SSLError:
+                    raise
+                except OSError as exc:
+                    # The server's alert and its close raced our request: the alert is lost.
+                    raise Refused(f"the server dropped the connection after the TLS handshake ({exc})") from exc
+                if not answered:
+                    raise Refused("the server closed the connection after the TLS handshake")
+
+
+class Refused(Exception):
+    """A TLS server that dropped the connection once the handshake was done: it refused the client
+    (most often: it wants a client certificate, and TLS 1.3 says so only after the handshake)."""
 
 
 def client_for(variable: str, url: str, files: TlsFiles) -> TlsClient | None:
@@ -211,7 +226,7 @@ def check_servers(clients: dict[str, TlsClient], *, timeout: float = 3.0) -> Non
             client.handshake(timeout)
         except (ssl.SSLEOFError, ssl.SSLZeroReturnError):
             continue  # closed mid-handshake: a restarting server as much as a refusal
-        except ssl.SSLError as exc:
+        except (ssl.SSLError, Refused) as exc:
             raise SystemExit(f"TLS to {client.address} ({variable}) failed: {exc}. {_trust_hint(client)}") from None
         except OSError:
             continue

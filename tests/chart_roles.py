@@ -142,17 +142,22 @@ class Stack:
         role.service = Service(f"{name}-{uuid.uuid4().hex[:6]}", ["sh", str(ENTRYPOINT), *args], role.env, self.scratch)
         return role.service
 
-    def migrate(self) -> None:
-        """The migrate role, run to its end."""
+    def run(self, role: str, *args: str) -> str:
+        """The image's entrypoint with `args` and the role's environment, run to its end; its output."""
         run = subprocess.run(
-            ["sh", str(ENTRYPOINT), *self.roles["migrate"].container["args"]],
-            env=self.roles["migrate"].env,
+            ["sh", str(ENTRYPOINT), *args],
+            env=self.roles[role].env,
             cwd=REPO_ROOT,
             capture_output=True,
             text=True,
             timeout=180,
         )
         assert run.returncode == 0, run.stdout + run.stderr
+        return run.stdout
+
+    def migrate(self) -> None:
+        """The migrate role, run to its end."""
+        self.run("migrate", *self.roles["migrate"].container["args"])
 
     def start(self, roles: tuple[str, ...]) -> None:
         """Start the roles, then wait as the kubelet does: startup first, then every probe passes."""
