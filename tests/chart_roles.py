@@ -142,11 +142,12 @@ class Stack:
         role.service = Service(f"{name}-{uuid.uuid4().hex[:6]}", ["sh", str(ENTRYPOINT), *args], role.env, self.scratch)
         return role.service
 
-    def run(self, role: str, *args: str) -> str:
-        """The image's entrypoint with `args` and the role's environment, run to its end; its output."""
+    def run(self, role: str, *args: str, env: dict | None = None) -> str:
+        """The image's entrypoint with `args` and the role's environment (or `env`), run to its end;
+        its output."""
         run = subprocess.run(
             ["sh", str(ENTRYPOINT), *args],
-            env=self.roles[role].env,
+            env=env if env is not None else self.roles[role].env,
             cwd=REPO_ROOT,
             capture_output=True,
             text=True,

@@ -302,6 +302,28 @@ def test_flower_reads_the_redis_queue_lengths(stack):
     assert "default" in {queue["name"] for queue in json.loads(body)["active_queues"]}
 
 
+def test_a_rediss_urls_own_ssl_parameters_serve_every_client_as_well(stack, certificates, tls_redis):
+    if stack.broker != "rediss":
+        pytest.skip("an amqps:// URL takes no ssl_* parameters")
+    query = (
+        f"?ssl_cert_reqs=required&ssl_ca_certs={certificates.ca}"
+        f"&ssl_certfile={certificates.client_cert}&ssl_keyfile={certificates.client_key}"
+    )
+    env = {key: value for key, value in stack.roles["web"].env.items() if not key.startswith("TLS_")}
+    env |= {"CELERY_BROKER_URL": tls_redis.url(0) + query, "RESULT_BACKEND_URL": tls_redis.url(2) + query}
+    env["CACHE_URL"] = tls_redis.url(1) + query
+    code = (
+        "import json; from django.conf import settings; from app import api_tokens, health; "
+        "from project import tls; tls.check_servers(settings.TLS_CLIENTS); "
+        "print(json.dumps({'checks': health.run_checks(), 'tokens': api_tokens._cache_redis().ping()}))"
+    )
+
+    report = json.loads(stack.run("web", "manage", "shell", "-c", code, env=env).strip().splitlines()[-1])
+
+    assert report["tokens"] is True
+    assert report["checks"]["healthy"], report
+
+
 def test_an_untrusted_server_ends_every_role_at_start_with_the_reason(stack, certificates):
     started = {}
     for role in ROLES:
