@@ -43,6 +43,8 @@ COMPONENTS = {
     # Secret (cert-manager's shape: ca.crt, tls.crt, tls.key). Use one of the two.
     "tls": {"tls": {"caSecret": TLS_SECRET}},
     "tls-client-certificate": {"tls": {"caSecret": TLS_SECRET, "clientCertSecret": TLS_SECRET}},
+    # The collector's address is the overlay's to change: a patch of the ConfigMap's OTEL_* keys.
+    "tracing": {"tracing": {"enabled": True, "endpoint": "http://otel-collector:4318"}},
     "monitoring": {
         "metrics": {
             "serviceMonitor": {"enabled": True},

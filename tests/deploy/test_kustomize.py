@@ -41,6 +41,7 @@ EXPECTED_COMPONENTS = {
     "network-policies",
     "tls",
     "tls-client-certificate",
+    "tracing",
 }
 KUBE_VERSIONS = ("1.30", "1.34")
 # Custom resources have no schema in kubernetes-validate: their fields are checked below instead.
