@@ -126,10 +126,12 @@ class TlsClient:
                             answered = tls.recv(1)
                         except TimeoutError:
                             answered = b"(nothing yet: no alert)"
+                except (ssl.SSLEOFError, ssl.SSLZeroReturnError) as exc:
+                    # The server's alert and its close raced our request: the alert is lost.
+                    raise Refused(f"the server dropped the connection after the TLS handshake ({exc})") from exc
                 except ssl.SSLError:
                     raise
                 except OSError as exc:
-                    # The server's alert and its close raced our request: the alert is lost.
                     raise Refused(f"the server dropped the connection after the TLS handshake ({exc})") from exc
                 if not answered:
                     raise Refused("the server closed the connection after the TLS handshake")
