@@ -128,7 +128,9 @@ def _cache_redis() -> redis.Redis | None:
             return None
         location = cache["LOCATION"]
         url = location[0] if isinstance(location, list | tuple) else str(location).split(",")[0]
-        _client = redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
+        # The cache's TLS options (a rediss:// CACHE_URL: project/tls.py); its URL has none left.
+        tls = {key: value for key, value in cache.get("OPTIONS", {}).items() if key.startswith("ssl_")}
+        _client = redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0, **tls)
     return _client
 
 

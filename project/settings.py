@@ -11,7 +11,7 @@ import environ
 from django.core.exceptions import ImproperlyConfigured
 
 import project
-from project import logging_config, sentry
+from project import logging_config, sentry, tls
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -283,6 +283,33 @@ else:
         f"RESULT_BACKEND_URL must be a redis:// or rediss:// URL, or django-db; got {RESULT_BACKEND_URL!r}."
     )
 CELERY_CACHE_BACKEND = "django-cache"
+
+# --- TLS to Redis and RabbitMQ (project/tls.py; README, "TLS to Redis and RabbitMQ") -------------
+# Every rediss:// and amqps:// URL above (broker, result backend, cache) verifies its server
+# against this CA bundle (empty: the system's CAs), and shows this client certificate if set. A
+# rediss:// URL may carry ssl_* parameters instead; half a setting fails here, at start-up.
+TLS_CA_FILE = env.str("TLS_CA_FILE", default="")
+TLS_CERT_FILE = env.str("TLS_CERT_FILE", default="")
+TLS_KEY_FILE = env.str("TLS_KEY_FILE", default="")
+try:
+    TLS_CLIENTS = tls.clients_for(
+        {
+            "CELERY_BROKER_URL": CELERY_BROKER_URL,
+            "RESULT_BACKEND_URL": RESULT_BACKEND_URL,
+            "CACHE_URL": env.str("CACHE_URL", default=""),
+        },
+        tls.TlsFiles(TLS_CA_FILE, TLS_CERT_FILE, TLS_KEY_FILE),
+    )
+except ValueError as exc:
+    raise ImproperlyConfigured(str(exc)) from None
+if "CELERY_BROKER_URL" in TLS_CLIENTS:
+    # kombu's connections (workers, beat's queue lengths and event watcher, the web's publishes)
+    # and Flower's broker page.
+    CELERY_BROKER_USE_SSL = TLS_CLIENTS["CELERY_BROKER_URL"].options()
+if "RESULT_BACKEND_URL" in TLS_CLIENTS:
+    CELERY_REDIS_BACKEND_USE_SSL = TLS_CLIENTS["RESULT_BACKEND_URL"].redis_options()
+if "CACHE_URL" in TLS_CLIENTS:
+    CACHES["default"].setdefault("OPTIONS", {}).update(TLS_CLIENTS["CACHE_URL"].redis_options())
 # Name, args, worker, queue and retries in every stored state: the history is built from them.
 CELERY_RESULT_EXTENDED = True
 CELERY_RESULT_EXPIRES = env.int("CELERY_RESULT_EXPIRES", default=86400)

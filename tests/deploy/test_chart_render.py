@@ -37,7 +37,7 @@ CUSTOM_KINDS = {
 }
 
 
-def test_the_five_values_files_exist():
+def test_the_expected_values_files_exist():
     missing = [ci_file for ci_file in EXPECTED_CI_FILES if not (CI_DIR / ci_file).is_file()]
 
     assert not missing, f"missing values files in {CI_DIR}: {missing}"
