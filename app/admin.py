@@ -391,3 +391,38 @@ class ApiTokenAdmin(admin.ModelAdmin):
             ),
             messages.SUCCESS,
         )
+
+
+# --- One schedule editor; no "add" for rows only Celery writes ------------------------------------
+# Importing them registers django-celery-beat's and django-celery-results' own admin pages (the
+# web's URLconf autodiscovers them in INSTALLED_APPS order, these first: imported here too, so the
+# changes below never depend on that order).
+from django_celery_beat import admin as beat_admin  # noqa: E402
+from django_celery_results import admin as results_admin  # noqa: E402
+
+# Beat runs what its PeriodicTask rows say, and Scheduled tasks above write them (app.services):
+# editing them here too would change what beat runs behind the scheduled task's back.
+for model in (
+    beat_admin.PeriodicTask,
+    beat_admin.IntervalSchedule,
+    beat_admin.CrontabSchedule,
+    beat_admin.SolarSchedule,
+    beat_admin.ClockedSchedule,
+):
+    if admin.site.is_registered(model):
+        admin.site.unregister(model)
+
+
+class CeleryWrittenAdmin:
+    """Rows the result backend writes (RESULT_BACKEND_URL=django-db): shown, never added by hand."""
+
+    def has_add_permission(self, request):
+        return False
+
+
+for model, model_admin in (
+    (results_admin.TaskResult, results_admin.TaskResultAdmin),
+    (results_admin.GroupResult, results_admin.GroupResultAdmin),
+):
+    admin.site.unregister(model)
+    admin.site.register(model, type(model_admin.__name__, (CeleryWrittenAdmin, model_admin), {}))

@@ -11,6 +11,7 @@ from celery.result import GroupResult
 from django.db import DatabaseError
 from django.http import HttpRequest
 from django.shortcuts import render
+from django.urls import reverse
 from django.utils import timezone
 from kombu.exceptions import OperationalError
 from ninja import NinjaAPI, Status
@@ -266,6 +267,17 @@ def revoke_task(request, task_id: schemas.TaskId, body: schemas.RevokeBody):
         return _not_found(task_id)
     workflows.revoke(task_ids=[task_id], terminate=terminate)
     return Status(202, {"task_id": task_id, "revoke_requested": True, "terminate": terminate})
+
+
+@api.get("/", include_in_schema=False)
+def index(request):
+    """GET /api/ (and /api, which Django redirects here): where the API's pages are."""
+    return {
+        "docs": reverse("api:openapi-view"),
+        "openapi": reverse("api:openapi-json"),
+        "health": reverse("api:health_view"),
+        "authentication": "Authorization: Bearer <token> on every endpoint but health and docs (README: API tokens)",
+    }
 
 
 @api.get("/health/", response={200: dict, 503: dict}, tags=["monitoring"], summary="dependency checks")

@@ -130,14 +130,16 @@ def _cache_redis() -> redis.Redis | None:
             return None
         location = cache["LOCATION"]
         url = location[0] if isinstance(location, list | tuple) else str(location).split(",")[0]
-        timeouts = {"socket_timeout": 1.0, "socket_connect_timeout": 1.0}
+        options = {"socket_timeout": 1.0, "socket_connect_timeout": 1.0}
         if redis_sentinel.is_sentinel_url(url):
-            options = cache["OPTIONS"]
+            sentinel = cache["OPTIONS"]
             _client = redis_sentinel.primary_client(
-                url, master_name=options["master_name"], sentinel_kwargs=options["sentinel_kwargs"], **timeouts
+                url, master_name=sentinel["master_name"], sentinel_kwargs=sentinel["sentinel_kwargs"], **options
             )
         else:
-            _client = redis.Redis.from_url(url, **timeouts)
+            # The cache's TLS options (a rediss:// CACHE_URL: project/tls.py); its URL has none left.
+            tls = {key: value for key, value in cache.get("OPTIONS", {}).items() if key.startswith("ssl_")}
+            _client = redis.Redis.from_url(url, **options, **tls)
     return _client
 
 

@@ -59,6 +59,16 @@ def primary_pool(
     return SentinelConnectionPool(master_name, manager, **primary_options, **options)
 
 
+def location(pool: SentinelConnectionPool) -> tuple:
+    """Which primary and database a Sentinel pool reaches (app/queued_records.py compares the
+    broker's and the results'): its kwargs name no server, so the master name and the Sentinels."""
+    sentinels = sorted(
+        (client.connection_pool.connection_kwargs["host"], client.connection_pool.connection_kwargs["port"])
+        for client in pool.sentinel_manager.sentinels
+    )
+    return ("sentinel", pool.service_name, tuple(sentinels), int(pool.connection_kwargs.get("db") or 0))
+
+
 def primary_client(url: str, *, master_name: str, sentinel_kwargs: dict | None = None, **options) -> redis.Redis:
     return redis.Redis(
         connection_pool=primary_pool(url, master_name=master_name, sentinel_kwargs=sentinel_kwargs, **options)

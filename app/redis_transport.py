@@ -23,10 +23,13 @@ list. Only task messages (with a ``task`` header) go through the outbox, not con
 """
 
 import time
+from contextlib import contextmanager
 
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.json import dumps
+
+from app import queued_records, redis_sentinel
 
 OUTBOX = "outbox"
 OUTBOX_INDEX = "outbox_index"
@@ -160,10 +163,36 @@ class Channel(kombu_redis.Channel):
             for name, *args in commands:
                 publish_batch.add(name, *args)
             return
+        task_id = message["headers"].get("id")
+        record = None if self.global_keyprefix else queued_records.command_for_publish(task_id, self._location)
         with self.conn_or_acquire() as client, client.pipeline() as pipe:  # MULTI ... EXEC
-            for name, *args in commands:
+            for name, *args in commands if record is None else [*commands, record]:
                 getattr(pipe, name)(*args)
-            pipe.execute()
+            results = pipe.execute(raise_on_error=False)
+        for result in results[: len(commands)]:
+            if isinstance(result, Exception):
+                raise result
+        if record is not None and not isinstance(results[-1], Exception):
+            queued_records.recorded(task_id)
+
+    @contextmanager
+    def conn_or_acquire(self, client=None):
+        """kombu builds a new redis client for every call (0.1 ms: its 170 response callbacks,
+        on every publish); one per connection pool serves them all, taking a pooled connection
+        per command. A new pool (after a fork) gets a new client."""
+        if client:
+            yield client
+            return
+        pool = self.pool
+        if self._client_pool is not pool:
+            self._pooled_client, self._client_pool = self._create_client(), pool
+        yield self._pooled_client
+
+    _client_pool = None
+
+    @property
+    def _location(self) -> tuple:
+        return queued_records.redis_location(self.pool.connection_kwargs)
 
     def _do_restore_message(self, payload, exchange, routing_key, pipe, leftmost=False):
         """kombu's restore, and each restored task message back in the outbox in the same
@@ -200,6 +229,10 @@ class SentinelChannel(Channel, kombu_redis.SentinelChannel):
     The outbox, the lists and the unacknowledged set all live on the primary and reach its
     replicas in the order they were written, so a promoted replica holds them as consistently as
     the primary did (a write the primary took in the instant before it died may be missing)."""
+
+    @property
+    def _location(self) -> tuple:
+        return redis_sentinel.location(self.pool)
 
 
 class SentinelTransport(kombu_redis.SentinelTransport):

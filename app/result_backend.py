@@ -34,7 +34,7 @@ from django.utils import timezone
 from django_celery_results.backends.database import DatabaseBackend
 from django_celery_results.models import TaskResult
 
-from app import task_history
+from app import queued_records, redis_sentinel, task_history
 from app.models import TaskRun
 from app.signals import RUN_STARTED_AT, RUN_STARTED_WALL, SENT_AT_HEADER
 
@@ -200,13 +200,28 @@ class RedisStateBackend(RedisBackend):
         one recorded is appended to the history too. One round trip for all."""
         if not metas:
             return 0
-        keys = [HISTORY_STREAM, *(self.get_key_for_task(meta["task_id"]) for meta in metas)]
-        args = [int(self.expires or 0), *(self.encode(meta) for meta in metas)]
+        keys, args = self._queued_keys_and_args(metas)
         # Called in a web request, after the publish: one quick retry, never Celery's 20 seconds.
         return self.ensure(self._record_queued, (keys, args), max_retries=1, interval_start=0.2, interval_max=0.2)
 
     def _record_queued(self, keys: list, args: list) -> int:
         return self._queued_script(keys=keys, args=args)
+
+    def _queued_keys_and_args(self, metas: list[dict]) -> tuple[list, list]:
+        keys = [HISTORY_STREAM, *(self.get_key_for_task(meta["task_id"]) for meta in metas)]
+        return keys, [int(self.expires or 0), *(self.encode(meta) for meta in metas)]
+
+    def record_queued_command(self, metas: list[dict]) -> tuple:
+        """record_queued as one command (name, *args) for another client's transaction on this
+        same Redis database (app/queued_records.py). EVALSHA: a Redis that lost the script
+        answers NOSCRIPT, the caller records on its own, and that loads the script again."""
+        keys, args = self._queued_keys_and_args(metas)
+        return ("evalsha", self._queued_script.sha, len(keys), *keys, *args)
+
+    @cached_property
+    def location(self) -> tuple:
+        """Where it stores (app/queued_records.py: redis_location)."""
+        return queued_records.redis_location(self.client.connection_pool.connection_kwargs)
 
     def stored_meta(self, task_id: str) -> dict | None:
         """The state stored for this id, or None: Celery itself answers PENDING for any id."""
@@ -241,6 +256,10 @@ class RedisStateBackend(RedisBackend):
 class SentinelStateBackend(RedisStateBackend, SentinelBackend):
     """The same on the primary a Sentinel names (a sentinel:// RESULT_BACKEND_URL): Celery's
     SentinelBackend finds it, and finds the new one after a failover."""
+
+    @cached_property
+    def location(self) -> tuple:
+        return redis_sentinel.location(self.client.connection_pool)
 
 
 class UpsertDatabaseBackend(DatabaseBackend):

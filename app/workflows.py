@@ -4,7 +4,6 @@ A publish that fails (broker down) raises kombu's OperationalError within the
 connection timeout and retry policy set in settings; nothing is recorded then.
 """
 
-import logging
 from dataclasses import dataclass, field
 
 from celery import chain, chord, current_app, group
@@ -14,9 +13,7 @@ from django.conf import settings
 from django.db import transaction
 from kombu.exceptions import OperationalError
 
-from app import result_backend, services, tasks
-
-logger = logging.getLogger(__name__)
+from app import queued_records, result_backend, services, tasks
 
 
 @dataclass
@@ -33,39 +30,42 @@ def routed_queue(task_name: str) -> str:
     return route["queue"] if route else settings.CELERY_TASK_DEFAULT_QUEUE
 
 
-def record_queued(*pairs: tuple) -> None:
-    """Store "queued" for ids handed out to a client, in the result backend (and so in the
-    history), so their status reads queued, not unknown. pairs: (task_id, task name, args,
-    kwargs), and the call's options (queue, time_limit, soft_time_limit) as a fifth item when it
-    set any. With the Redis backend, one round trip for all; a state a fast worker already
-    stored is left alone."""
-    backend = current_app.backend
-    metas = []
-    for task_id, name, args, kwargs, *rest in pairs:
-        options = rest[0] if rest else {}
-        metas.append(
-            result_backend.queued_meta(
-                task_id=task_id,
-                task_name=name,
-                args=list(args),
-                kwargs=dict(kwargs),
-                queue=options.get("queue") or routed_queue(name),
-                options=options,
-            )
-        )
-    try:
-        backend.record_queued(metas)
-    except Exception as exc:
-        # The tasks are on their way: the client still gets their ids, and each one's state is
-        # known from its first stored state on. Only "queued" is not, until then.
-        logger.warning("Could not record %d queued task id(s) in the result backend: %r", len(metas), exc)
+def queued_meta(task_id: str, name: str, args, kwargs, options: dict | None = None) -> dict:
+    """The "queued" record of an id handed out to a client (app/result_backend.queued_meta).
+    options: the call's (queue, time_limit, soft_time_limit), when it set any."""
+    options = options or {}
+    return result_backend.queued_meta(
+        task_id=task_id,
+        task_name=name,
+        args=list(args),
+        kwargs=dict(kwargs),
+        queue=options.get("queue") or routed_queue(name),
+        options=options,
+    )
+
+
+def record_queued(*calls: tuple) -> None:
+    """Store "queued" for ids already published and handed out to a client, in the result
+    backend (and so in the history), so their status reads queued, not unknown. calls: (task_id,
+    task name, args, kwargs), and the call's options as a fifth item when it set any. With the
+    Redis backend, one round trip for all; a state a fast worker already stored is left alone."""
+    queued_records.record([queued_meta(*call) for call in calls], current_app.backend)
+
+
+def send(task, args=(), kwargs=None, **options) -> str:
+    """Publish one task under a new id, recorded as queued with its publish (app/queued_records.py);
+    its id. options: apply_async's (queue, time limits...)."""
+    task_id, kwargs = uuid(), kwargs or {}
+    meta = queued_meta(task_id, task.name, args, kwargs, options)
+    with queued_records.recorded_with_publish([meta], task.app.backend):
+        task.apply_async(args, kwargs, task_id=task_id, **options)
+    return task_id
 
 
 def start_simple(*, operation: str, x: float, y: float) -> Started:
     task = {"add": tasks.add, "multiply": tasks.multiply}[operation]
-    result = task.delay(x, y)
-    record_queued((result.id, task.name, [x, y], {}))
-    return Started(task_id=result.id, task_ids=[result.id])
+    task_id = send(task, [x, y])
+    return Started(task_id=task_id, task_ids=[task_id])
 
 
 def start_chain(*, value: int) -> Started:
@@ -107,9 +107,8 @@ def start_chord(*, chunks: list[list[float]]) -> Started:
 
 
 def start_long_running(*, total_steps: int, step_seconds: float) -> Started:
-    result = tasks.long_running_task.delay(total_steps, step_seconds)
-    record_queued((result.id, tasks.long_running_task.name, [total_steps, step_seconds], {}))
-    return Started(task_id=result.id, task_ids=[result.id])
+    task_id = send(tasks.long_running_task, [total_steps, step_seconds])
+    return Started(task_id=task_id, task_ids=[task_id])
 
 
 def start_time_limited(*, duration: float, soft_time_limit: float | None, time_limit: float | None) -> Started:
@@ -118,22 +117,19 @@ def start_time_limited(*, duration: float, soft_time_limit: float | None, time_l
         options["soft_time_limit"] = soft_time_limit
     if time_limit is not None:
         options["time_limit"] = time_limit
-    result = tasks.time_limited_task.apply_async(args=[duration], **options)
-    record_queued((result.id, tasks.time_limited_task.name, [duration], {}, options))
-    return Started(task_id=result.id, task_ids=[result.id])
+    task_id = send(tasks.time_limited_task, [duration], **options)
+    return Started(task_id=task_id, task_ids=[task_id])
 
 
 def start_retry(*, fail_probability: float, fail_times: int | None) -> Started:
     kwargs = {"fail_probability": fail_probability, "fail_times": fail_times}
-    result = tasks.task_with_retry.apply_async(kwargs=kwargs)
-    record_queued((result.id, tasks.task_with_retry.name, [], kwargs))
-    return Started(task_id=result.id, task_ids=[result.id])
+    task_id = send(tasks.task_with_retry, [], kwargs)
+    return Started(task_id=task_id, task_ids=[task_id])
 
 
 def start_create_users(*, count: int, prefix: str) -> Started:
-    result = tasks.create_users_batch.delay(count, prefix)
-    record_queued((result.id, tasks.create_users_batch.name, [count, prefix], {}))
-    return Started(task_id=result.id, task_ids=[result.id])
+    task_id = send(tasks.create_users_batch, [count, prefix])
+    return Started(task_id=task_id, task_ids=[task_id])
 
 
 def start_report(*, report_type: str, filters: dict) -> Started:

@@ -4,7 +4,7 @@ import os
 
 from celery import Celery, signals
 
-from project import tracing
+from project import tls, tracing
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
 
@@ -37,6 +37,16 @@ def read_django_settings_once(sender, **_):
 
 
 app.autodiscover_tasks()
+
+
+# A TLS server whose certificate is not trusted ends the worker or beat as it starts
+# (project/tls.py), instead of leaving it to retry a handshake that can never succeed.
+@signals.celeryd_init.connect
+@signals.beat_init.connect
+def refuse_untrusted_tls_servers(**_):
+    from django.conf import settings
+
+    tls.check_servers(settings.TLS_CLIENTS)
 
 
 # Traces (off unless an OTLP endpoint is set, project/tracing.py): in each pool process, which

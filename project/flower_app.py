@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import sys
+from functools import cached_property
 
 import prometheus_client
 import tornado.web
@@ -25,6 +26,8 @@ from celery import Celery
 from django.conf import settings
 from flower.app import Flower
 from flower.views import monitor
+
+from project import tls
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
 
@@ -98,6 +101,13 @@ class ProjectFlower(Flower):
             if rule.target is monitor.Metrics:
                 rule.target = AuthenticatedMetrics
 
+    @cached_property
+    def broker_uri_with_password(self):
+        """The broker URL as given, for Flower's broker page (queue lengths): kombu would name the
+        project's Redis transport (app/redis_transport.py) by its class path, a scheme the page
+        does not know ("'redis' broker is not supported"). Its TLS options: broker_use_ssl."""
+        return settings.CELERY_BROKER_URL
+
     def start_http_server(self):
         port = super().start_http_server()
         if self.metrics_port:
@@ -116,6 +126,8 @@ def main(argv: list[str]) -> None:
     command.extract_settings()
     command.setup_logging()
 
+    # A TLS server whose certificate is not trusted ends Flower here (project/tls.py).
+    tls.check_servers(settings.TLS_CLIENTS)
     metrics_port = int(os.environ.get("FLOWER_METRICS_PORT") or 0)
     flower = ProjectFlower(capp=app, options=command.options, metrics_port=metrics_port, **command.settings)
     atexit.register(flower.stop)

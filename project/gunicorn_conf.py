@@ -10,7 +10,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from project import logging_config, tracing
+from project import logging_config, tls, tracing
 
 
 def _int(name: str, default: int) -> int:
@@ -83,7 +83,12 @@ preload_app = True
 
 
 def on_starting(server):
+    """Master, with the app loaded: a TLS server whose certificate is not trusted ends web here
+    (project/tls.py), not in every readiness check."""
+    from django.conf import settings
+
     server.log.info("Web metrics: multiprocess directory %s", WEB_METRICS_DIR)
+    tls.check_servers(settings.TLS_CLIENTS)
 
 
 # Django reads X-Forwarded-Proto (SECURE_PROXY_SSL_HEADER) and django-axes X-Forwarded-For (the

@@ -122,6 +122,9 @@ def build(*, log_format: str, level: str, celery_task_lines: bool = False) -> di
         "root": {"handlers": ["console"], "level": level},
         "loggers": {
             **({} if celery_task_lines else {name: {"level": "WARNING"} for name in CELERY_TASK_LOGGERS}),
+            # Django's default configuration gives "django" a plain-text console handler while
+            # DEBUG is on: every 404 and 500 was printed twice, raw and formatted. Root's handler alone.
+            "django": {"handlers": [], "propagate": True},
             # No level here: gunicorn sets its own (GUNICORN_LOG_LEVEL; access at INFO).
             "gunicorn.error": {"handlers": [], "propagate": True},
             "gunicorn.access": {"handlers": [], "propagate": True},

@@ -12,13 +12,15 @@ from django.core.exceptions import ImproperlyConfigured
 
 import project
 from app import redis_sentinel
-from project import logging_config, sentry
+from project import logging_config, sentry, tls
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 env = environ.Env()
-# A local .env is a convenience for development; the environment always wins.
-environ.Env.read_env(BASE_DIR / ".env", overwrite=False)
+# A local .env is a convenience for development; the environment always wins. Read only when
+# there is one: django-environ warns at every start (each role, each process) otherwise.
+if (BASE_DIR / ".env").is_file():
+    environ.Env.read_env(BASE_DIR / ".env", overwrite=False)
 
 # --- Core -----------------------------------------------------------------
 
@@ -64,12 +66,14 @@ MIDDLEWARE = [
     "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
+    # Outside CommonMiddleware, so a request it redirects (/api -> /api/) is logged with the 301
+    # it answered, not the 404 it turned into one; request_finished still carries the user id
+    # (bound when the response passes back through).
+    "django_structlog.middlewares.RequestMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
-    # After authentication, so its lines carry the user id (django-structlog's advice).
-    "django_structlog.middlewares.RequestMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     # django-csp: the Content-Security-Policy header (CONTENT_SECURITY_POLICY below).
@@ -309,6 +313,33 @@ else:
         f"RESULT_BACKEND_URL must be a redis://, rediss:// or sentinel:// URL, or django-db; got {RESULT_BACKEND_URL!r}."
     )
 CELERY_CACHE_BACKEND = "django-cache"
+
+# --- TLS to Redis and RabbitMQ (project/tls.py; README, "TLS to Redis and RabbitMQ") -------------
+# Every rediss:// and amqps:// URL above (broker, result backend, cache) verifies its server
+# against this CA bundle (empty: the system's CAs), and shows this client certificate if set. A
+# rediss:// URL may carry ssl_* parameters instead; half a setting fails here, at start-up.
+TLS_CA_FILE = env.str("TLS_CA_FILE", default="")
+TLS_CERT_FILE = env.str("TLS_CERT_FILE", default="")
+TLS_KEY_FILE = env.str("TLS_KEY_FILE", default="")
+try:
+    TLS_CLIENTS = tls.clients_for(
+        {
+            "CELERY_BROKER_URL": CELERY_BROKER_URL,
+            "RESULT_BACKEND_URL": RESULT_BACKEND_URL,
+            "CACHE_URL": env.str("CACHE_URL", default=""),
+        },
+        tls.TlsFiles(TLS_CA_FILE, TLS_CERT_FILE, TLS_KEY_FILE),
+    )
+except ValueError as exc:
+    raise ImproperlyConfigured(str(exc)) from None
+if "CELERY_BROKER_URL" in TLS_CLIENTS:
+    # kombu's connections (workers, beat's queue lengths and event watcher, the web's publishes)
+    # and Flower's broker page.
+    CELERY_BROKER_USE_SSL = TLS_CLIENTS["CELERY_BROKER_URL"].options()
+if "RESULT_BACKEND_URL" in TLS_CLIENTS:
+    CELERY_REDIS_BACKEND_USE_SSL = TLS_CLIENTS["RESULT_BACKEND_URL"].redis_options()
+if "CACHE_URL" in TLS_CLIENTS:
+    CACHES["default"].setdefault("OPTIONS", {}).update(TLS_CLIENTS["CACHE_URL"].redis_options())
 # Name, args, worker, queue and retries in every stored state: the history is built from them.
 CELERY_RESULT_EXTENDED = True
 CELERY_RESULT_EXPIRES = env.int("CELERY_RESULT_EXPIRES", default=86400)

@@ -12,5 +12,7 @@ admin.autodiscover()
 urlpatterns = [
     path("", RedirectView.as_view(url="/api/docs", permanent=False)),
     path("admin/", admin.site.urls),
+    # The docs' address with a slash too (every other page of the API ends with one).
+    path("api/docs/", RedirectView.as_view(pattern_name="api:openapi-view", permanent=True)),
     path("api/", api.urls),
 ]

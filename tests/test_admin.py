@@ -234,6 +234,19 @@ def test_scheduled_task_change_page_renders(admin_client):
     assert 'value="app.tasks.health_check"' in response.content.decode()
 
 
+def test_the_index_has_one_schedule_editor_and_no_add_for_rows_celery_writes(admin_client):
+    index = admin_client.get(reverse("admin:index")).content.decode()
+
+    assert "Scheduled tasks" in index
+    assert "API tokens" in index
+    assert "Periodic tasks" not in index  # django-celery-beat's editor: Scheduled tasks write its rows
+    assert reverse("admin:django_celery_results_taskresult_changelist") in index
+    assert reverse("admin:django_celery_results_taskresult_add") not in index
+    assert admin_client.get(reverse("admin:django_celery_results_taskresult_add")).status_code == 403
+    assert admin_client.get(reverse("admin:django_celery_results_groupresult_add")).status_code == 403
+    assert admin_client.get(reverse("admin:django_celery_results_taskresult_changelist")).status_code == 200
+
+
 def test_api_token_pages_never_show_the_digest(admin_client, admin_user):
     token, _secret = services.create_api_token(name="ci", owner=admin_user)
 

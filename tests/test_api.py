@@ -359,6 +359,16 @@ def test_openapi_schema_lists_every_endpoint(api):
     }
 
 
+def test_the_api_root_says_where_things_are_and_the_docs_answer_with_a_slash_too(client):
+    assert client.get("/api").headers["Location"] == "/api/"
+    index = client.get("/api/")
+    assert index.status_code == 200
+    assert client.get(index.json()["docs"]).status_code == 200
+    assert client.get(index.json()["openapi"]).status_code == 200
+    with_slash = client.get("/api/docs/")
+    assert (with_slash.status_code, with_slash.headers["Location"]) == (301, "/api/docs")
+
+
 def test_docs_page_uses_local_static_files(api):
     response = api.get("/api/docs")
 

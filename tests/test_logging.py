@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 import uuid
 
@@ -344,6 +345,22 @@ def test_with_debug_on_the_logs_are_readable_text_not_json(start_web, service_lo
     for text in ("[info", "request_finished", "method=GET", "path=/api/task-overview/", "status=200"):
         assert text in line
     assert "request_id=req-console-1" in line
+
+    # A redirect is logged with the status it answered; a 404 once, formatted (it was also printed raw).
+    with pytest.raises(urllib.error.HTTPError):
+        get(f"{url}/nowhere/")
+    get(f"{url}/api")
+
+    def both_logged():
+        lines = log_path.read_text().splitlines()
+        finished = [li for li in lines if "request_finished" in li and ("path=/api " in li or "path=/nowhere/" in li)]
+        return lines if len(finished) == 2 else None
+
+    lines = wait_until(both_logged, timeout=10, message="the 301 and 404 request_finished lines")
+    assert any("path=/api " in li and "status=301" in li for li in lines)
+    not_found = [li for li in lines if "Not Found: /nowhere/" in li]
+    assert len(not_found) == 1
+    assert "[warning" in not_found[0]
 
 
 def test_an_unknown_log_format_stops_start_up_with_a_clear_error():

@@ -10,32 +10,28 @@ port they name.
 
 import json
 import os
-import shutil
 import signal
 import socket
-import subprocess
-import sys
-import tempfile
 import time
-import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import redis
 
-from project.embedded import EmbeddedPostgres, EmbeddedRedis, free_port, wait_for_port
-from tests.conftest import REPO_ROOT, Service, celery_app_for, http, wait_until
+from project.embedded import free_port, wait_for_port
+from tests.chart_roles import (
+    CANARY_INTERVAL,
+    CANARY_STALE_AFTER,
+    ENTRYPOINT,
+    KINDS,
+    WORKER_STUCK_AFTER,
+    Probe,
+    Stack,
+    moved_to,
+)
+from tests.conftest import Service, celery_app_for, http, wait_until
 from tests.deploy.conftest import containers, deep_merge, labels, load_values, of_kind, render_chart
 from tests.deploy.test_chart_invariants import effective_env
-
-ENTRYPOINT = REPO_ROOT / "deploy" / "image" / "entrypoint.sh"
-VENV_BIN = Path(sys.executable).parent
-FLOWER_AUTH = "probe:probe-password"
-CANARY_INTERVAL = 3  # seconds; the chart's default is 60
-CANARY_STALE_AFTER = 9
-WORKER_STUCK_AFTER = 10  # seconds connected without consuming before liveness is let go; default 120
-
 
 # --- Unit: the readiness rule ------------------------------------------------------------
 
@@ -66,160 +62,20 @@ def test_without_a_canary_schedule_a_consuming_worker_is_ready():
 # --- The rendered probes ----------------------------------------------------------------
 
 
-@dataclass
-class Probe:
-    role: str
-    kind: str  # livenessProbe, readinessProbe, startupProbe
-    spec: dict
-    env: dict
-    ports: dict  # container port name -> local port
-
-    @property
-    def window(self) -> float:
-        """Seconds the kubelet needs to act on a failure that has begun: failureThreshold runs."""
-        return self.spec.get("periodSeconds", 10) * self.spec.get("failureThreshold", 3)
-
-    def passes(self) -> bool:
-        timeout = self.spec.get("timeoutSeconds", 1)
-        if "exec" in self.spec:
-            try:
-                run = subprocess.run(self.spec["exec"]["command"], env=self.env, capture_output=True, timeout=timeout)
-            except subprocess.TimeoutExpired:
-                return False
-            return run.returncode == 0
-        get = self.spec["httpGet"]
-        port = self.ports[get["port"]] if isinstance(get["port"], str) else get["port"]
-        headers = {h["name"]: h["value"] for h in get.get("httpHeaders") or []}
-        try:
-            status, _ = http("GET", f"http://127.0.0.1:{port}{get['path']}", headers=headers, timeout=timeout)
-        except OSError:  # refused, reset or timed out: a failure for the kubelet too
-            return False
-        return 200 <= status < 400
-
-
-def moved_to(scratch: Path, env: dict) -> dict:
-    """The container's /tmp (an emptyDir) is the scratch folder here."""
-    return {k: str(scratch) + v[len("/tmp") :] if v.startswith("/tmp/") or v == "/tmp" else v for k, v in env.items()}
-
-
-@dataclass
-class Role:
-    name: str
-    container: dict
-    env: dict
-    service: Service | None = None
-
-    def probe(self, kind: str, ports: dict) -> Probe:
-        return Probe(self.name, kind, self.container[kind], self.env, ports)
-
-
-class Stack:
-    """Redis, PostgreSQL and the four roles, each with the environment the chart gives it."""
-
-    def __init__(self, scratch: Path):
-        self.scratch = scratch
-        self.redis = EmbeddedRedis(workdir=scratch).start()
-        # As root, pgserver runs PostgreSQL (and its pg_ctl stop and start) as its own user, who
-        # must reach the data folder: pytest's scratch folders are private to root.
-        self.postgres_dir = Path(tempfile.mkdtemp(prefix="probe-tests-pg-"))
-        self.postgres_dir.chmod(0o755)
-        self.postgres = EmbeddedPostgres(self.postgres_dir / "pg" / "data").start()
-        self.docs = render_chart(load_values("minimal-values.yaml"))
-        self.ports = {"http": free_port(), "flower": free_port()}
-        self.roles: dict[str, Role] = {}
-        self.overrides = overrides = {
-            "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
-            "HOME": str(scratch),
-            "APP_RUNTIME_DIR": str(scratch),
-            "PYTHONUNBUFFERED": "1",
-            "DATABASE_URL": self.postgres.url,
-            "CELERY_BROKER_URL": f"{self.redis.url}/0",
-            "CACHE_URL": f"{self.redis.url}/1",
-            "DJANGO_SECRET_KEY": "probe-tests-only",
-            "DJANGO_STATIC_ROOT": str(scratch / "static"),
-            "PROMETHEUS_MULTIPROC_BASE_DIR": str(scratch / "prometheus"),
-            "FLOWER_BASIC_AUTH": FLOWER_AUTH,
-            # Other tests and programs on this machine use the chart's fixed ports.
-            "CELERY_METRICS_PORT": "0",
-            "WEB_METRICS_PORT": "0",
-            "FLOWER_METRICS_PORT": "0",
-            "PORT": str(self.ports["http"]),
-            "FLOWER_PORT": str(self.ports["flower"]),
-            "FLOWER_ADDRESS": "127.0.0.1",
-            # Two cores shared with other work: one gunicorn worker is enough here.
-            "WEB_CONCURRENCY": "1",
-            # A canary every few seconds, so its rules show within a test.
-            "CELERY_CANARY_INTERVAL": str(CANARY_INTERVAL),
-            "CELERY_CANARY_STALE_AFTER": str(CANARY_STALE_AFTER),
-            "CELERY_WORKER_STUCK_AFTER": str(WORKER_STUCK_AFTER),
-        }
-        for workload in of_kind(self.docs, "Deployment", "Job"):
-            component = labels(workload).get("app.kubernetes.io/component")
-            pool = labels(workload).get("app.kubernetes.io/worker-pool")
-            name = {"worker": f"worker-{pool}"}.get(component, component)
-            container = containers(workload, init=False)[0]
-            self.roles[name] = Role(
-                name, container, {**moved_to(scratch, effective_env(self.docs, container)), **overrides}
-            )
-        # The worker's metrics are read by a test; the other roles' servers stay off.
-        self.roles["worker-long"].env["CELERY_METRICS_PORT"] = str(free_port())
-        (scratch / "prometheus").mkdir()
-        (scratch / "static").mkdir()
-
-    def run_role(self, name: str) -> Service:
-        role = self.roles[name]
-        args = role.container.get("args") or []
-        role.service = Service(f"{name}-{uuid.uuid4().hex[:6]}", ["sh", str(ENTRYPOINT), *args], role.env, self.scratch)
-        return role.service
-
-    def probe(self, role: str, kind: str) -> Probe:
-        return self.roles[role].probe(kind, self.ports)
-
-    def stop(self) -> None:
-        for role in self.roles.values():
-            if role.service is not None:
-                if role.service.process.poll() is None:
-                    os.kill(role.service.process.pid, signal.SIGCONT)  # in case a test left it stopped
-                role.service.stop()
-        self.redis.stop()
-        self.postgres.stop()
-        shutil.rmtree(self.postgres_dir, ignore_errors=True)
-
-
 ROLES = ("web", "worker-long", "beat", "flower")
-KINDS = ("startupProbe", "livenessProbe", "readinessProbe")
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     stack = Stack(tmp_path_factory.mktemp("probes"))
     try:
-        migrate = subprocess.run(
-            ["sh", str(ENTRYPOINT), *stack.roles["migrate"].container["args"]],
-            env=stack.roles["migrate"].env,
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=180,
-        )
-        assert migrate.returncode == 0, migrate.stdout + migrate.stderr
-        for role in ROLES:
-            stack.run_role(role)
-        wait_for_port(stack.ports["http"], timeout=60, process=stack.roles["web"].service.process)
-        wait_for_port(stack.ports["flower"], timeout=60, process=stack.roles["flower"].service.process)
-        # As the kubelet does: startup first, then every probe.
-        for role in ROLES:
-            for kind in KINDS:
-                probe = stack.probe(role, kind)
-                wait_until(probe.passes, timeout=90, interval=0.5, message=f"{role} {kind}\n{log_tail(stack, role)}")
+        # The worker's metrics are read by a test; the other roles' servers stay off.
+        stack.roles["worker-long"].env["CELERY_METRICS_PORT"] = str(free_port())
+        stack.migrate()
+        stack.start(ROLES)
         yield stack
     finally:
         stack.stop()
-
-
-def log_tail(stack: Stack, role: str) -> str:
-    service = stack.roles[role].service
-    return service.log()[-3000:] if service else ""
 
 
 def first_change(probe: Probe, *, to: bool, within: float, also_passing: tuple[Probe, ...] = ()) -> float:
@@ -420,7 +276,7 @@ def start_long_task(stack: Stack, seconds: int) -> None:
         raw = results.get(f"celery-task-meta-{task_id}")
         return bool(raw) and json.loads(raw)["status"] in ("STARTED", "PROGRESS")
 
-    wait_until(started, timeout=30, message=f"long task {task_id} started\n{log_tail(stack, 'worker-long')}")
+    wait_until(started, timeout=30, message=f"long task {task_id} started\n{stack.log_tail('worker-long')}")
 
 
 def test_a_worker_busy_with_a_long_task_on_its_only_slot_stays_alive_and_ready(stack):
@@ -430,7 +286,7 @@ def test_a_worker_busy_with_a_long_task_on_its_only_slot_stays_alive_and_ready(s
         wait_until(lambda: ready_file.exists() and ready_file.read_text() == "busy", timeout=30, message="worker busy")
     except AssertionError as error:
         state = ready_file.read_text() if ready_file.exists() else "no ready file"
-        raise AssertionError(f"{error} ({state})\n{log_tail(stack, 'worker-long')}") from None
+        raise AssertionError(f"{error} ({state})\n{stack.log_tail('worker-long')}") from None
     alive, ready = stack.probe("worker-long", "livenessProbe"), stack.probe("worker-long", "readinessProbe")
     # Longer than the canary may be stale: no canary runs while the only slot is busy.
     deadline = time.monotonic() + CANARY_STALE_AFTER * 2
@@ -490,7 +346,7 @@ def test_a_worker_connected_but_not_consuming_turns_unready_then_fails_liveness(
         # Still alive for WORKER_STUCK_AFTER, then the file ages past the probe's 30 s.
         seconds = first_change(alive, to=False, within=WORKER_STUCK_AFTER + 30 + alive.spec["periodSeconds"] + 10)
         assert seconds >= 30, f"liveness failed after {seconds:.0f} s: before the alive file could be 30 s old"
-        assert "not consuming from all of its queues" in log_tail(stack, "worker-long")
+        assert "not consuming from all of its queues" in stack.log_tail("worker-long")
     finally:
         control.add_consumer("long", destination=destination, reply=True)
     first_change(alive, to=True, within=30)

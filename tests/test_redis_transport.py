@@ -137,3 +137,17 @@ def test_a_channel_whose_connection_is_gone_keeps_its_messages_and_fails_as_a_lo
         message.ack()
 
     assert client.hexists("unacked", message.delivery_tag)  # back after the visibility timeout
+
+
+def test_a_channel_keeps_one_client_per_connection_pool(connection):
+    """kombu built a new redis client for every publish; one per pool serves them, and the new
+    pool a forked process gets (kombu drops its pools after a fork) gets a new client."""
+    channel = connection.default_channel
+    with channel.conn_or_acquire() as first, channel.conn_or_acquire() as second:
+        assert first is second
+        assert first.connection_pool is channel.pool
+    channel._disconnect_pools()  # what kombu does in a forked child
+    with channel.conn_or_acquire() as after_fork:
+        assert after_fork is not first
+        assert after_fork.connection_pool is channel.pool
+        assert after_fork.ping()

@@ -73,15 +73,20 @@ def test_broker_results_and_cache_reach_the_primary_through_sentinel(sentinels):
         "result = app.send_task('app.tasks.add', args=[1, 2], queue='sentinel-test')\n"
         "app.backend.store_result(result.id, 3, 'SUCCESS')\n"
         "from app import api_tokens; api_tokens._new_generation()\n"
-        "print(type(app.backend).__name__, app.connection_for_write().transport.__class__.__name__, result.id)\n"
+        "channel = app.connection_for_write().default_channel\n"
+        "same = app.backend.location == (*channel._location[:3], 1)\n"
+        "print(same, type(app.backend).__name__, channel.connection.__class__.__name__, result.id)\n"
     )
     run = subprocess.run(
         [sys.executable, "manage.py", "shell", "-c", code], env=env, cwd=REPO_ROOT, capture_output=True, text=True
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    backend, transport, task_id = run.stdout.split()[-3:]
+    same_primary, backend, transport, task_id = run.stdout.split()[-4:]
 
     assert (backend, transport) == ("SentinelStateBackend", "SentinelTransport")
+    # The broker and the results are known to share the primary, in databases 0 and 1 (with one
+    # database, a publish records its id as queued in its own transaction: app/queued_records.py).
+    assert same_primary == "True"
     _host, port = sentinels.primary_address()
     primary = {db: redis.Redis(port=port, db=db) for db in (0, 1, 2)}
     assert task_id.encode() in primary[0].lindex("sentinel-test", 0)

@@ -288,3 +288,15 @@ def test_a_rotated_secret_key_still_accepts_what_the_old_one_signed_while_it_is_
     dropped = run(read, DJANGO_SECRET_KEY=new)
     assert dropped.returncode != 0
     assert "BadSignature" in dropped.stderr
+
+
+def test_no_word_about_a_missing_env_file_at_start_up():
+    """A checkout without .env (as in the image): every process used to log that it found none."""
+    code = "import logging; logging.basicConfig(level=logging.INFO); import django; django.setup()"
+    clean = {key: value for key, value in os.environ.items() if not key.startswith(("DJANGO_", "DATABASE_", "CACHE_"))}
+    clean |= {"DJANGO_SETTINGS_MODULE": "project.settings", "DJANGO_DEBUG": "true"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=clean, capture_output=True, text=True)
+
+    assert result.returncode == 0, result.stderr
+    assert not (REPO_ROOT / ".env").exists()
+    assert "/.env" not in result.stderr

@@ -29,6 +29,7 @@ RELEASE = "django-celery-k8s"
 # A namespace no value can contain, to prove it is only ever in metadata.namespace.
 NAMESPACE = "kustomize-namespace-placeholder"
 EXISTING_SECRET = "django-celery-k8s-secrets"  # noqa: S105 (a name, not a value)
+TLS_SECRET = "django-celery-k8s-tls"  # noqa: S105 (a name, not a value)
 
 BASE_VALUES = {"secrets": {"existingSecret": EXISTING_SECRET}, "migrations": {"hook": False}}
 # Each component: the values that switch its feature on, on top of BASE_VALUES.
@@ -39,6 +40,13 @@ COMPONENTS = {
     "network-policies": {"networkPolicy": {"enabled": True}},
     # sentinel:// URLs in the overlay's Secret; the master name is the chart's default (a patch changes it).
     "sentinel": {"redisSentinel": {"enabled": True}},
+    # The CA of a managed Redis or RabbitMQ reached over rediss:// or amqps:// (README, "TLS to Redis and
+    # RabbitMQ"), from the Secret TLS_SECRET; tls-client-certificate adds a client certificate from the same
+    # Secret (cert-manager's shape: ca.crt, tls.crt, tls.key). Use one of the two.
+    "tls": {"tls": {"caSecret": TLS_SECRET}},
+    "tls-client-certificate": {"tls": {"caSecret": TLS_SECRET, "clientCertSecret": TLS_SECRET}},
+    # The collector's address is the overlay's to change: a patch of the ConfigMap's OTEL_* keys.
+    "tracing": {"tracing": {"enabled": True, "endpoint": "http://otel-collector:4318"}},
     "monitoring": {
         "metrics": {
             "serviceMonitor": {"enabled": True},

@@ -63,11 +63,34 @@ def setup_django() -> None:
     logging.disable(logging.INFO)  # no line per task this process publishes
 
 
+# The image's packages alone (requirements.txt, `make bench` installs them): start-up and memory
+# are measured with them, as the image runs. The development set adds packages that other
+# packages import when they find them (structlog imports rich: a twentieth of a second).
+RUNTIME_PYTHON = REPO_ROOT / ".venv" / "runtime" / "bin" / "python"
+
+
+def runtime_python() -> str:
+    """The image's interpreter and packages where `make bench` made them, else this one."""
+    return str(RUNTIME_PYTHON) if RUNTIME_PYTHON.exists() else sys.executable
+
+
+def compile_like_the_image() -> None:
+    """Bytecode for the project's own modules, as the image has it (Dockerfile: compileall).
+    With PYTHONDONTWRITEBYTECODE set (these machines set it) every role started here would
+    otherwise compile them at each start (measured: a tenth of a second of the web's start-up),
+    which no deployed role does. Installed packages have theirs from pip."""
+    import compileall
+
+    for folder in ("app", "project", "tests/benchmarks"):
+        compileall.compile_dir(REPO_ROOT / folder, quiet=1)
+
+
 @contextmanager
 def servers():
     from project.embedded import EmbeddedPostgres, EmbeddedRedis
 
     setup_django()
+    compile_like_the_image()
     workdir = Path(tempfile.mkdtemp(prefix="celery-bench-"))
     started = []
     try:
@@ -189,10 +212,12 @@ def base_env(database_url: str, broker_url: str, workdir: Path, **extra) -> dict
     return env
 
 
-def worker_command(app: str, concurrency: int = 2, queues: str = QUEUE, name: str | None = None) -> list[str]:
+def worker_command(
+    app: str, concurrency: int = 2, queues: str = QUEUE, name: str | None = None, python: str = sys.executable
+) -> list[str]:
     """The worker the image runs (deploy/image/entrypoint.sh), on the benchmark's queue."""
     command = [
-        sys.executable, "-m", "celery", "-A", app, "worker", "-Q", queues, "-c", str(concurrency),
+        python, "-m", "celery", "-A", app, "worker", "-Q", queues, "-c", str(concurrency),
         "--pool", "prefork", "--without-mingle", "--without-gossip", "-l", "info",
     ]  # fmt: skip
     return [*command, "-n", name] if name else command

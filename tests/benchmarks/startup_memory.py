@@ -13,8 +13,10 @@
 
 import argparse
 import os
+import sys
 import time
 import urllib.request
+from pathlib import Path
 
 from project.embedded import free_port
 from tests.benchmarks import harness
@@ -24,9 +26,6 @@ SETTLE_SECONDS = 8
 
 
 def role_env(servers: harness.Servers, database_url: str, **extra) -> dict:
-    import sys
-    from pathlib import Path
-
     env = harness.base_env(
         database_url,
         servers.redis(12),
@@ -40,7 +39,7 @@ def role_env(servers: harness.Servers, database_url: str, **extra) -> dict:
         CELERY_WORKER_CONCURRENCY=2,
         FLOWER_BASIC_AUTH="bench:bench",
         FLOWER_ADDRESS="127.0.0.1",
-        PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+        PATH=f"{Path(harness.runtime_python()).parent}:{os.environ.get('PATH', '')}",
         **extra,
     )
     return env
@@ -88,7 +87,7 @@ def _bare_django_first_200(servers: harness.Servers, database_url: str) -> tuple
     env = role_env(servers, database_url, PORT=port, WEB_METRICS_PORT=0)
     env["DJANGO_SETTINGS_MODULE"] = "tests.benchmarks.bare_django"
     command = [
-        "gunicorn", "-c", "python:project.gunicorn_conf", "tests.benchmarks.bare_django:application",
+        str(Path(harness.runtime_python()).parent / "gunicorn"), "-c", "python:project.gunicorn_conf", "tests.benchmarks.bare_django:application",
         "--bind", f"127.0.0.1:{port}",
     ]  # fmt: skip
     process = harness.Process(command, env, servers.workdir / f"bare-django-{port}.log")
@@ -119,7 +118,9 @@ def measure(servers: harness.Servers, database_url: str, repeats: int) -> dict:
         # under the same gunicorn settings.
         env = {key: value for key, value in role_env(servers, database_url).items() if key != "DJANGO_SETTINGS_MODULE"}
         stock = harness.Process(
-            harness.worker_command("tests.benchmarks.stock_app"), env, servers.workdir / "stock-start.log"
+            harness.worker_command("tests.benchmarks.stock_app", python=harness.runtime_python()),
+            env,
+            servers.workdir / "stock-start.log",
         )
         try:
             startup["stock worker"].append(harness.wait_ready(stock))
@@ -147,7 +148,7 @@ def measure(servers: harness.Servers, database_url: str, repeats: int) -> dict:
     finally:
         for process in started.values():
             process.stop()
-    return {"startup": startup, "memory": memory}
+    return {"startup": startup, "memory": memory, "runtime": harness.runtime_python() != sys.executable}
 
 
 def report(result: dict, repeats: int) -> list[str]:
@@ -155,7 +156,12 @@ def report(result: dict, repeats: int) -> list[str]:
     worker, stock = harness.median(startup["worker"]), harness.median(startup["stock worker"])
     web, bare = harness.median(startup["web"]), harness.median(startup["bare Django web"])
     return [
-        f"Start-up (median of {repeats}) and idle memory (PSS of each role's process tree)",
+        f"Start-up (median of {repeats}) and idle memory (PSS of each role's process tree), "
+        + (
+            "with the image's packages alone"
+            if result["runtime"]
+            else "with the development packages (no .venv/runtime)"
+        ),
         f"  worker, spawn to ready:   {worker:.2f} s (stock Celery's worker {stock:.2f} s: {worker / stock:.2f}x)   "
         + "runs: "
         + ", ".join(f"{t:.2f}" for t in startup["worker"]),

@@ -26,6 +26,7 @@ EXPECTED_CI_FILES = (
     "pools-values.yaml",
     "existing-secret-values.yaml",
     "sentinel-values.yaml",
+    "tls-values.yaml",
 )
 # Every values file found, and the expected ones even when missing, so a missing file fails a test.
 CI_FILES = sorted({path.name for path in CI_DIR.glob("*.yaml")} | set(EXPECTED_CI_FILES))

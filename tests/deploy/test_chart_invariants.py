@@ -919,26 +919,6 @@ def test_a_pool_cannot_have_both_an_hpa_and_keda(minimal_values):
     assert not hpa_targets & keda_targets, f"two autoscalers fight over {hpa_targets & keda_targets}"
 
 
-def test_keda_reads_the_bundled_redis_password_from_a_variable_the_workers_have(render_ci):
-    # KEDA resolves *FromEnv from the scale target's container: the variable must be defined there.
-    values = deep_merge(load_values("local-values.yaml"), {"worker": {"keda": {"enabled": True}}})
-    docs = render_chart(values)
-    deployments = {name(d): d for d in of_kind(docs, "Deployment")}
-    scaled_objects = of_kind(docs, "ScaledObject")
-    assert scaled_objects
-
-    for scaled in scaled_objects:
-        target = deployments[scaled["spec"]["scaleTargetRef"]["name"]]
-        source = scaled["spec"]["scaleTargetRef"].get("envSourceContainerName")
-        container = next(c for c in containers(target, init=False) if c["name"] == source) if source else None
-        env = effective_env(docs, container or pod_spec(target)["containers"][0])
-        for trigger in scaled["spec"]["triggers"]:
-            from_env = {k: v for k, v in trigger["metadata"].items() if k.endswith("FromEnv")}
-            assert from_env or trigger.get("authenticationRef"), f"{name(scaled)}: no way to authenticate to Redis"
-            for key, variable in from_env.items():
-                assert env.get(variable), f"{name(scaled)}: {key} names {variable}, which {name(target)} lacks"
-
-
 # --- Bundled services (local clusters) --------------------------------------------------------
 
 

@@ -261,7 +261,9 @@ def test_the_worker_pool_becomes_a_label_of_the_workers_series(production):
 
 
 def test_without_beat_and_flower_their_monitors_and_beat_alerts_are_not_rendered():
-    docs = render({"beat": {"enabled": False}, "flower": {"enabled": False}})
+    # KEDA off too: its Prometheus trigger reads beat's queue lengths (refused without beat).
+    no_keda = {"worker": {"keda": {"enabled": False}}}
+    docs = render({"beat": {"enabled": False}, "flower": {"enabled": False}, **no_keda})
 
     components = {labels(m).get(COMPONENT_LABEL) for m in of_kind(docs, "PodMonitor")}
     assert components == {"worker"}

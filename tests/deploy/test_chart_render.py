@@ -3,7 +3,6 @@ Kubernetes schemas of 1.30 and 1.34, and its custom resources carry the fields t
 
 import json
 import re
-from urllib.parse import urlsplit
 
 import helm_python
 import kubernetes_validate
@@ -188,37 +187,6 @@ def test_prometheus_rules_have_groups_of_alerts_with_expressions(production):
                 if "alert" in rule:
                     assert rule.get("labels", {}).get("severity"), f"alert {rule['alert']} has no severity"
                 assert set(rule) <= {"alert", "record", "expr", "for", "labels", "annotations", "keep_firing_for"}, rule
-
-
-def test_scaled_objects_target_a_worker_deployment_on_the_redis_list_of_its_queues(production):
-    values = merged_values(load_values("production-values.yaml"))
-    pools = {pool["name"]: pool for pool in values["workerPools"]}
-    deployments = {name(doc): doc for doc in of_kind(production, "Deployment")}
-    scaled_objects = of_kind(production, "ScaledObject")
-    assert scaled_objects
-
-    for scaled in scaled_objects:
-        spec = scaled["spec"]
-        target = spec["scaleTargetRef"]["name"]
-        assert target in deployments, f"{name(scaled)} targets {target}, not a rendered Deployment"
-        deployment = deployments[target]
-        assert labels(deployment).get("app.kubernetes.io/component") == "worker", f"{name(scaled)} scales {target}"
-        pool = pools[labels(deployment)["app.kubernetes.io/worker-pool"]]
-        queues = pool["queues"].split(",") if isinstance(pool["queues"], str) else pool["queues"]
-        assert spec["triggers"], f"{name(scaled)} has no triggers"
-        for trigger in spec["triggers"]:
-            assert trigger["type"] == "redis", trigger
-            metadata = trigger["metadata"]
-            assert metadata.get("listName") in queues, (
-                f"{name(scaled)} watches {metadata.get('listName')}, pool queues {queues}"
-            )
-            assert metadata.get("listLength") is not None, trigger
-            assert metadata.get("address") or metadata.get("addressFromEnv") or trigger.get("authenticationRef"), (
-                f"{name(scaled)}: the trigger does not say where Redis is"
-            )
-        assert {t["metadata"]["listName"] for t in spec["triggers"]} == set(queues), (
-            f"{name(scaled)} does not watch every queue of pool {pool['name']}"
-        )
 
 
 def test_no_horizontal_pod_autoscaler_fights_a_scaled_object(production):
@@ -456,18 +424,6 @@ def test_ingress_uses_the_class_field(production):
         assert "kubernetes.io/ingress.class" not in (ingress["metadata"].get("annotations") or {})
 
 
-def test_keda_watches_the_broker_database(production):
-    values = merged_values(load_values("production-values.yaml"))
-    broker = urlsplit(values["secrets"]["brokerUrl"])
-    database = int(broker.path.strip("/") or 0)
-
-    for scaled in of_kind(production, "ScaledObject"):
-        for trigger in scaled["spec"]["triggers"]:
-            assert int(trigger["metadata"].get("databaseIndex", 0)) == database, trigger
-            if trigger["metadata"].get("address"):
-                assert trigger["metadata"]["address"] == f"{broker.hostname}:{broker.port or 6379}", trigger
-
-
 @pytest.mark.parametrize("ci_file", ["pools-values.yaml", "local-values.yaml", "production-values.yaml"])
 def test_names_fit_kubernetes_limits_with_the_longest_release_name(ci_file):
     # Helm allows 53 characters; a Service name is a DNS label (63), a Job's name becomes a label
@@ -586,6 +542,14 @@ def test_sentinel_values_give_the_master_name_and_the_sentinels_password(render_
     assert not {"REDIS_SENTINEL_MASTER_NAME", "REDIS_SENTINEL_PASSWORD"} & set(
         app_settings(render_ci("minimal-values.yaml"))
     )
+
+
+def test_keda_scales_a_sentinel_broker_on_the_projects_own_metrics():
+    values = deep_merge(load_values("sentinel-values.yaml"), {"worker": {"keda": {"enabled": True}}})
+    scaled = of_kind(render_chart(values), "ScaledObject")
+
+    assert scaled
+    assert {trigger["type"] for doc in scaled for trigger in doc["spec"]["triggers"]} == {"prometheus"}
 
 
 SENTINEL_URL = "sentinel://:pw@sentinel-0:26379/0;sentinel://:pw@sentinel-1:26379/0"

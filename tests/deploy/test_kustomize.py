@@ -40,6 +40,9 @@ EXPECTED_COMPONENTS = {
     "monitoring",
     "network-policies",
     "sentinel",
+    "tls",
+    "tls-client-certificate",
+    "tracing",
 }
 KUBE_VERSIONS = ("1.30", "1.34")
 # Custom resources have no schema in kubernetes-validate: their fields are checked below instead.
@@ -225,12 +228,44 @@ def test_sentinel_component_names_the_primary_in_the_app_config_map_and_rolls_ev
     docs = with_component("sentinel", tmp_path)
 
     assert {(doc["kind"], name(doc)) for doc in docs} == set(base)  # it adds nothing, it changes
-    (app_config,) = of_kind(docs, "ConfigMap")
+    (app_config,) = [doc for doc in of_kind(docs, "ConfigMap") if name(doc) == "django-celery-k8s"]
     assert app_config["data"]["REDIS_SENTINEL_MASTER_NAME"] == "mymaster"
     for doc in workloads(docs):
         annotations = doc["spec"]["template"]["metadata"]["annotations"]
         before = base[(doc["kind"], name(doc))]["spec"]["template"]["metadata"]["annotations"]
         assert annotations["checksum/config"] != before["checksum/config"], name(doc)
+
+
+@needs_kubectl
+@pytest.mark.parametrize(
+    ("component", "files"),
+    [
+        ("tls", {"TLS_CA_FILE": "/etc/tls/ca/ca.crt"}),
+        (
+            "tls-client-certificate",
+            {
+                "TLS_CA_FILE": "/etc/tls/ca/ca.crt",
+                "TLS_CERT_FILE": "/etc/tls/client/tls.crt",
+                "TLS_KEY_FILE": "/etc/tls/client/tls.key",
+            },
+        ),
+    ],
+)
+def test_tls_components_mount_the_secret_read_only_where_the_settings_point(component, files, tmp_path):
+    docs = with_component(component, tmp_path)
+
+    (config,) = [doc for doc in of_kind(docs, "ConfigMap") if name(doc) == "django-celery-k8s"]
+    assert {key: value for key, value in config["data"].items() if key.startswith("TLS_")} == files
+    for workload in workloads(docs):
+        volumes = {volume["name"]: volume for volume in pod_spec(workload).get("volumes") or []}
+        for container in containers(workload):
+            mounts = {mount["mountPath"]: mount for mount in container.get("volumeMounts") or []}
+            for path in files.values():
+                mount = mounts[path.rsplit("/", 1)[0]]
+                assert mount["readOnly"] is True
+                secret = volumes[mount["name"]]["secret"]
+                assert secret["secretName"] == "django-celery-k8s-tls"
+                assert path.rsplit("/", 1)[1] in {item["path"] for item in secret["items"]}
 
 
 # --- The local overlay --------------------------------------------------------------------------

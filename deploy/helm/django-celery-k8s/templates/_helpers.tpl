@@ -235,6 +235,7 @@ topologySpreadConstraints:
   volumeMounts:
     - name: tmp
       mountPath: /tmp
+    {{- include "django-celery-k8s.tlsVolumeMounts" . | nindent 4 }}
 {{- end }}
 {{- end }}
 
@@ -320,4 +321,64 @@ render with revision 1 every time).
 {{/* A container's security context: the component's own, else the global one. */}}
 {{- define "django-celery-k8s.securityContext" -}}
 {{- toYaml (.comp.securityContext | default .root.Values.securityContext) }}
+{{- end }}
+
+{{/*
+TLS to Redis and RabbitMQ (values: tls): the CA bundle and the client certificate, each from an
+existing Secret, mounted read-only where the ConfigMap's TLS_CA_FILE, TLS_CERT_FILE and TLS_KEY_FILE
+point (django-celery-k8s.tlsEnv). Every container of the app image mounts them: each one loads the
+settings, which refuse a TLS file they cannot read.
+*/}}
+{{- define "django-celery-k8s.tlsCaDir" -}}/etc/tls/ca{{- end }}
+{{- define "django-celery-k8s.tlsClientDir" -}}/etc/tls/client{{- end }}
+
+{{- define "django-celery-k8s.tlsEnv" -}}
+{{- with .Values.tls }}
+{{- if .caSecret }}
+TLS_CA_FILE: {{ printf "%s/%s" (include "django-celery-k8s.tlsCaDir" $) .caKey | quote }}
+{{- end }}
+{{- if .clientCertSecret }}
+TLS_CERT_FILE: {{ printf "%s/%s" (include "django-celery-k8s.tlsClientDir" $) .certKey | quote }}
+TLS_KEY_FILE: {{ printf "%s/%s" (include "django-celery-k8s.tlsClientDir" $) .keyKey | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "django-celery-k8s.tlsVolumeMounts" -}}
+{{- if .Values.tls.caSecret }}
+- name: tls-ca
+  mountPath: {{ include "django-celery-k8s.tlsCaDir" . }}
+  readOnly: true
+{{- end }}
+{{- if .Values.tls.clientCertSecret }}
+- name: tls-client
+  mountPath: {{ include "django-celery-k8s.tlsClientDir" . }}
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "django-celery-k8s.tlsVolumes" -}}
+{{- with .Values.tls }}
+{{- if .caSecret }}
+- name: tls-ca
+  secret:
+    secretName: {{ .caSecret }}
+    defaultMode: 0444
+    items:
+      - key: {{ .caKey }}
+        path: {{ .caKey }}
+{{- end }}
+{{- if .clientCertSecret }}
+# Readable by the pod's group (podSecurityContext.fsGroup) only: it holds the private key.
+- name: tls-client
+  secret:
+    secretName: {{ .clientCertSecret }}
+    defaultMode: 0440
+    items:
+      - key: {{ .certKey }}
+        path: {{ .certKey }}
+      - key: {{ .keyKey }}
+        path: {{ .keyKey }}
+{{- end }}
+{{- end }}
 {{- end }}
