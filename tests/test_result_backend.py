@@ -230,4 +230,4 @@ def test_an_unknown_result_backend_is_refused_with_a_clear_error():
     result = backend_for(RESULT_BACKEND_URL="memcached://x")
 
     assert result.returncode != 0
-    assert "RESULT_BACKEND_URL must be a redis:// or rediss:// URL, or django-db" in result.stderr
+    assert "RESULT_BACKEND_URL must be a redis://, rediss:// or sentinel:// URL, or django-db" in result.stderr
