@@ -232,6 +232,7 @@ def main() -> int:
     )
 
     web = f"http://127.0.0.1:{web_port}"
+    manage = f"{os.path.relpath(sys.executable, BASE_DIR)} manage.py"  # pasteable in the checkout
     banner = "\n".join(
         [
             "-" * 72,
@@ -243,8 +244,9 @@ def main() -> int:
             + "  ".join(f"{role} http://127.0.0.1:{port}/metrics" for role, port in metrics_ports.items()),
             f"  Broker    {os.environ['CELERY_BROKER_URL']}"
             + ("  (embedded Redis, in memory: queued tasks end with the run)" if redis else ""),
-            "  New API token: manage.py create_api_token NAME --owner admin [--scope read|enqueue|manage]",
-            "  New admin password: manage.py changepassword admin",
+            f"  New API token: {manage} create_api_token my-client --owner admin --scope enqueue"
+            "   (--scope read|enqueue|manage)",
+            f"  New admin password: {manage} changepassword admin",
             "Ctrl-C stops everything.",
             "-" * 72,
         ]

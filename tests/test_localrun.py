@@ -118,7 +118,12 @@ def test_bootstrap_local_creates_the_admin_and_a_token_once_and_keeps_only_hashe
     assert (grant.name, grant.scope, grant.owner_id) == ("local", "manage", admin.pk)
 
     second = bootstrap_output()
-    assert "create_api_token NAME" in second
+    # The hint is a command to paste: this interpreter, manage.py, and arguments the command takes.
+    hint = re.search(r"A new API token: (.+)", second).group(1).split()
+    assert hint[:3] == [os.path.relpath(sys.executable), "manage.py", "create_api_token"]
+    out = io.StringIO()
+    call_command(*hint[2:], stdout=out)
+    assert selectors.api_token_grant(secret=out.getvalue().strip()).scope == "enqueue"
     assert password not in second
     assert token not in second
     assert get_user_model().objects.filter(username="admin").count() == 1

@@ -1,6 +1,8 @@
 """Prepare a local development database in one Django start-up (used by `make run`)."""
 
+import os
 import secrets
+import sys
 
 from django.contrib.auth import get_user_model
 from django.core.management import call_command
@@ -27,9 +29,10 @@ class Command(BaseCommand):
 
         user_model = get_user_model()
         if user_model.objects.filter(username=ADMIN_USERNAME).exists():
+            manage = manage_command()
             self.stdout.write(
-                f"User '{ADMIN_USERNAME}' exists (forgot its password? manage.py changepassword {ADMIN_USERNAME}). "
-                f"A new API token: manage.py create_api_token NAME --owner {ADMIN_USERNAME} --scope manage"
+                f"User '{ADMIN_USERNAME}' exists. Forgot its password? {manage} changepassword {ADMIN_USERNAME}\n"
+                f"A new API token: {manage} create_api_token my-client --owner {ADMIN_USERNAME} --scope enqueue"
             )
             return
 
@@ -56,3 +59,9 @@ class Command(BaseCommand):
                 ]
             )
         )
+
+
+def manage_command() -> str:
+    """How to run manage.py from the checkout, pasteable: with the interpreter that runs this one
+    (`make run`'s .venv/bin/python), not a bare manage.py that needs an activated venv."""
+    return f"{os.path.relpath(sys.executable)} manage.py"
