@@ -19,6 +19,10 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 
+from redis.sentinel import SentinelConnectionPool
+
+from app import redis_sentinel
+
 logger = logging.getLogger(__name__)
 
 
@@ -45,22 +49,25 @@ def recorded_with_publish(metas: list[dict], backend) -> Iterator[None]:
     record(list(pending.metas.values()), backend)
 
 
-def redis_location(connection_kwargs: dict) -> tuple:
-    """Which Redis server and database a redis-py connection pool's kwargs point at: (host,
-    port, unix socket path, database)."""
-    kwargs = connection_kwargs
+def redis_location(pool) -> tuple:
+    """Which Redis server and database a redis-py connection pool reaches: (host, port, unix
+    socket path, database); through Sentinel, whose pool names no server, the master name and
+    the Sentinels (app/redis_sentinel.py)."""
+    if isinstance(pool, SentinelConnectionPool):
+        return redis_sentinel.location(pool)
+    kwargs = pool.connection_kwargs
     return (kwargs.get("host"), kwargs.get("port"), kwargs.get("path"), int(kwargs.get("db") or 0))
 
 
-def command_for_publish(task_id: str, location: tuple) -> tuple | None:
-    """The command that records `task_id` as queued, for the transaction publishing it to the
-    Redis at `location` (redis_location), or None when that is not where the
-    result backend stores (or nothing waits to be recorded)."""
+def command_for_publish(task_id: str, pool) -> tuple | None:
+    """The command that records `task_id` as queued, for the transaction publishing it through
+    this redis-py connection pool, or None when nothing waits to be recorded (every publish but
+    the web's: checked first, the location only then) or the result backend stores elsewhere."""
     pending = _pending.get()
     if pending is None or task_id not in pending.metas:
         return None
     backend = pending.backend
-    if getattr(backend, "location", None) != location:
+    if getattr(backend, "location", None) != redis_location(pool):
         return None
     return backend.record_queued_command([pending.metas[task_id]])
 

@@ -29,7 +29,7 @@ from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.json import dumps
 
-from app import queued_records, redis_sentinel
+from app import queued_records
 
 OUTBOX = "outbox"
 OUTBOX_INDEX = "outbox_index"
@@ -164,7 +164,7 @@ class Channel(kombu_redis.Channel):
                 publish_batch.add(name, *args)
             return
         task_id = message["headers"].get("id")
-        record = None if self.global_keyprefix else queued_records.command_for_publish(task_id, self._location)
+        record = None if self.global_keyprefix else queued_records.command_for_publish(task_id, self.pool)
         with self.conn_or_acquire() as client, client.pipeline() as pipe:  # MULTI ... EXEC
             for name, *args in commands if record is None else [*commands, record]:
                 getattr(pipe, name)(*args)
@@ -189,10 +189,6 @@ class Channel(kombu_redis.Channel):
         yield self._pooled_client
 
     _client_pool = None
-
-    @property
-    def _location(self) -> tuple:
-        return queued_records.redis_location(self.pool.connection_kwargs)
 
     def _do_restore_message(self, payload, exchange, routing_key, pipe, leftmost=False):
         """kombu's restore, and each restored task message back in the outbox in the same
@@ -229,10 +225,6 @@ class SentinelChannel(Channel, kombu_redis.SentinelChannel):
     The outbox, the lists and the unacknowledged set all live on the primary and reach its
     replicas in the order they were written, so a promoted replica holds them as consistently as
     the primary did (a write the primary took in the instant before it died may be missing)."""
-
-    @property
-    def _location(self) -> tuple:
-        return redis_sentinel.location(self.pool)
 
 
 class SentinelTransport(kombu_redis.SentinelTransport):

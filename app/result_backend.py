@@ -34,7 +34,7 @@ from django.utils import timezone
 from django_celery_results.backends.database import DatabaseBackend
 from django_celery_results.models import TaskResult
 
-from app import queued_records, redis_sentinel, task_history
+from app import queued_records, task_history
 from app.models import TaskRun
 from app.signals import RUN_STARTED_AT, RUN_STARTED_WALL, SENT_AT_HEADER
 
@@ -221,7 +221,7 @@ class RedisStateBackend(RedisBackend):
     @cached_property
     def location(self) -> tuple:
         """Where it stores (app/queued_records.py: redis_location)."""
-        return queued_records.redis_location(self.client.connection_pool.connection_kwargs)
+        return queued_records.redis_location(self.client.connection_pool)
 
     def stored_meta(self, task_id: str) -> dict | None:
         """The state stored for this id, or None: Celery itself answers PENDING for any id."""
@@ -256,10 +256,6 @@ class RedisStateBackend(RedisBackend):
 class SentinelStateBackend(RedisStateBackend, SentinelBackend):
     """The same on the primary a Sentinel names (a sentinel:// RESULT_BACKEND_URL): Celery's
     SentinelBackend finds it, and finds the new one after a failover."""
-
-    @cached_property
-    def location(self) -> tuple:
-        return redis_sentinel.location(self.client.connection_pool)
 
 
 class UpsertDatabaseBackend(DatabaseBackend):

@@ -84,12 +84,11 @@ preload_app = True
 
 def on_starting(server):
     """Master, with the app loaded: a TLS server whose certificate is not trusted ends web here
-    (project/tls.py), not in every readiness check. Another settings module under this file (make
-    bench's bare Django baseline) has no TLS clients to check."""
+    (project/tls.py), not in every readiness check."""
     from django.conf import settings
 
     server.log.info("Web metrics: multiprocess directory %s", WEB_METRICS_DIR)
-    tls.check_servers(getattr(settings, "TLS_CLIENTS", {}))
+    tls.check_servers(settings.TLS_CLIENTS)
 
 
 # Django reads X-Forwarded-Proto (SECURE_PROXY_SSL_HEADER) and django-axes X-Forwarded-For (the

@@ -326,7 +326,7 @@ try:
         {
             "CELERY_BROKER_URL": CELERY_BROKER_URL,
             "RESULT_BACKEND_URL": RESULT_BACKEND_URL,
-            "CACHE_URL": env.str("CACHE_URL", default=""),
+            "CACHE_URL": CACHE_URL,
         },
         tls.TlsFiles(TLS_CA_FILE, TLS_CERT_FILE, TLS_KEY_FILE),
     )

@@ -74,7 +74,8 @@ def test_broker_results_and_cache_reach_the_primary_through_sentinel(sentinels):
         "app.backend.store_result(result.id, 3, 'SUCCESS')\n"
         "from app import api_tokens; api_tokens._new_generation()\n"
         "channel = app.connection_for_write().default_channel\n"
-        "same = app.backend.location == (*channel._location[:3], 1)\n"
+        "from app.queued_records import redis_location\n"
+        "same = app.backend.location == (*redis_location(channel.pool)[:3], 1)\n"
         "print(same, type(app.backend).__name__, channel.connection.__class__.__name__, result.id)\n"
     )
     run = subprocess.run(

@@ -24,6 +24,7 @@ INSTALLED_APPS = [
 ]
 DATABASES = {"default": {"ENGINE": "django.db.backends.postgresql", "NAME": "bench"}}
 USE_TZ = True
+TLS_CLIENTS = {}  # the project's gunicorn settings check these servers at start (project/tls.py)
 
 
 def empty(request):

@@ -12,7 +12,9 @@
 """
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import time
 import urllib.request
@@ -94,6 +96,19 @@ def _bare_django_first_200(servers: harness.Servers, database_url: str) -> tuple
     return _first_200(process, port), process
 
 
+def web_startup_steps(env: dict) -> dict[str, float]:
+    """Seconds per step of loading the web's app (tests/benchmarks/web_startup_steps.py)."""
+    run = subprocess.run(
+        [harness.runtime_python(), "-m", "tests.benchmarks.web_startup_steps"],
+        cwd=harness.REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
 def pss_mb(process: harness.Process) -> float:
     import psutil
 
@@ -103,7 +118,10 @@ def pss_mb(process: harness.Process) -> float:
 
 def measure(servers: harness.Servers, database_url: str, repeats: int) -> dict:
     startup: dict[str, list[float]] = {"worker": [], "web": [], "stock worker": [], "bare Django web": []}
+    steps: dict[str, list[float]] = {}
     for _ in range(repeats):
+        for step, seconds in web_startup_steps(role_env(servers, database_url)).items():
+            steps.setdefault(step, []).append(seconds)
         worker = start_role("worker", role_env(servers, database_url), servers)
         try:
             startup["worker"].append(harness.wait_ready(worker))
@@ -148,7 +166,12 @@ def measure(servers: harness.Servers, database_url: str, repeats: int) -> dict:
     finally:
         for process in started.values():
             process.stop()
-    return {"startup": startup, "memory": memory, "runtime": harness.runtime_python() != sys.executable}
+    return {
+        "startup": startup,
+        "steps": steps,
+        "memory": memory,
+        "runtime": harness.runtime_python() != sys.executable,
+    }
 
 
 def report(result: dict, repeats: int) -> list[str]:
@@ -167,6 +190,8 @@ def report(result: dict, repeats: int) -> list[str]:
         + ", ".join(f"{t:.2f}" for t in startup["worker"]),
         f"  web, spawn to first 200:  {web:.2f} s (a bare Django project {bare:.2f} s: {web / bare:.2f}x)   runs: "
         + ", ".join(f"{t:.2f}" for t in startup["web"]),
+        "  web, loading the app in one process (median): "
+        + ", ".join(f"{step} {harness.median(times):.2f} s" for step, times in result["steps"].items()),
         "  idle PSS: "
         + ", ".join(f"{role} {mb:.0f} MB" for role, mb in memory.items())
         + f"; all four: {sum(memory.values()):.0f} MB",
