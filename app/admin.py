@@ -18,7 +18,7 @@ from django.utils.html import format_html
 from kombu.exceptions import OperationalError
 
 from app import services, workflows
-from app.models import ApiToken, Report, ReportStatus, ScheduledTask, TaskLog, TaskState
+from app.models import FINISHED_STATES, ApiToken, Report, ReportStatus, ScheduledTask, TaskLog, TaskState
 
 STATE_COLOURS = {
     TaskState.SUCCESS: "#2e7d32",
@@ -34,7 +34,6 @@ REPORT_STATUS_COLOURS = {
     ReportStatus.COMPLETED: "#2e7d32",
     ReportStatus.FAILED: "#c62828",
 }
-RUNNING_STATES = (TaskState.PENDING, TaskState.STARTED, TaskState.RETRY)
 
 
 def badge(label: str, colour: str):
@@ -188,8 +187,8 @@ class TaskLogAdmin(ReadOnlyAdmin):
 
     @admin.action(description="Revoke selected running tasks", permissions=["control"])
     def revoke_running(self, request, queryset):
-        task_ids = list(queryset.filter(state__in=RUNNING_STATES).values_list("task_id", flat=True))
-        skipped = queryset.exclude(state__in=RUNNING_STATES).count()
+        task_ids = list(queryset.exclude(state__in=FINISHED_STATES).values_list("task_id", flat=True))
+        skipped = queryset.filter(state__in=FINISHED_STATES).count()
         if task_ids:
             try:
                 workflows.revoke(task_ids=task_ids, terminate=True)

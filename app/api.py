@@ -22,7 +22,7 @@ from ninja.security import HttpBearer
 import project
 from app import api_errors, api_tokens, health, schemas, selectors, workflows
 from app.idempotency import idempotent
-from app.models import TokenScope
+from app.models import FINISHED_STATES, TokenScope
 from project.celery import app as celery_app
 
 logger = logging.getLogger(__name__)
@@ -209,7 +209,7 @@ def task_status(request, task_id: schemas.TaskId):
             return _not_found(task_id)
         return Status(200, _group_status(group))
     info = state.pop("info")
-    if state["state"] not in ("SUCCESS", "FAILURE", "REVOKED") and info is not None:
+    if state["state"] not in FINISHED_STATES and info is not None:
         state["result"] = info  # PROGRESS: current, total, percent
     return Status(200, state)
 

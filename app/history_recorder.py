@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import redis
 from django.db import connections
 
-from app import metrics, task_history
+from app import task_history
+from app.monitoring import metrics
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ the database backend). A second delivery of the same attempt finds the claim and
 The record says which worker (hostname and main process id) runs it; it is removed once the
 run's state is stored (``end_run``, from the task class's after_return).
 
-Beat (app/cluster_metrics.py) follows the workers' events and sweeps the records
+Beat (app/monitoring/cluster_metrics.py) follows the workers' events and sweeps the records
 (``LostRuns``): a run whose worker has sent nothing for LOST_TASK_AFTER seconds, or whose
 hostname now belongs to another process (the worker was restarted), is stored as FAILURE
 (WorkerLostError) unless its state is already final, and that reaches the history like any

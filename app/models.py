@@ -20,7 +20,9 @@ class TaskState(models.TextChoices):
     REVOKED = "REVOKED"
 
 
-FINISHED_STATES = {TaskState.SUCCESS, TaskState.FAILURE, TaskState.REVOKED}
+# A task in one of these ends no more (Celery's READY_STATES): the API's "ready", the history's
+# cleanup, the admin's revoke (which skips them) and a run's recorded run time all ask here.
+FINISHED_STATES = frozenset({TaskState.SUCCESS, TaskState.FAILURE, TaskState.REVOKED})
 
 
 class TaskLog(models.Model):

@@ -26,13 +26,13 @@ MARGIN_SECONDS = 5
 def needed_seconds(celery_app, queues: set[str] | None = None) -> tuple[float, str]:
     """The longest time a message of these queues (None: all) stays unacknowledged while its
     task is alive, and the task that needs it."""
+    from app.routing import routed_queue
     from app.tasks import MAX_COUNTDOWN_SECONDS
-    from app.workflows import routed_queue
 
     conf = celery_app.conf
     longest, which = float(MAX_COUNTDOWN_SECONDS), "a countdown"
     for name, task in celery_app.tasks.items():
-        if name.startswith("celery.") or (queues is not None and routed_queue(name) not in queues):
+        if name.startswith("celery.") or (queues is not None and routed_queue(name, app=celery_app) not in queues):
             continue
         acks_late = task.acks_late if task.acks_late is not None else conf.task_acks_late
         if not acks_late:

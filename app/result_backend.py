@@ -35,7 +35,7 @@ from django_celery_results.backends.database import DatabaseBackend
 from django_celery_results.models import TaskResult
 
 from app import queued_records, task_history
-from app.models import TaskRun
+from app.models import FINISHED_STATES, TaskRun
 from app.signals import RUN_STARTED_AT, RUN_STARTED_WALL, SENT_AT_HEADER
 
 HISTORY_STREAM = "celery-task-history"
@@ -115,7 +115,7 @@ def run_meta(request, state: str) -> dict:
     started_wall = getattr(request, RUN_STARTED_WALL, None)
     extra = {"date_created": _iso(float(sent_at)) if sent_at is not None else None, "date_started": _iso(started_wall)}
     started = getattr(request, RUN_STARTED_AT, None)
-    if started is not None and state in states.READY_STATES:
+    if started is not None and state in FINISHED_STATES:
         extra["runtime"] = round(time.perf_counter() - started, 6)
     extra.update(time_limits_meta(*(getattr(request, "timelimit", None) or (None, None))))
     return extra

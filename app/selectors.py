@@ -9,7 +9,7 @@ from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
 from app import api_tokens
-from app.models import ApiToken, ReportType, TaskLog, TaskState
+from app.models import FINISHED_STATES, ApiToken, ReportType, TaskLog, TaskState
 from project.celery import app as celery_app
 
 
@@ -36,7 +36,7 @@ def _state_from_meta(task_id: str, meta: dict, backend) -> dict:
         "task_id": task_id,
         "task_name": meta.get("name") or meta.get("task_name"),
         "state": state,
-        "ready": state in states.READY_STATES,
+        "ready": state in FINISHED_STATES,
         "worker": meta.get("worker") or None,
         "queue": meta.get("queue") or None,
         "retries": meta.get("retries"),

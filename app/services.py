@@ -251,7 +251,7 @@ def delete_scheduled_task(scheduled: ScheduledTask) -> None:
 
 def canary_schedules() -> list[dict]:
     """One health_check schedule per worker queue (CANARY_QUEUES): the canary every worker pool
-    must run to stay ready (app/worker_health.py)."""
+    must run to stay ready (app/monitoring/worker_health.py)."""
     return [
         {
             "name": f"health-check-{queue}",

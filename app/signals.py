@@ -1,12 +1,11 @@
-"""Celery signal handlers: the clock of each task run, database connection hygiene, and the
-Prometheus metrics (app/metrics.py).
+"""The app's own Celery signal handlers: the clock of each task run, database connection
+hygiene, the worker's and beat's start hooks, and a publish detail of RabbitMQ queues.
 
-The task history (TaskLog) is not kept here: every state the result backend stores reaches
-it in the same step (app/result_backend.py), so no handler writes to the database on a task's
-path. Metrics handlers log their errors and never fail a task or a publish.
+The Prometheus metrics' handlers are in app/monitoring/signals.py. The task history (TaskLog)
+is not kept here: every state the result backend stores reaches it in the same step
+(app/result_backend.py), so no handler writes to the database on a task's path.
 """
 
-import datetime as dt
 import functools
 import gc
 import logging
@@ -16,12 +15,12 @@ import time
 from celery import signals
 from django.db import close_old_connections
 
-from app import cluster_metrics, history_recorder, lost_tasks, metrics, rabbitmq_queues
+from app import history_recorder, lost_tasks, rabbitmq_queues
 
 logger = logging.getLogger(__name__)
 
 
-def _logged_never_raised(what: str):
+def logged_never_raised(what: str):
     """A handler decorator: an error is logged as "<what> failed in <handler>", never raised."""
 
     def decorator(handler):
@@ -37,10 +36,9 @@ def _logged_never_raised(what: str):
     return decorator
 
 
-def _queue_of(request_or_message) -> str:
-    delivery_info = getattr(request_or_message, "delivery_info", None) or {}
-    return rabbitmq_queues.queue_of_routing_key(delivery_info.get("routing_key"))
-
+# Message header set by the publisher: wall-clock publish time, for the state's date_created
+# and the queue-wait histogram.
+SENT_AT_HEADER = "sent_at"
 
 # Set on the task's request when it starts; the result backend (run time and start in the
 # stored state), metrics and the task_finished log line all read this one clock. Absent where
@@ -48,6 +46,12 @@ def _queue_of(request_or_message) -> str:
 # limit, or a revoked task).
 RUN_STARTED_AT = "run_started_at"
 RUN_STARTED_WALL = "run_started_wall"
+
+
+@signals.before_task_publish.connect
+def stamp_sent_at(headers=None, **_):
+    if headers is not None:
+        headers[SENT_AT_HEADER] = time.time()  # a retry's republish starts a new wait
 
 
 @signals.task_prerun.connect
@@ -90,26 +94,6 @@ def remember_the_worker_process(**_):
     lost_tasks.worker_pid = os.getpid()
 
 
-# --- Prometheus metrics (app/metrics.py) --------------------------------------------------
-
-# Message header set by the publisher: wall-clock publish time, for the queue-wait histogram
-# and the state's date_created.
-SENT_AT_HEADER = "sent_at"
-
-
-_metrics_never_raise = _logged_never_raised("Metrics update")
-
-
-def _eta_timestamp(eta) -> float | None:
-    if not eta:
-        return None
-    if isinstance(eta, str):
-        eta = dt.datetime.fromisoformat(eta)
-    if eta.tzinfo is None:
-        eta = eta.replace(tzinfo=dt.UTC)
-    return eta.timestamp()
-
-
 @signals.worker_init.connect
 def freeze_before_the_pool_forks(**_):
     """Worker main process, Django and the tasks imported, the pool not yet forked: every object
@@ -118,50 +102,11 @@ def freeze_before_the_pool_forks(**_):
     gc.freeze()
 
 
-@signals.celeryd_init.connect
-@signals.worker_init.connect
-@_metrics_never_raise
-def metrics_setup_worker(**_):
-    # Main process, before the pool forks (celeryd_init when already connected, else worker_init).
-    metrics.setup_worker()
-
-
-@signals.worker_ready.connect
-@_metrics_never_raise
-def metrics_worker_ready(sender=None, **_):
-    from django.conf import settings
-
-    # No celery_worker_up here: a process cannot report its own death. Beat does, from heartbeats.
-    metrics.initialize_task_series(sender.app)
-    if settings.WORKER_METRICS_PORT:
-        metrics.serve_worker(settings.WORKER_METRICS_PORT)
-
-
 @signals.beat_init.connect
-@_metrics_never_raise
-def metrics_beat_init(sender=None, **_):
-    # Beat's metrics server, queue lengths and worker up/down, with the app beat runs with.
-    cluster_metrics.start(sender.app)
-
-
-@signals.beat_init.connect
-@_logged_never_raised("Starting the task history recorder")
+@logged_never_raised("Starting the task history recorder")
 def history_recorder_beat_init(sender=None, **_):
     # Beat, a singleton that idles between ticks, folds the history stream into TaskLog.
     history_recorder.start(sender.app)
-
-
-@signals.worker_process_shutdown.connect
-@_metrics_never_raise
-def metrics_child_exit(pid=None, **_):
-    metrics.child_exited(pid or 0)
-
-
-@signals.before_task_publish.connect
-@_metrics_never_raise
-def metrics_before_publish(headers=None, **_):
-    if headers is not None:
-        headers[SENT_AT_HEADER] = time.time()  # a retry's republish starts a new wait
 
 
 @signals.before_task_publish.connect
@@ -172,85 +117,3 @@ def expire_in_worker(declare=None, exchange=None, properties=None, **_):
     on to the publish."""
     if properties and "expiration" in properties and rabbitmq_queues.expires_in_worker(declare, exchange):
         del properties["expiration"]
-
-
-@signals.after_task_publish.connect
-@_metrics_never_raise
-def metrics_after_publish(headers=None, routing_key=None, **_):
-    name = metrics.task_name((headers or {}).get("task"))
-    metrics.get().sent.labels(name, rabbitmq_queues.queue_of_routing_key(routing_key)).inc()
-
-
-@signals.task_received.connect
-@_metrics_never_raise
-def metrics_task_received(request, **_):
-    metrics.get().received.labels(metrics.task_name(request.name), _queue_of(request)).inc()
-
-
-@signals.task_prerun.connect
-@_metrics_never_raise
-def metrics_task_prerun(task_id, task, **_):
-    request = task.request
-    name, queue, hostname = metrics.task_name(task.name), _queue_of(request), request.hostname or ""
-    m = metrics.get()
-    m.started.labels(name, queue).inc()
-    m.tasks_active.labels(hostname).inc()
-    sent_at = getattr(request, SENT_AT_HEADER, None)
-    if sent_at is not None and not request.is_eager:
-        eta = _eta_timestamp(request.eta)
-        waiting_since = max(float(sent_at), eta) if eta is not None else float(sent_at)
-        m.queue_wait.labels(name, queue).observe(max(0.0, time.time() - waiting_since))
-
-
-@signals.task_postrun.connect
-@_metrics_never_raise
-def metrics_task_postrun(task, state, **_):
-    seconds = run_seconds(task)
-    if seconds is None:
-        return
-    request = task.request
-    name, queue = metrics.task_name(task.name), _queue_of(request)
-    m = metrics.get()
-    m.runtime.labels(name, queue).observe(seconds)
-    m.tasks_active.labels(request.hostname or "").dec()
-    if state == "SUCCESS":
-        m.succeeded.labels(name, queue).inc()
-
-
-@signals.task_retry.connect
-@_metrics_never_raise
-def metrics_task_retry(request, sender=None, **_):
-    name = metrics.task_name(getattr(sender, "name", None) or request.task)
-    metrics.get().retried.labels(name=name, queue_name=_queue_of(request)).inc()
-
-
-@signals.task_failure.connect
-@_metrics_never_raise
-def metrics_task_failure(sender=None, exception=None, **_):
-    # Also sent by the main process at a hard time limit: the queue is then unknown here.
-    request = getattr(sender, "request", None)
-    metrics.get().failed.labels(
-        name=metrics.task_name(getattr(sender, "name", None)),
-        queue_name=_queue_of(request) if request is not None else "",
-        exception=type(exception).__name__,
-    ).inc()
-
-
-@signals.task_revoked.connect
-@_metrics_never_raise
-def metrics_task_revoked(request, sender=None, **_):
-    name = metrics.task_name(getattr(sender, "name", None) or getattr(request, "task", None))
-    metrics.get().revoked.labels(name=name, queue_name=_queue_of(request)).inc()
-
-
-@signals.task_rejected.connect
-@_metrics_never_raise
-def metrics_task_rejected(message=None, **_):
-    headers = getattr(message, "headers", None) or {}
-    metrics.get().rejected.labels(name=metrics.task_name(headers.get("task")), queue_name=_queue_of(message)).inc()
-
-
-@signals.task_unknown.connect
-@_metrics_never_raise
-def metrics_task_unknown(message=None, **_):
-    metrics.get().rejected.labels(name=metrics.UNKNOWN, queue_name=_queue_of(message)).inc()

@@ -18,6 +18,7 @@ from django.dispatch import receiver
 from django_structlog.celery import signals as structlog_signals
 from django_structlog.celery.receivers import CeleryReceiver
 
+from app import routing
 from app.signals import run_seconds
 from project.celery import app as celery_app
 
@@ -92,7 +93,7 @@ def bind_task_context(task_id: str, task, **_) -> None:
     context.update(
         task_id=task_id,
         task_name=task.name,
-        queue=(request.delivery_info or {}).get("routing_key"),
+        queue=routing.queue_of(request) or None,
         retries=request.retries,
     )
     structlog.contextvars.clear_contextvars()
@@ -121,7 +122,7 @@ def log_task_finished(task_id: str, task, state: str | None = None, retval=None,
         state=state,
         duration_ms=round(seconds * 1000, 3) if seconds is not None else None,
         retries=request.retries,
-        queue=(request.delivery_info or {}).get("routing_key"),
+        queue=routing.queue_of(request) or None,
         **fields,
     )
     if not request.is_eager:

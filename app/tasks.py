@@ -13,7 +13,8 @@ from celery import group, shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 
-from app import health, metrics, selectors, services, worker_health
+from app import health, routing, selectors, services
+from app.monitoring import metrics, worker_health
 from app.task_class import IDEMPOTENT
 
 logger = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ def debug_task(self) -> dict:
     return {
         "task_id": request.id,
         "hostname": request.hostname,
-        "queue": (request.delivery_info or {}).get("routing_key"),
+        "queue": routing.queue_of(request) or None,
         "retries": request.retries,
     }
 
@@ -256,15 +257,15 @@ def generate_report(self, report_id: int) -> dict:
 def health_check(self) -> dict:
     """Check database, cache, broker and result backend from a worker; fails when unhealthy
     so the failure shows in TaskLog, metrics and alerts. Beat sends it to every worker queue
-    as the canary: a success records the time for the worker's readiness (app/worker_health.py)
-    and the last-success metric. Delivery: at least once (read-only)."""
+    as the canary: a success records the time for the worker's readiness
+    (app/monitoring/worker_health.py) and the last-success metric. Delivery: at least once
+    (read-only)."""
     report = health.run_checks()
     if not report["healthy"]:
         failing = sorted(name for name, check in report["checks"].items() if not check["healthy"])
         # Each failing check's error is in the log (app/health.py); the task's error names them.
         raise RuntimeError(f"unhealthy: {', '.join(failing)}")
-    queue = (self.request.delivery_info or {}).get("routing_key") or ""
-    metrics.get().health_check_last_success.labels(queue_name=queue).set(time.time())
+    metrics.get().health_check_last_success.labels(queue_name=routing.queue_of(self.request)).set(time.time())
     if self.request.hostname and not self.request.is_eager:  # run by a worker, not in-process
         worker_health.record_canary_success()
     return report

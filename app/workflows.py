@@ -9,11 +9,10 @@ from dataclasses import dataclass, field
 from celery import chain, chord, current_app, group
 from celery.result import AsyncResult, GroupResult
 from celery.utils import uuid
-from django.conf import settings
 from django.db import transaction
 from kombu.exceptions import OperationalError
 
-from app import queued_records, result_backend, services, tasks
+from app import queued_records, result_backend, routing, services, tasks
 
 
 @dataclass
@@ -22,12 +21,6 @@ class Started:
     task_ids: list[str] = field(default_factory=list)
     group_id: str | None = None
     report_id: int | None = None
-
-
-def routed_queue(task_name: str) -> str:
-    """The queue Celery's routing sends this task to (no per-call override)."""
-    route = settings.CELERY_TASK_ROUTES.get(task_name)
-    return route["queue"] if route else settings.CELERY_TASK_DEFAULT_QUEUE
 
 
 def queued_meta(task_id: str, name: str, args, kwargs, options: dict | None = None) -> dict:
@@ -39,7 +32,7 @@ def queued_meta(task_id: str, name: str, args, kwargs, options: dict | None = No
         task_name=name,
         args=list(args),
         kwargs=dict(kwargs),
-        queue=options.get("queue") or routed_queue(name),
+        queue=routing.routed_queue(name, options),
         options=options,
     )
 
@@ -52,19 +45,20 @@ def record_queued(*calls: tuple) -> None:
     queued_records.record([queued_meta(*call) for call in calls], current_app.backend)
 
 
-def send(task, args=(), kwargs=None, **options) -> str:
+def send(task_name: str, args=(), kwargs=None, **options) -> str:
     """Publish one task under a new id, recorded as queued with its publish (app/queued_records.py);
-    its id. options: apply_async's (queue, time limits...)."""
+    its id. options: apply_async's (queue, time limits...). A task this process does not know is
+    sent by name, with no task's defaults."""
     task_id, kwargs = uuid(), kwargs or {}
-    meta = queued_meta(task_id, task.name, args, kwargs, options)
-    with queued_records.recorded_with_publish([meta], task.app.backend):
-        task.apply_async(args, kwargs, task_id=task_id, **options)
+    meta = queued_meta(task_id, task_name, args, kwargs, options)
+    with queued_records.recorded_with_publish([meta], current_app.backend):
+        current_app.signature(task_name).apply_async(args, kwargs, task_id=task_id, **options)
     return task_id
 
 
 def start_simple(*, operation: str, x: float, y: float) -> Started:
     task = {"add": tasks.add, "multiply": tasks.multiply}[operation]
-    task_id = send(task, [x, y])
+    task_id = send(task.name, [x, y])
     return Started(task_id=task_id, task_ids=[task_id])
 
 
@@ -107,7 +101,7 @@ def start_chord(*, chunks: list[list[float]]) -> Started:
 
 
 def start_long_running(*, total_steps: int, step_seconds: float) -> Started:
-    task_id = send(tasks.long_running_task, [total_steps, step_seconds])
+    task_id = send(tasks.long_running_task.name, [total_steps, step_seconds])
     return Started(task_id=task_id, task_ids=[task_id])
 
 
@@ -117,18 +111,18 @@ def start_time_limited(*, duration: float, soft_time_limit: float | None, time_l
         options["soft_time_limit"] = soft_time_limit
     if time_limit is not None:
         options["time_limit"] = time_limit
-    task_id = send(tasks.time_limited_task, [duration], **options)
+    task_id = send(tasks.time_limited_task.name, [duration], **options)
     return Started(task_id=task_id, task_ids=[task_id])
 
 
 def start_retry(*, fail_probability: float, fail_times: int | None) -> Started:
     kwargs = {"fail_probability": fail_probability, "fail_times": fail_times}
-    task_id = send(tasks.task_with_retry, [], kwargs)
+    task_id = send(tasks.task_with_retry.name, [], kwargs)
     return Started(task_id=task_id, task_ids=[task_id])
 
 
 def start_create_users(*, count: int, prefix: str) -> Started:
-    task_id = send(tasks.create_users_batch, [count, prefix])
+    task_id = send(tasks.create_users_batch.name, [count, prefix])
     return Started(task_id=task_id, task_ids=[task_id])
 
 
@@ -150,22 +144,18 @@ def start_report(*, report_type: str, filters: dict) -> Started:
 
 
 def send_again(*, calls: list[tuple[str, list, dict, dict]]) -> tuple[list[str], OperationalError | None]:
-    """Send each (task name, args, kwargs, options) again, under a new id, and record the ids
-    sent. options: the original call's queue, time_limit and soft_time_limit (TaskLog.call_options).
+    """Send each (task name, args, kwargs, options) again as `send` does, under a new id.
+    options: the original call's queue, time_limit and soft_time_limit (TaskLog.call_options).
 
     Stops at the first broker error and returns it with the ids sent before it (those are
     recorded: they are on their way)."""
-    sent, error = [], None
+    sent = []
     for name, args, kwargs, options in calls:
         try:
-            result = current_app.send_task(name, args=args, kwargs=kwargs, **options)
+            sent.append(send(name, args, kwargs, **options))
         except OperationalError as exc:
-            error = exc
-            break
-        sent.append((result.id, name, args, kwargs, options))
-    if sent:
-        record_queued(*sent)
-    return [task_id for task_id, *_ in sent], error
+            return sent, exc
+    return sent, None
 
 
 def revoke(*, task_ids: list[str], terminate: bool) -> None:

@@ -61,5 +61,5 @@ def trace_beat(**_):
     tracing.start("beat")
 
 
-# The worker's probe files (alive, ready), written from its event loop: app/worker_health.py.
-app.steps["consumer"].add("app.worker_health.HealthFiles")
+# The worker's probe files (alive, ready), written from its event loop: app/monitoring/worker_health.py.
+app.steps["consumer"].add("app.monitoring.worker_health.HealthFiles")

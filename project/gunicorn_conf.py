@@ -18,7 +18,7 @@ def _int(name: str, default: int) -> int:
 
 
 port = _int("PORT", 8000)
-# A second listener serving only /metrics (app/web_metrics.py): the ingress sends every path to
+# A second listener serving only /metrics (app/monitoring/web_metrics.py): the ingress sends every path to
 # the public port, which answers /metrics with 404. 0: no metrics listener.
 metrics_port = _int("WEB_METRICS_PORT", 9808)
 if metrics_port == port:

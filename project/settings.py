@@ -60,8 +60,8 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
-    # Answers scrapes on the metrics listener before anything else (app/web_metrics.py).
-    "app.web_metrics.MetricsListenerMiddleware",
+    # Answers scrapes on the metrics listener before anything else (app/monitoring/web_metrics.py).
+    "app.monitoring.web_metrics.MetricsListenerMiddleware",
     # django-prometheus: first and last, so its latency covers every other middleware.
     "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "django.middleware.security.SecurityMiddleware",
@@ -498,10 +498,10 @@ WORKER_TASK_PUBLISH_RETRY_POLICY = {
     "interval_max": 1.0,
 }
 
-# django-celery-beat's DatabaseScheduler, plus a heartbeat file and metrics (app/beat_scheduler.py).
-CELERY_BEAT_SCHEDULER = "app.beat_scheduler:DatabaseScheduler"
+# django-celery-beat's DatabaseScheduler, plus a heartbeat file and metrics (app/monitoring/beat_scheduler.py).
+CELERY_BEAT_SCHEDULER = "app.monitoring.beat_scheduler:DatabaseScheduler"
 
-# --- Worker metrics (app/metrics.py) ------------------------------------------
+# --- Worker metrics (app/monitoring/metrics.py) ------------------------------------------
 # Where the processes keep their writable runtime files (metrics, probe files, beat's
 # heartbeat): /tmp in the image, whose root filesystem is read-only.
 RUNTIME_DIR = Path(env.str("APP_RUNTIME_DIR", default="") or tempfile.gettempdir())
@@ -518,7 +518,7 @@ PROMETHEUS_MULTIPROC_BASE_DIR = env.str("PROMETHEUS_MULTIPROC_BASE_DIR", default
 )
 
 # --- Health probes ----------------------------------------------------------
-# The worker's main process keeps its probe files here (app/worker_health.py): "alive",
+# The worker's main process keeps its probe files here (app/monitoring/worker_health.py): "alive",
 # "ready" and "canary"; the chart's exec probes only compare their age with the clock.
 WORKER_HEALTH_DIR = env.str("CELERY_WORKER_HEALTH_DIR", default="") or str(RUNTIME_DIR / "worker-health")
 # Seconds between two writes of those files by the worker's event loop.
@@ -531,7 +531,7 @@ LOST_TASK_AFTER = env.int("LOST_TASK_AFTER", default=60)
 # no longer marked alive, so its liveness probe fails and Kubernetes restarts it. 0: never.
 WORKER_STUCK_AFTER = env.int("CELERY_WORKER_STUCK_AFTER", default=120)
 # The Consumer also marks the worker alive while it waits to reconnect to the broker.
-CELERY_WORKER_CONSUMER = "app.worker_health:Consumer"
+CELERY_WORKER_CONSUMER = "app.monitoring.worker_health:Consumer"
 # Canary: beat sends health_check to each of these queues every CANARY_INTERVAL seconds
 # (expiring after one interval); a worker with free slots whose last successful canary is
 # older than CANARY_STALE_AFTER seconds stops being ready (0: no canary is awaited, e.g. without beat).
@@ -572,7 +572,7 @@ IDEMPOTENCY_KEY_TTL_SECONDS = env.int("IDEMPOTENCY_KEY_TTL_SECONDS", default=86_
 if IDEMPOTENCY_KEY_TTL_SECONDS < 60:
     raise ImproperlyConfigured(f"IDEMPOTENCY_KEY_TTL_SECONDS must be 60 or more, not {IDEMPOTENCY_KEY_TTL_SECONDS}.")
 
-# --- Web and beat metrics (app/web_metrics.py, app/beat_scheduler.py) -------------------------
+# --- Web and beat metrics (app/monitoring/web_metrics.py, app/monitoring/beat_scheduler.py) -------------------------
 # gunicorn's second listener, serving only /metrics (project/gunicorn_conf.py); 0: none.
 # The public port answers /metrics with 404.
 WEB_METRICS_PORT = env.int("WEB_METRICS_PORT", default=9808)
@@ -580,7 +580,7 @@ WEB_METRICS_PORT = env.int("WEB_METRICS_PORT", default=9808)
 BEAT_HEARTBEAT_FILE = env.str("CELERY_BEAT_HEARTBEAT_FILE", default="") or str(RUNTIME_DIR / "beat-heartbeat")
 
 # --- Cluster metrics (beat) ------------------------------------------------------------------
-# Queue lengths and worker up/down come from beat alone (app/cluster_metrics.py), served on
+# Queue lengths and worker up/down come from beat alone (app/monitoring/cluster_metrics.py), served on
 # CELERY_METRICS_PORT. Seconds between two reads of the queue lengths:
 CLUSTER_METRICS_QUEUE_INTERVAL = env.float("CELERY_EXPORTER_QUEUE_INTERVAL", default=5.0)
 # Queues to measure besides the default queue, CELERY_TASK_QUEUES and those named by routes.

@@ -13,7 +13,7 @@ from django_celery_beat.models import IntervalSchedule, PeriodicTask
 from django_celery_beat.schedulers import DatabaseScheduler as BaseDatabaseScheduler
 from prometheus_client import REGISTRY
 
-from app.beat_scheduler import DatabaseScheduler
+from app.monitoring.beat_scheduler import DatabaseScheduler
 from project.celery import app as celery_app
 from project.embedded import free_port, wait_for_port
 from tests.conftest import Service, http, subprocess_env, wait_until
@@ -144,7 +144,7 @@ def test_real_beat_heartbeat_and_run_count(tmp_path, service_log_dir, unconsumed
         assert counted >= 3
         assert total(found, ERRORS) == 0
         assert total(found, LAST_TICK) == pytest.approx(time.time(), abs=10)
-        assert "app.beat_scheduler.DatabaseScheduler" in beat.log()
+        assert "app.monitoring.beat_scheduler.DatabaseScheduler" in beat.log()
     finally:
         beat.stop()
 

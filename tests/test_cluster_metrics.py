@@ -1,4 +1,4 @@
-"""Queue lengths and worker up/down from beat (app/cluster_metrics.py): a real beat, real workers
+"""Queue lengths and worker up/down from beat (app/monitoring/cluster_metrics.py): a real beat, real workers
 and a real broker, read from beat's /metrics; the worker up/down rules on a fake clock."""
 
 import os
@@ -10,7 +10,8 @@ from types import SimpleNamespace
 import pytest
 from prometheus_client import CollectorRegistry, Gauge
 
-from app import cluster_metrics, rabbitmq_queues
+from app import rabbitmq_queues
+from app.monitoring import cluster_metrics
 from project.embedded import EmbeddedRedis, free_port, wait_for_port
 from tests.conftest import FIGURES, celery_app_for, start_worker, wait_until
 from tests.test_metrics import scrape, value

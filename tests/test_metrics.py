@@ -11,8 +11,9 @@ import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from app import metrics, tasks
+from app import tasks
 from app.models import TaskLog
+from app.monitoring import metrics
 from project.celery import app as celery_app
 from project.embedded import free_port
 from tests.conftest import Service, celery_app_for, subprocess_env, wait_for_worker, wait_until
@@ -128,7 +129,7 @@ def test_prefork_sums_are_exact(metrics_worker, task_history):
             assert labels.get("name") in {*celery_app.tasks, metrics.UNKNOWN}, (name, labels)
             if sample_value and not name.endswith("_sum"):
                 assert labels.get("name") in {add, agg, retry}, (name, labels)
-    # Up/down comes from beat alone (app/cluster_metrics.py): a worker cannot report its own death.
+    # Up/down comes from beat alone (app/monitoring/cluster_metrics.py): a worker cannot report its own death.
     assert not any(name == "celery_worker_up" for name, _labels in samples)
     assert value(samples, "celery_worker_tasks_active", hostname=hostname) == 0
     # Several processes wrote: the sums above are over the pool children, not one of them.

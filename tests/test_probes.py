@@ -48,13 +48,13 @@ from tests.deploy.test_chart_invariants import effective_env
     ],
 )
 def test_worker_is_ready_when_consuming_and_its_canary_is_fresh_or_every_slot_is_busy(state, expected):
-    from app.worker_health import readiness
+    from app.monitoring.worker_health import readiness
 
     assert readiness(**state, stale_after=30) == expected
 
 
 def test_without_a_canary_schedule_a_consuming_worker_is_ready():
-    from app.worker_health import readiness
+    from app.monitoring.worker_health import readiness
 
     assert readiness(connected=True, consuming=True, busy=False, canary_age=None, stale_after=0) == "free"
 

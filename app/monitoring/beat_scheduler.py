@@ -12,7 +12,7 @@ from pathlib import Path
 from django.conf import settings
 from django_celery_beat.schedulers import DatabaseScheduler as BaseDatabaseScheduler
 
-from app import metrics
+from app.monitoring import metrics
 
 
 class DatabaseScheduler(BaseDatabaseScheduler):

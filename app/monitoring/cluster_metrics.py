@@ -2,8 +2,8 @@
 and worker up/down. Beat runs them (a singleton: one replica, Recreate); a worker cannot report
 its own death, and N workers reporting one queue's length would count it N times.
 
-``start`` runs from ``beat_init`` (app/signals.py) with the app beat runs with: it serves beat's
-default registry on CELERY_METRICS_PORT (its tick and schedule metrics too, app/beat_scheduler.py)
+``start`` runs from ``beat_init`` (app/monitoring/signals.py) with the app beat runs with: it serves beat's
+default registry on CELERY_METRICS_PORT (its tick and schedule metrics too, app/monitoring/beat_scheduler.py)
 and starts two daemon threads, as celery-exporter does:
 
 - queue lengths: every CELERY_EXPORTER_QUEUE_INTERVAL seconds, celery_queue_length{queue_name}
@@ -26,7 +26,8 @@ from types import SimpleNamespace
 from celery.events.receiver import EventReceiver
 from celery.events.state import HEARTBEAT_EXPIRE_WINDOW
 
-from app import metrics, rabbitmq_queues
+from app import rabbitmq_queues
+from app.monitoring import metrics
 
 logger = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 The celery-mixin dashboards and alerts query these names unchanged. Labels stay bounded:
 task names only from registered tasks (anything else is "unknown"), the queue name, the
 exception class name; no task ids. Workers label tasks active with their hostname; worker
-up/down and queue lengths come from beat alone (``cluster``, app/cluster_metrics.py).
+up/down and queue lengths come from beat alone (``cluster``, app/monitoring/cluster_metrics.py).
 
 Prefork: every pool child counts into its own file under ``PROMETHEUS_MULTIPROC_DIR``
 (prometheus-client multiprocess mode) and the worker's main process serves the sum on
@@ -20,6 +20,8 @@ import os
 import threading
 from pathlib import Path
 from types import SimpleNamespace
+
+from app import routing
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +137,7 @@ def child_exited(pid: int) -> None:
     multiprocess.mark_process_dead(pid, _multiprocess_dir)
 
 
-# --- Beat (app/beat_scheduler.py) ---------------------------------------------------------
+# --- Beat (app/monitoring/beat_scheduler.py) ----------------------------------------------
 # Beat is one process: these live in the default registry, served by beat on CELERY_METRICS_PORT.
 
 
@@ -159,7 +161,7 @@ def beat() -> SimpleNamespace:
     return _group("beat", _create_beat)
 
 
-# --- Cluster (app/cluster_metrics.py) -----------------------------------------------------
+# --- Cluster (app/monitoring/cluster_metrics.py) ------------------------------------------
 # Only beat sets these: one source for the whole cluster. Default registry, served by beat.
 
 
@@ -231,7 +233,7 @@ def initialize_task_series(app) -> None:
     for name in sorted(app.tasks):
         if name.startswith("celery."):  # Celery's internal tasks (chord_unlock, backend_cleanup...)
             continue
-        queue = app.amqp.router.route({}, name, (), {})["queue"].name
+        queue = routing.routed_queue(name, app=app)
         for counter in counters:
             counter.labels(name=name, queue_name=queue)
     m.rejected.labels(name=UNKNOWN, queue_name=app.conf.task_default_queue)

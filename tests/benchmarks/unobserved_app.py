@@ -1,6 +1,6 @@
 """The project's Celery app without its observability, for the benchmark's side-by-side run:
 the same worker, TaskLog and result backend, but no Prometheus metrics handlers and no
-structured task logging (app/signals.py's metrics_* handlers, app/task_logging.py and
+structured task logging (app/monitoring/signals.py's handlers, app/task_logging.py and
 django-structlog's task receivers are disconnected in every worker process before a task runs).
 
     celery -A tests.benchmarks.unobserved_app worker ...
@@ -13,13 +13,11 @@ from celery.utils.dispatch.signal import Signal
 
 from project.celery import app  # noqa: F401 - the app this module's worker runs
 
-OBSERVABILITY_MODULES = ("app.task_logging", "django_structlog")
+OBSERVABILITY_MODULES = ("app.monitoring.signals", "app.task_logging", "django_structlog")
 
 
 def _is_observability(receiver) -> bool:
     module = getattr(receiver, "__module__", "") or ""
-    if module == "app.signals":
-        return receiver.__name__.startswith("metrics_")
     return module.startswith(OBSERVABILITY_MODULES) and receiver.__name__ != "use_django_logging"
 
 

@@ -449,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"broker rabbitmq :{broker.port}, ledger and results redis :{ledger_server.port}")
     # What beat runs: the worker events watcher, failing the at-most-once tasks of a lost worker.
     from app import lost_tasks
-    from app.cluster_metrics import WorkerEvents, WorkerStates
+    from app.monitoring.cluster_metrics import WorkerEvents, WorkerStates
 
     watcher = WorkerEvents(
         celery_app,

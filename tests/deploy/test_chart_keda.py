@@ -354,7 +354,7 @@ def test_the_schema_refuses_a_wrong_keda_value(minimal_values, keda):
 def longest_time_limit(queues: list[str]) -> tuple[float, str]:
     """The longest hard time limit of a task these queues may carry: any task sent to them by
     name gets the default limit, and the tasks routed to them their own."""
-    from app.workflows import routed_queue
+    from app.routing import routed_queue
     from project.celery import app
 
     app.loader.import_default_modules()

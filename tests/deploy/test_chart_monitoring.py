@@ -55,7 +55,7 @@ ALERTS = {
     "WebHighErrorRate",
     "WebHighLatencyP95",
 }
-# What the processes export (app/metrics.py, the beat and web metrics; django-prometheus for web).
+# What the processes export (app/monitoring/metrics.py, the beat and web metrics; django-prometheus for web).
 EXPORTED = {
     *(f"celery_task_{event}_total" for event in ("sent", "received", "started", "succeeded", "failed", "retried")),
     *(f"celery_task_{event}_total" for event in ("revoked", "rejected")),

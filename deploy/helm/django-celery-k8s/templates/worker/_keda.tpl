@@ -17,7 +17,7 @@ workers have taken (reserved or running). README, "Autoscaling on the backlog".
 {{/*
 The pool's backlog in PromQL, from the project's own metrics:
 - celery_queue_length{queue_name}: beat's count of each queue (on Redis the sum of its priority
-  lists, app/cluster_metrics.py); max by queue, so a second scrape of it never counts twice;
+  lists, app/monitoring/cluster_metrics.py); max by queue, so a second scrape of it never counts twice;
 - celery_worker_tasks_active{hostname}: tasks running in a worker, named <pool>@<pod> by the
   chart (CELERY_WORKER_NAME). On Redis a worker takes a message only when a process is free
   (CELERY_WORKER_DISABLE_PREFETCH), so the tasks it holds are the ones it runs.
