@@ -38,6 +38,7 @@ def heartbeat(tmp_path, settings):
 
 @pytest.fixture
 def scheduler():
+    celery_app.loader.import_default_modules()  # the tasks, as beat imports them at its start
     return DatabaseScheduler(app=celery_app)
 
 
