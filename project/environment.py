@@ -13,6 +13,7 @@ empty value is a value (no CSP report address, no extra queues).
 """
 
 import argparse
+import os
 import sys
 import textwrap
 from dataclasses import dataclass
@@ -768,7 +769,10 @@ SECTIONS = (
             Variable(
                 "FLOWER_BASIC_AUTH",
                 "str",
-                Derived("empty: the flower role refuses to start; `make run` makes a new password each run", ""),
+                Derived(
+                    "none: the flower role then needs OAuth or refuses to start; `make run` makes a new password each run",
+                    "",
+                ),
                 "Flower's `user:password` pairs, comma-separated, neither part empty.",
             ),
             Variable(
@@ -809,8 +813,8 @@ SECTIONS = (
                 "LOCAL_VAR_DIR",
                 "str",
                 Derived("`var` in the checkout", str(PROJECT_DIR / "var")),
-                "The embedded Redis's folder, beat's schedule file, and `<it>/runtime` as `APP_RUNTIME_DIR` unless "
-                "that is set.",
+                "The embedded Redis's folder, beat's schedule file, and (its `runtime` folder) `APP_RUNTIME_DIR` "
+                "unless that is set.",
             ),
             Variable(
                 "LOCAL_REDIS_PORT",
@@ -854,7 +858,7 @@ def read(name: str, *, default: Any = NOT_GIVEN) -> Any:
     if not needs_default:
         default = declared_default(name)
     empty_is_a_value = variable.kind in ("str", "list") and not described(declared)
-    raw = _env.ENVIRON.get(name)
+    raw = os.environ.get(name)
     if raw is None or (raw == "" and not empty_is_a_value):
         return default
     return getattr(_env, variable.kind)(name)
