@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv run test bench chaos image lint fmt check kind-up kind-down kind-load deploy dev undeploy helm-docs kustomize-base
+.PHONY: help venv run test bench chaos image lint fmt check kind-up kind-down kind-load deploy dev undeploy helm-docs kustomize-base settings-docs
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -90,6 +90,9 @@ undeploy: ## Delete what deploy or dev installed (skaffold delete)
 
 helm-docs: $(STAMP) ## Regenerate the chart README's values table from values.yaml
 	$(PY) deploy/helm/django-celery-k8s/generate_readme.py
+
+settings-docs: $(STAMP) ## Regenerate the README's configuration tables and .env.sample from project/environment.py
+	$(PY) -m project.environment
 
 kustomize-base: $(STAMP) ## Regenerate deploy/kustomize/base and components/ from the Helm chart
 	$(PY) deploy/kustomize/generate_base.py

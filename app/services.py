@@ -250,18 +250,18 @@ def delete_scheduled_task(scheduled: ScheduledTask) -> None:
 
 
 def canary_schedules() -> list[dict]:
-    """One health_check schedule per worker queue (CANARY_QUEUES): the canary every worker pool
+    """One health_check schedule per worker queue (CELERY_CANARY_QUEUES): the canary every worker pool
     must run to stay ready (app/monitoring/worker_health.py)."""
     return [
         {
             "name": f"health-check-{queue}",
             "task": "app.tasks.health_check",
             "schedule_type": ScheduleType.INTERVAL,
-            "interval_seconds": settings.CANARY_INTERVAL,
+            "interval_seconds": settings.CELERY_CANARY_INTERVAL,
             "queue": queue,
             "description": f"Canary: checks database, cache, broker and result backend from a worker of '{queue}'.",
         }
-        for queue in settings.CANARY_QUEUES
+        for queue in settings.CELERY_CANARY_QUEUES
     ]
 
 

@@ -253,7 +253,7 @@ def generate_report(self, report_id: int) -> dict:
 
 # Expires after one canary interval: a canary that waited longer proves nothing fresh, and
 # stale ones must not pile up behind a stopped worker.
-@shared_task(bind=True, expires=settings.CANARY_INTERVAL, **IDEMPOTENT)
+@shared_task(bind=True, expires=settings.CELERY_CANARY_INTERVAL, **IDEMPOTENT)
 def health_check(self) -> dict:
     """Check database, cache, broker and result backend from a worker; fails when unhealthy
     so the failure shows in TaskLog, metrics and alerts. Beat sends it to every worker queue

@@ -27,7 +27,7 @@ from django.conf import settings
 from flower.app import Flower
 from flower.views import monitor
 
-from project import tls
+from project import environment, tls
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
 
@@ -128,7 +128,7 @@ def main(argv: list[str]) -> None:
 
     # A TLS server whose certificate is not trusted ends Flower here (project/tls.py).
     tls.check_servers(settings.TLS_CLIENTS)
-    metrics_port = int(os.environ.get("FLOWER_METRICS_PORT") or 0)
+    metrics_port = environment.read("FLOWER_METRICS_PORT")
     flower = ProjectFlower(capp=app, options=command.options, metrics_port=metrics_port, **command.settings)
     atexit.register(flower.stop)
     signal.signal(signal.SIGTERM, command.sigterm_handler)

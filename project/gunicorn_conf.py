@@ -1,4 +1,5 @@
-"""gunicorn settings for the web role, each from an environment variable with a default.
+"""gunicorn settings for the web role, each from an environment variable declared (with its
+default) in project/environment.py.
 
 Used as `gunicorn -c python:project.gunicorn_conf project.wsgi` (see deploy/image/entrypoint.sh).
 https://docs.gunicorn.org/en/stable/settings.html
@@ -7,47 +8,41 @@ https://docs.gunicorn.org/en/stable/settings.html
 import gc
 import ipaddress
 import os
-import tempfile
 from pathlib import Path
 
-from project import logging_config, tls, tracing
+from project import environment, logging_config, tls, tracing
 
-
-def _int(name: str, default: int) -> int:
-    return int(os.environ.get(name) or default)
-
-
-port = _int("PORT", 8000)
+port = environment.read("PORT")
 # A second listener serving only /metrics (app/monitoring/web_metrics.py): the ingress sends every path to
 # the public port, which answers /metrics with 404. 0: no metrics listener.
-metrics_port = _int("WEB_METRICS_PORT", 9808)
+metrics_port = environment.read("WEB_METRICS_PORT")
 if metrics_port == port:
     raise SystemExit(f"WEB_METRICS_PORT must differ from PORT ({port}); 0 turns the metrics listener off.")
 bind = [f"0.0.0.0:{port}"] + ([f"0.0.0.0:{metrics_port}"] if metrics_port else [])
-workers = _int("WEB_CONCURRENCY", 2)
-threads = _int("GUNICORN_THREADS", 1)
-timeout = _int("GUNICORN_TIMEOUT", 30)
+workers = environment.read("WEB_CONCURRENCY")
+threads = environment.read("GUNICORN_THREADS")
+timeout = environment.read("GUNICORN_TIMEOUT")
 # On SIGTERM, requests in flight get this long to finish before workers are killed.
-graceful_timeout = _int("GUNICORN_GRACEFUL_TIMEOUT", 30)
-keepalive = _int("GUNICORN_KEEPALIVE", 5)
+graceful_timeout = environment.read("GUNICORN_GRACEFUL_TIMEOUT")
+keepalive = environment.read("GUNICORN_KEEPALIVE")
 # Recycle workers now and then (jittered, so they do not all restart together).
-max_requests = _int("GUNICORN_MAX_REQUESTS", 1000)
-max_requests_jitter = _int("GUNICORN_MAX_REQUESTS_JITTER", 100)
+max_requests = environment.read("GUNICORN_MAX_REQUESTS")
+max_requests_jitter = environment.read("GUNICORN_MAX_REQUESTS_JITTER")
 # The heartbeat file of each worker: in memory, and writable with a read-only root filesystem.
-worker_tmp_dir = os.environ.get("GUNICORN_WORKER_TMP_DIR") or "/dev/shm"  # noqa: S108 - tmpfs by design
+worker_tmp_dir = environment.read("GUNICORN_WORKER_TMP_DIR")
 # gunicorn 25+ creates a control socket under $HOME by default; nothing uses it here.
 control_socket_disable = True
 # The proxies (addresses or CIDR networks; * for any) trusted with X-Forwarded-* headers: the
 # chart's ingress controller. gunicorn takes the scheme from them only; pre_request below drops
 # those headers from every other peer before Django sees them.
-forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS") or "127.0.0.1,::1"
-loglevel = os.environ.get("GUNICORN_LOG_LEVEL") or "info"
+forwarded_allow_ips = environment.read("FORWARDED_ALLOW_IPS")
+loglevel = environment.read("GUNICORN_LOG_LEVEL")
 # gunicorn's error and access logs go through the project's logging configuration
 # (project/logging_config.py), as Django's and Celery's do: one JSON object per line, or
 # readable text with LOG_FORMAT=console. The access line's fields come from gunicorn's atoms.
 logconfig_dict = logging_config.build(
     log_format=logging_config.log_format_from_environment(),
-    level=os.environ.get("DJANGO_LOG_LEVEL") or "INFO",
+    level=environment.read("DJANGO_LOG_LEVEL"),
 )
 # The event of each access line; its fields (method, path, status, duration_ms, request_id...)
 # are added by logging_config.gunicorn_access_fields.
@@ -58,15 +53,12 @@ access_log_format = "%(m)s %(U)s %(s)s"
 # https://prometheus.github.io/client_python/multiprocess/
 # prometheus-client chooses its value class from PROMETHEUS_MULTIPROC_DIR when it is imported,
 # and with preload_app the master imports Django (and prometheus-client) right after reading
-# this file: so the web's own empty directory under the base is made here (same default as
-# settings.PROMETHEUS_MULTIPROC_BASE_DIR; a Celery worker uses <base>/worker).
+# this file: so the web's own empty directory under the base is made here (a Celery worker uses
+# <base>/worker).
 
 
 def _web_metrics_dir() -> Path:
-    base = os.environ.get("PROMETHEUS_MULTIPROC_BASE_DIR") or str(
-        Path(os.environ.get("APP_RUNTIME_DIR") or tempfile.gettempdir()) / "prometheus-multiproc"
-    )
-    path = Path(base) / "web"
+    path = Path(environment.read("PROMETHEUS_MULTIPROC_BASE_DIR")) / "web"
     path.mkdir(parents=True, exist_ok=True)
     for stale in path.glob("*.db"):  # counts of an earlier run; only prometheus-client's files
         stale.unlink(missing_ok=True)

@@ -24,6 +24,7 @@ from honcho.compat import ProcessManager
 from honcho.manager import Manager
 from honcho.printer import Message, Printer
 
+from project import environment
 from project.embedded import EmbeddedRedis
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -92,8 +93,8 @@ class LocalManager(Manager):
         return {name: p.get("returncode") for name, p in self._processes.items()}
 
 
-def port_from_env(name: str, default: int) -> int:
-    value = os.environ.get(name) or str(default)
+def port_from_env(name: str) -> int:
+    value = os.environ.get(name) or str(environment.declared_default(name))
     if not value.isdigit() or not 0 < int(value) < 65536:
         raise SystemExit(f"{name}={value!r} is not a port number.")
     return int(value)
@@ -139,24 +140,24 @@ def main() -> int:
     environ.Env.read_env(BASE_DIR / ".env", overwrite=False)
     os.environ.setdefault("DJANGO_DEBUG", "true")
     os.environ["PYTHONUNBUFFERED"] = "1"  # children's output reaches the terminal line by line
-    var_dir = Path(os.environ.get("LOCAL_VAR_DIR") or BASE_DIR / "var").resolve()
-    web_port = port_from_env("WEB_PORT", 8000)
-    flower_port = port_from_env("FLOWER_PORT", 5555)
+    var_dir = Path(environment.read("LOCAL_VAR_DIR")).resolve()
+    web_port = port_from_env("WEB_PORT")
+    flower_port = port_from_env("FLOWER_PORT")
     ensure_port_free(web_port, "the web server", "WEB_PORT")
     ensure_port_free(flower_port, "Flower", "FLOWER_PORT")
     # Each server's Prometheus metrics on its own port: on one host they cannot all use the
     # default 9808 of their own variables, which are set per process below.
     metrics_ports = {
-        "web": port_from_env("LOCAL_WEB_METRICS_PORT", 9810),
-        "worker": port_from_env("LOCAL_WORKER_METRICS_PORT", 9808),
-        "beat": port_from_env("LOCAL_BEAT_METRICS_PORT", 9809),
+        "web": port_from_env("LOCAL_WEB_METRICS_PORT"),
+        "worker": port_from_env("LOCAL_WORKER_METRICS_PORT"),
+        "beat": port_from_env("LOCAL_BEAT_METRICS_PORT"),
     }
     for role, port in metrics_ports.items():
         ensure_port_free(port, f"the {role}'s metrics", f"LOCAL_{role.upper()}_METRICS_PORT")
 
     redis = None
     if not os.environ.get("CELERY_BROKER_URL"):
-        redis_port = port_from_env("LOCAL_REDIS_PORT", 6390)
+        redis_port = port_from_env("LOCAL_REDIS_PORT")
         ensure_port_free(redis_port, "the embedded Redis", "LOCAL_REDIS_PORT")
         redis = EmbeddedRedis(port=redis_port, workdir=var_dir / "redis")
         redis.workdir.mkdir(parents=True, exist_ok=True)
@@ -193,9 +194,7 @@ def main() -> int:
     python = sys.executable
     # The image's way: Celery's worker and beat commands without the `celery` group's plugins.
     celery_command = (python, "-m", "project.celery_command")
-    queues = ",".join(
-        [os.environ.get("CELERY_DEFAULT_QUEUE") or "default", os.environ.get("CELERY_LONG_QUEUE") or "long"]
-    )
+    queues = ",".join([environment.read("CELERY_DEFAULT_QUEUE"), environment.read("CELERY_LONG_QUEUE")])
     manager = LocalManager(Printer(sys.stdout), broker="redis" if redis else None)
     if redis is not None:
         manager.add_process("redis", command(*redis.command()), cwd=BASE_DIR)

@@ -7,19 +7,16 @@ https://www.structlog.org/en/stable/standard-library.html#rendering-using-struct
 
 import logging
 
-import environ
 import structlog
 
-from project import tracing
+from project import environment, tracing
 
 LOG_FORMATS = ("json", "console")
 
 
 def log_format_from_environment() -> str:
     """LOG_FORMAT, else console when DJANGO_DEBUG is on and JSON otherwise."""
-    env = environ.Env()
-    default = "console" if env.bool("DJANGO_DEBUG", default=False) else "json"
-    return env.str("LOG_FORMAT", default=default)
+    return environment.read("LOG_FORMAT", default="console" if environment.read("DJANGO_DEBUG") else "json")
 
 
 def gunicorn_access_fields(_logger, _method_name, event_dict: dict) -> dict:

@@ -1,9 +1,9 @@
-"""Django settings, read only from the environment (see .env.sample for every variable)."""
+"""Django settings, read only from the environment: every variable is declared, with its type,
+default and help, in project/environment.py (the README's tables and .env.sample come from there)."""
 
 import importlib.util
 import logging
 import os
-import tempfile
 from datetime import timedelta
 from pathlib import Path
 
@@ -12,11 +12,10 @@ from django.core.exceptions import ImproperlyConfigured
 
 import project
 from app import redis_sentinel
-from project import logging_config, sentry, tls
+from project import environment, logging_config, sentry, tls
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
-env = environ.Env()
 # A local .env is a convenience for development; the environment always wins. Read only when
 # there is one: django-environ warns at every start (each role, each process) otherwise.
 if (BASE_DIR / ".env").is_file():
@@ -24,8 +23,8 @@ if (BASE_DIR / ".env").is_file():
 
 # --- Core -----------------------------------------------------------------
 
-DEBUG = env.bool("DJANGO_DEBUG", default=False)
-SECRET_KEY = env.str("DJANGO_SECRET_KEY", default="")
+DEBUG = environment.read("DJANGO_DEBUG")
+SECRET_KEY = environment.read("DJANGO_SECRET_KEY")
 if not SECRET_KEY:
     if not DEBUG:
         raise ImproperlyConfigured(
@@ -35,10 +34,10 @@ if not SECRET_KEY:
     SECRET_KEY = "insecure-development-key-never-use-in-production"  # noqa: S105 - DEBUG only
 # Earlier keys, still accepted for what they signed (sessions, password-reset links) while
 # DJANGO_SECRET_KEY is rotated; drop them once those have expired (README, "Security").
-SECRET_KEY_FALLBACKS = env.list("DJANGO_SECRET_KEY_FALLBACKS", default=[])
+SECRET_KEY_FALLBACKS = environment.read("DJANGO_SECRET_KEY_FALLBACKS")
 
-ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]"])
-CSRF_TRUSTED_ORIGINS = env.list("DJANGO_CSRF_TRUSTED_ORIGINS", default=[])
+ALLOWED_HOSTS = environment.read("DJANGO_ALLOWED_HOSTS")
+CSRF_TRUSTED_ORIGINS = environment.read("DJANGO_CSRF_TRUSTED_ORIGINS")
 
 INSTALLED_APPS = [
     # Without autodiscovery: only the web's URLconf loads the admin modules (project/urls.py), so
@@ -89,7 +88,7 @@ MIDDLEWARE = [
 # The largest request body read (bytes): a larger one is refused before any view, 413 under /api/
 # (app/api_errors.py). The default, Django's own, holds the largest chord the API takes (100,000
 # numbers of up to about 24 characters each).
-API_MAX_BODY_BYTES = env.int("API_MAX_BODY_BYTES", default=2_621_440)
+API_MAX_BODY_BYTES = environment.read("API_MAX_BODY_BYTES")
 if API_MAX_BODY_BYTES < 1:
     raise ImproperlyConfigured(f"API_MAX_BODY_BYTES must be a positive number of bytes; got {API_MAX_BODY_BYTES}.")
 # https://docs.djangoproject.com/en/5.2/ref/settings/#data-upload-max-memory-size
@@ -103,27 +102,27 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = API_MAX_BODY_BYTES
 # The header a TLS-terminating proxy sets to "https" (X-Forwarded-Proto for ingress-nginx); empty:
 # none, a request is secure only when it reached gunicorn over TLS. gunicorn passes X-Forwarded-*
 # headers on only from FORWARDED_ALLOW_IPS (project/gunicorn_conf.py), so a client cannot forge it.
-_PROXY_SSL_HEADER = env.str("DJANGO_SECURE_PROXY_SSL_HEADER", default="")
+_PROXY_SSL_HEADER = environment.read("DJANGO_SECURE_PROXY_SSL_HEADER")
 SECURE_PROXY_SSL_HEADER = (
     ("HTTP_" + _PROXY_SSL_HEADER.upper().replace("-", "_"), "https") if _PROXY_SSL_HEADER else None
 )
-SECURE_SSL_REDIRECT = env.bool("DJANGO_SECURE_SSL_REDIRECT", default=False)
+SECURE_SSL_REDIRECT = environment.read("DJANGO_SECURE_SSL_REDIRECT")
 # The kubelet probes web over plain http on the pod's port: its probe paths are never redirected.
-SECURE_REDIRECT_EXEMPT = env.list("DJANGO_SECURE_REDIRECT_EXEMPT", default=[r"^api/health/(live|ready)$"])
+SECURE_REDIRECT_EXEMPT = environment.read("DJANGO_SECURE_REDIRECT_EXEMPT")
 # Sent only on secure requests. A year, with subdomains and preload, is what check --deploy and
 # hstspreload.org ask for; start lower when trying TLS out (a browser keeps it for that long).
-SECURE_HSTS_SECONDS = env.int("DJANGO_SECURE_HSTS_SECONDS", default=0)
-SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("DJANGO_SECURE_HSTS_INCLUDE_SUBDOMAINS", default=True)
-SECURE_HSTS_PRELOAD = env.bool("DJANGO_SECURE_HSTS_PRELOAD", default=True)
+SECURE_HSTS_SECONDS = environment.read("DJANGO_SECURE_HSTS_SECONDS")
+SECURE_HSTS_INCLUDE_SUBDOMAINS = environment.read("DJANGO_SECURE_HSTS_INCLUDE_SUBDOMAINS")
+SECURE_HSTS_PRELOAD = environment.read("DJANGO_SECURE_HSTS_PRELOAD")
 # Cookies sent over https only: on with the redirect unless set.
-SESSION_COOKIE_SECURE = env.bool("DJANGO_SESSION_COOKIE_SECURE", default=SECURE_SSL_REDIRECT)
-CSRF_COOKIE_SECURE = env.bool("DJANGO_CSRF_COOKIE_SECURE", default=SECURE_SSL_REDIRECT)
+SESSION_COOKIE_SECURE = environment.read("DJANGO_SESSION_COOKIE_SECURE", default=SECURE_SSL_REDIRECT)
+CSRF_COOKIE_SECURE = environment.read("DJANGO_CSRF_COOKIE_SECURE", default=SECURE_SSL_REDIRECT)
 
 # Content-Security-Policy (django-csp 4): only this site's own scripts, styles, images and fonts
 # (the admin and the Swagger UI at /api/docs need nothing else; swagger-ui draws its icons as data:
 # images), no plugins, no framing, forms post only here. Flower sets its own (project/flower_app.py).
 # https://django-csp.readthedocs.io/en/latest/configuration.html
-CSP_REPORT_URI = env.str("DJANGO_CSP_REPORT_URI", default="")
+DJANGO_CSP_REPORT_URI = environment.read("DJANGO_CSP_REPORT_URI")
 CONTENT_SECURITY_POLICY = {
     "DIRECTIVES": {
         "default-src": ["'self'"],
@@ -136,13 +135,13 @@ CONTENT_SECURITY_POLICY = {
         "base-uri": ["'none'"],
         "frame-ancestors": ["'none'"],
         "form-action": ["'self'"],
-        **({"report-uri": [CSP_REPORT_URI]} if CSP_REPORT_URI else {}),
+        **({"report-uri": [DJANGO_CSP_REPORT_URI]} if DJANGO_CSP_REPORT_URI else {}),
     },
 }
 
 # Admin passwords: Django's validators (length 12 by default, not like the user's name, not a
 # common password, not only digits). https://docs.djangoproject.com/en/5.2/topics/auth/passwords/
-AUTH_PASSWORD_MIN_LENGTH = env.int("AUTH_PASSWORD_MIN_LENGTH", default=12)
+AUTH_PASSWORD_MIN_LENGTH = environment.read("AUTH_PASSWORD_MIN_LENGTH")
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
     {
@@ -160,8 +159,8 @@ AUTHENTICATION_BACKENDS = [
     "axes.backends.AxesStandaloneBackend",
     "django.contrib.auth.backends.ModelBackend",
 ]
-AXES_FAILURE_LIMIT = env.int("AXES_FAILURE_LIMIT", default=5)
-AXES_COOLOFF_MINUTES = env.int("AXES_COOLOFF_MINUTES", default=15)
+AXES_FAILURE_LIMIT = environment.read("AXES_FAILURE_LIMIT")
+AXES_COOLOFF_MINUTES = environment.read("AXES_COOLOFF_MINUTES")
 AXES_COOLOFF_TIME = timedelta(minutes=AXES_COOLOFF_MINUTES)
 AXES_LOCKOUT_PARAMETERS = ["ip_address"]
 AXES_RESET_ON_SUCCESS = True
@@ -199,16 +198,16 @@ TEMPLATES = [
 
 # --- Database ---------------------------------------------------------------
 
-DATABASES = {"default": env.db_url("DATABASE_URL", default=f"sqlite:///{BASE_DIR / 'db.sqlite3'}")}
+DATABASES = {"default": environ.Env.db_url_config(environment.read("DATABASE_URL"))}
 # Persistent connections: measured here, a new connection per task makes the database
 # result backend ~4x slower. Health checks drop a connection the server closed.
 # https://docs.djangoproject.com/en/5.2/ref/databases/#persistent-connections
-DATABASES["default"]["CONN_MAX_AGE"] = env.int("DATABASE_CONN_MAX_AGE", default=600)
+DATABASES["default"]["CONN_MAX_AGE"] = environment.read("DATABASE_CONN_MAX_AGE")
 DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 # Celery's Django fixup closes every database connection before and after each task unless
 # this is set; it then closes them only every N tasks. Between those, app/signals.py applies
 # CONN_MAX_AGE and the health checks before each task, as Django does before each request.
-CELERY_DB_REUSE_MAX = env.int("CELERY_DB_REUSE_MAX", default=10_000)
+CELERY_DB_REUSE_MAX = environment.read("CELERY_DB_REUSE_MAX")
 _db_engine = DATABASES["default"]["ENGINE"]
 if _db_engine.endswith("sqlite3"):
     # web, worker and beat share one file locally: WAL lets readers run beside a writer,
@@ -232,12 +231,12 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 # A sentinel://host:26379/0;sentinel://host2:26379/0 URL in CELERY_BROKER_URL, RESULT_BACKEND_URL
 # or CACHE_URL reaches the primary these Sentinels name, and the new one after a failover.
 # https://redis.io/docs/latest/operate/oss_and_stack/management/sentinel/
-REDIS_SENTINEL_MASTER_NAME = env.str("REDIS_SENTINEL_MASTER_NAME", default="mymaster")
+REDIS_SENTINEL_MASTER_NAME = environment.read("REDIS_SENTINEL_MASTER_NAME")
 # Only for Sentinels that ask for one (their requirepass); the primary's is in the URL.
-REDIS_SENTINEL_PASSWORD = env.str("REDIS_SENTINEL_PASSWORD", default="")
+REDIS_SENTINEL_PASSWORD = environment.read("REDIS_SENTINEL_PASSWORD")
 # Seconds a command waits on a silent Redis connection: the broker, the results, and the
 # Sentinels and primary of a sentinel:// cache.
-REDIS_SOCKET_TIMEOUT = env.float("REDIS_SOCKET_TIMEOUT", default=5.0)
+REDIS_SOCKET_TIMEOUT = environment.read("REDIS_SOCKET_TIMEOUT")
 SENTINEL_TRANSPORT_OPTIONS = redis_sentinel.transport_options(
     master_name=REDIS_SENTINEL_MASTER_NAME, password=REDIS_SENTINEL_PASSWORD, socket_timeout=REDIS_SOCKET_TIMEOUT
 )
@@ -246,7 +245,7 @@ SENTINEL_TRANSPORT_OPTIONS = redis_sentinel.transport_options(
 
 # redis://... selects Django's built-in Redis cache, sentinel://... the same through Sentinel;
 # the default keeps it in process memory.
-CACHE_URL = env.str("CACHE_URL", default="locmemcache://")
+CACHE_URL = environment.read("CACHE_URL")
 CACHES = {
     "default": redis_sentinel.cache_settings(
         CACHE_URL,
@@ -255,14 +254,14 @@ CACHES = {
         socket_timeout=REDIS_SOCKET_TIMEOUT,
     )
     if redis_sentinel.is_sentinel_url(CACHE_URL)
-    else env.cache_url_config(CACHE_URL)
+    else environ.Env.cache_url_config(CACHE_URL)
 }
 
 # --- Email ----------------------------------------------------------------
 
 # consolemail:// prints mail; smtp://user:password@host:587/?tls=True sends it.
-vars().update(env.email_url("EMAIL_URL", default="consolemail://"))
-DEFAULT_FROM_EMAIL = env.str("DEFAULT_FROM_EMAIL", default="celery-demo@localhost")
+vars().update(environ.Env.email_url_config(environment.read("EMAIL_URL")))
+DEFAULT_FROM_EMAIL = environment.read("DEFAULT_FROM_EMAIL")
 
 # --- Internationalisation and static files ------------------------------------
 
@@ -272,7 +271,7 @@ USE_I18N = True
 USE_TZ = True
 
 STATIC_URL = "static/"
-STATIC_ROOT = env.path("DJANGO_STATIC_ROOT", default=BASE_DIR / "staticfiles")
+STATIC_ROOT = Path(environment.read("DJANGO_STATIC_ROOT"))
 STATICFILES_DIRS = [NINJA_DIR / "static"]
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
@@ -285,7 +284,7 @@ if DEBUG:
 # --- Celery -----------------------------------------------------------------
 # https://docs.celeryq.dev/en/stable/userguide/configuration.html
 
-CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="redis://127.0.0.1:6379/0")
+CELERY_BROKER_URL = environment.read("CELERY_BROKER_URL")
 BROKER_IS_SENTINEL = redis_sentinel.is_sentinel_url(CELERY_BROKER_URL)
 BROKER_IS_REDIS = CELERY_BROKER_URL.startswith(("redis://", "rediss://")) or BROKER_IS_SENTINEL
 BROKER_IS_RABBITMQ = CELERY_BROKER_URL.startswith(("amqp://", "amqps://", "pyamqp://"))
@@ -298,8 +297,8 @@ if "CELERY_RESULT_BACKEND" in os.environ:
         "Set RESULT_BACKEND_URL, not CELERY_RESULT_BACKEND: Celery reads CELERY_RESULT_BACKEND directly "
         "and would store results without the task history."
     )
-RESULT_BACKEND_URL = env.str("RESULT_BACKEND_URL", default="") or (
-    CELERY_BROKER_URL if BROKER_IS_REDIS else "django-db"
+RESULT_BACKEND_URL = environment.read(
+    "RESULT_BACKEND_URL", default=CELERY_BROKER_URL if BROKER_IS_REDIS else "django-db"
 )
 if RESULT_BACKEND_URL == "django-db":
     CELERY_RESULT_BACKEND = "app.result_backend:UpsertDatabaseBackend"
@@ -318,9 +317,9 @@ CELERY_CACHE_BACKEND = "django-cache"
 # Every rediss:// and amqps:// URL above (broker, result backend, cache) verifies its server
 # against this CA bundle (empty: the system's CAs), and shows this client certificate if set. A
 # rediss:// URL may carry ssl_* parameters instead; half a setting fails here, at start-up.
-TLS_CA_FILE = env.str("TLS_CA_FILE", default="")
-TLS_CERT_FILE = env.str("TLS_CERT_FILE", default="")
-TLS_KEY_FILE = env.str("TLS_KEY_FILE", default="")
+TLS_CA_FILE = environment.read("TLS_CA_FILE")
+TLS_CERT_FILE = environment.read("TLS_CERT_FILE")
+TLS_KEY_FILE = environment.read("TLS_KEY_FILE")
 try:
     TLS_CLIENTS = tls.clients_for(
         {
@@ -342,23 +341,23 @@ if "CACHE_URL" in TLS_CLIENTS:
     CACHES["default"].setdefault("OPTIONS", {}).update(TLS_CLIENTS["CACHE_URL"].redis_options())
 # Name, args, worker, queue and retries in every stored state: the history is built from them.
 CELERY_RESULT_EXTENDED = True
-CELERY_RESULT_EXPIRES = env.int("CELERY_RESULT_EXPIRES", default=86400)
+CELERY_RESULT_EXPIRES = environment.read("CELERY_RESULT_EXPIRES")
 # No STARTED state for short tasks: measured, storing it costs a short task a second backend
 # write and a tenth of a worker's throughput (README). Tasks that run for seconds (the long
 # queue's) ask for it themselves (track_started); true stores it for every task.
-CELERY_TASK_TRACK_STARTED = env.bool("CELERY_TASK_TRACK_STARTED", default=False)
+CELERY_TASK_TRACK_STARTED = environment.read("CELERY_TASK_TRACK_STARTED")
 
 # --- Task history (app/task_history.py, app/history_recorder.py) ------------------------------
 # With a Redis result backend every stored state is appended to a stream, and a recorder folds
 # it into TaskLog in batches. Beat runs one; manage.py record_task_history runs another.
-TASK_HISTORY_RECORDER = env.bool("TASK_HISTORY_RECORDER", default=True)
+TASK_HISTORY_RECORDER = environment.read("TASK_HISTORY_RECORDER")
 # Entries per batch (one database transaction); seconds a read waits for new entries; seconds a
 # short batch waits for more to gather (the history's lag for that saving); and seconds after
 # which the entries a stopped recorder had read are taken over by a live one.
-TASK_HISTORY_BATCH_SIZE = env.int("TASK_HISTORY_BATCH_SIZE", default=500)
-TASK_HISTORY_BLOCK_SECONDS = env.float("TASK_HISTORY_BLOCK_SECONDS", default=1.0)
-TASK_HISTORY_LINGER_SECONDS = env.float("TASK_HISTORY_LINGER_SECONDS", default=0.25)
-TASK_HISTORY_CLAIM_IDLE_SECONDS = env.float("TASK_HISTORY_CLAIM_IDLE_SECONDS", default=30.0)
+TASK_HISTORY_BATCH_SIZE = environment.read("TASK_HISTORY_BATCH_SIZE")
+TASK_HISTORY_BLOCK_SECONDS = environment.read("TASK_HISTORY_BLOCK_SECONDS")
+TASK_HISTORY_LINGER_SECONDS = environment.read("TASK_HISTORY_LINGER_SECONDS")
+TASK_HISTORY_CLAIM_IDLE_SECONDS = environment.read("TASK_HISTORY_CLAIM_IDLE_SECONDS")
 
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_TASK_SERIALIZER = "json"
@@ -368,20 +367,20 @@ CELERY_TIMEZONE = TIME_ZONE
 # Time limits of a task that sets none: the default queue's short tasks. The long queue's tasks
 # carry the long limits (app/tasks.py). Short limits keep the default pool's Redis visibility
 # timeout, and so its redelivery after a dead worker, short (app/redelivery.py).
-CELERY_TASK_SOFT_TIME_LIMIT = env.int("CELERY_TASK_SOFT_TIME_LIMIT", default=25)
-CELERY_TASK_TIME_LIMIT = env.int("CELERY_TASK_TIME_LIMIT", default=30)
+CELERY_TASK_SOFT_TIME_LIMIT = environment.read("CELERY_TASK_SOFT_TIME_LIMIT")
+CELERY_TASK_TIME_LIMIT = environment.read("CELERY_TASK_TIME_LIMIT")
 if CELERY_TASK_SOFT_TIME_LIMIT >= CELERY_TASK_TIME_LIMIT:
     raise ImproperlyConfigured("CELERY_TASK_SOFT_TIME_LIMIT must be lower than CELERY_TASK_TIME_LIMIT.")
-CELERY_LONG_TASK_SOFT_TIME_LIMIT = env.int("CELERY_LONG_TASK_SOFT_TIME_LIMIT", default=300)
-CELERY_LONG_TASK_TIME_LIMIT = env.int("CELERY_LONG_TASK_TIME_LIMIT", default=360)
+CELERY_LONG_TASK_SOFT_TIME_LIMIT = environment.read("CELERY_LONG_TASK_SOFT_TIME_LIMIT")
+CELERY_LONG_TASK_TIME_LIMIT = environment.read("CELERY_LONG_TASK_TIME_LIMIT")
 if CELERY_LONG_TASK_SOFT_TIME_LIMIT >= CELERY_LONG_TASK_TIME_LIMIT:
     raise ImproperlyConfigured("CELERY_LONG_TASK_SOFT_TIME_LIMIT must be lower than CELERY_LONG_TASK_TIME_LIMIT.")
 # The longest wait between two retries (exponential backoff with jitter, app/tasks.py): a retry's
 # message waits that long unacknowledged, so it counts towards the visibility timeout too.
-CELERY_RETRY_BACKOFF_MAX = env.int("CELERY_RETRY_BACKOFF_MAX", default=15)
+CELERY_RETRY_BACKOFF_MAX = environment.read("CELERY_RETRY_BACKOFF_MAX")
 
-CELERY_TASK_DEFAULT_QUEUE = env.str("CELERY_DEFAULT_QUEUE", default="default")
-CELERY_LONG_QUEUE = env.str("CELERY_LONG_QUEUE", default="long")
+CELERY_TASK_DEFAULT_QUEUE = environment.read("CELERY_DEFAULT_QUEUE")
+CELERY_LONG_QUEUE = environment.read("CELERY_LONG_QUEUE")
 # Long-running and report tasks get their own queue and workers, so they never delay short ones.
 CELERY_TASK_ROUTES = {
     "app.tasks.long_running_task": {"queue": CELERY_LONG_QUEUE},
@@ -395,16 +394,16 @@ CELERY_TASK_ROUTES = {
 
 # One message at a time per process: a long task never sits on prefetched short ones.
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
-CELERY_WORKER_CONCURRENCY = env.int("CELERY_WORKER_CONCURRENCY", default=None)
+CELERY_WORKER_CONCURRENCY = environment.read("CELERY_WORKER_CONCURRENCY")
 # Replace a pool process after this many tasks or once it holds this much memory (KiB):
 # a leak in one task cannot grow a worker without bound. Measured on trivial tasks, a new pool
 # process every 1,000 tasks cost 9% of throughput (the fork and start of a Django process);
 # every 10,000 under 1%, and the memory cap still catches a leak.
-CELERY_WORKER_MAX_TASKS_PER_CHILD = env.int("CELERY_WORKER_MAX_TASKS_PER_CHILD", default=10_000)
-CELERY_WORKER_MAX_MEMORY_PER_CHILD = env.int("CELERY_WORKER_MAX_MEMORY_PER_CHILD", default=512_000)
+CELERY_WORKER_MAX_TASKS_PER_CHILD = environment.read("CELERY_WORKER_MAX_TASKS_PER_CHILD")
+CELERY_WORKER_MAX_MEMORY_PER_CHILD = environment.read("CELERY_WORKER_MAX_MEMORY_PER_CHILD")
 # SIGTERM is a warm shutdown: consuming stops and running tasks finish. If a cold shutdown
 # follows (a second signal), running tasks still get this many seconds.
-CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT = env.float("CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT", default=0.0)
+CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT = environment.read("CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT")
 # Task events feed Flower. (No task-sent events: they would double the broker writes of
 # every enqueue, and the publishing side is observed through signal handlers instead.)
 CELERY_WORKER_SEND_TASK_EVENTS = True
@@ -417,36 +416,36 @@ CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 # unacknowledged set, and the run finishes and acknowledges over the new connection: nothing
 # to cancel (and Celery's pending-deprecation warning about that choice is not logged:
 # app/task_logging.py).
-CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = env.bool(
+CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = environment.read(
     "CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS", default=not BROKER_IS_REDIS
 )
 # Redis only (Celery ignores it on RabbitMQ, whose prefetch count already bounds it): a worker
 # takes a message only when a pool process is free, so an at-most-once task (acknowledged on
 # receipt) never waits behind a long one in a busy worker's buffer, and a killed worker held
 # no more messages than it had processes.
-CELERY_WORKER_DISABLE_PREFETCH = BROKER_IS_REDIS and env.bool("CELERY_WORKER_DISABLE_PREFETCH", default=True)
+CELERY_WORKER_DISABLE_PREFETCH = BROKER_IS_REDIS and environment.read("CELERY_WORKER_DISABLE_PREFETCH")
 
 # Redis redelivers a message left unacknowledged this long (a worker died holding it). Empty:
 # each worker derives it from the tasks of the queues it consumes (their longest hard limit plus
 # the longest countdown, app/redelivery.py), so a dead default-pool worker's task runs again in
 # under a minute. A value set here must exceed that, or the worker refuses to start.
-CELERY_BROKER_VISIBILITY_TIMEOUT = env.int("CELERY_BROKER_VISIBILITY_TIMEOUT", default=None)
+CELERY_BROKER_VISIBILITY_TIMEOUT = environment.read("CELERY_BROKER_VISIBILITY_TIMEOUT")
 # A worker pool's name (the chart sets it): on Redis each pool keeps its unacknowledged messages
 # in keys of its own, so a pool with a short visibility timeout never redelivers the messages of
 # a pool running longer tasks. Empty: kombu's shared keys.
-WORKER_POOL_NAME = env.str("WORKER_POOL_NAME", default="")
+WORKER_POOL_NAME = environment.read("WORKER_POOL_NAME")
 # Seconds between two sweeps that put overdue unacknowledged messages back (kombu's default
 # sweeps every 100 s: 10 s, on every 10th turn).
-REDIS_RESTORE_INTERVAL = env.int("REDIS_RESTORE_INTERVAL", default=5)
+REDIS_RESTORE_INTERVAL = environment.read("REDIS_RESTORE_INTERVAL")
 # A Redis broker that vanishes without closing the connection (failover, a NAT or firewall
 # timeout) is noticed in seconds: a command waits at most REDIS_SOCKET_TIMEOUT (above), and an idle
 # connection is checked every REDIS_HEALTH_CHECK_INTERVAL seconds (a stuck BRPOP is dropped after
 # about 1 + 2 x that; kombu's default of 25 s gives 51 s). A timed-out command is retried once.
-REDIS_HEALTH_CHECK_INTERVAL = env.int("REDIS_HEALTH_CHECK_INTERVAL", default=5)
+REDIS_HEALTH_CHECK_INTERVAL = environment.read("REDIS_HEALTH_CHECK_INTERVAL")
 # RabbitMQ: every publish waits for the broker's confirm, so a 202 (or a chain's next step) means
 # the broker has the message; without it a message sent just before a broker crash is lost
 # silently. Its cost per publish: make bench (tests/benchmarks/publish_confirms.py, README).
-CELERY_BROKER_CONFIRM_PUBLISH = env.bool("CELERY_BROKER_CONFIRM_PUBLISH", default=True)
+CELERY_BROKER_CONFIRM_PUBLISH = environment.read("CELERY_BROKER_CONFIRM_PUBLISH")
 # Redis: kombu's transport, with task messages in an outbox until a worker has written them down
 # as unacknowledged, so a worker killed between its BRPOP and that write loses nothing
 # (app/redis_transport.py).
@@ -478,7 +477,7 @@ CELERY_REDIS_RETRY_ON_TIMEOUT = True
 CELERY_REDIS_BACKEND_HEALTH_CHECK_INTERVAL = REDIS_HEALTH_CHECK_INTERVAL
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # An API request must fail fast (503) when the broker is down, not hang.
-CELERY_BROKER_CONNECTION_TIMEOUT = env.float("CELERY_BROKER_CONNECTION_TIMEOUT", default=1.0)
+CELERY_BROKER_CONNECTION_TIMEOUT = environment.read("CELERY_BROKER_CONNECTION_TIMEOUT")
 CELERY_TASK_PUBLISH_RETRY_POLICY = {
     "max_retries": 2,
     "interval_start": 0,
@@ -491,8 +490,9 @@ CELERY_TASK_PUBLISH_RETRY_POLICY = {
 # even do that when the results live on the same Redis). So a worker retries a publish for up
 # to CELERY_WORKER_PUBLISH_RETRY_SECONDS, once a second (app/signals.py). Keep it under the
 # hard time limit.
+CELERY_WORKER_PUBLISH_RETRY_SECONDS = environment.read("CELERY_WORKER_PUBLISH_RETRY_SECONDS")
 WORKER_TASK_PUBLISH_RETRY_POLICY = {
-    "max_retries": env.int("CELERY_WORKER_PUBLISH_RETRY_SECONDS", default=20),
+    "max_retries": CELERY_WORKER_PUBLISH_RETRY_SECONDS,
     "interval_start": 0,
     "interval_step": 0.5,
     "interval_max": 1.0,
@@ -503,41 +503,40 @@ CELERY_BEAT_SCHEDULER = "app.monitoring.beat_scheduler:DatabaseScheduler"
 
 # --- Worker metrics (app/monitoring/metrics.py) ------------------------------------------
 # Where the processes keep their writable runtime files (metrics, probe files, beat's
-# heartbeat): /tmp in the image, whose root filesystem is read-only.
-RUNTIME_DIR = Path(env.str("APP_RUNTIME_DIR", default="") or tempfile.gettempdir())
+# heartbeat): var/runtime in the checkout, so two checkouts never share them; /tmp in the image,
+# whose root filesystem is read-only.
+APP_RUNTIME_DIR = Path(environment.read("APP_RUNTIME_DIR"))
 # Port on which the worker's main process serves Prometheus metrics summed over its pool
-# children; 0 turns the server off. Not CELERY_-prefixed here: not a Celery setting.
-WORKER_METRICS_PORT = env.int("CELERY_METRICS_PORT", default=9808)
+# children; 0 turns the server off. Beat serves the cluster metrics on it.
+CELERY_METRICS_PORT = environment.read("CELERY_METRICS_PORT")
 # Base of the prometheus-client multiprocess directories: a worker uses <base>/worker, gunicorn
 # <base>/web, each emptied when it starts, so no two workers (or two web servers) may share a
-# base. Writable under a read-only root (/tmp by default). Not PROMETHEUS_MULTIPROC_DIR itself:
+# base. Writable under a read-only root (the image: /tmp). Not PROMETHEUS_MULTIPROC_DIR itself:
 # prometheus-client reads that in every process it is imported in (beat, flower, manage.py
 # too) and fails on a missing folder; only the web and worker start-up set it, to their folder.
-PROMETHEUS_MULTIPROC_BASE_DIR = env.str("PROMETHEUS_MULTIPROC_BASE_DIR", default="") or str(
-    RUNTIME_DIR / "prometheus-multiproc"
-)
+PROMETHEUS_MULTIPROC_BASE_DIR = environment.read("PROMETHEUS_MULTIPROC_BASE_DIR")
 
 # --- Health probes ----------------------------------------------------------
 # The worker's main process keeps its probe files here (app/monitoring/worker_health.py): "alive",
 # "ready" and "canary"; the chart's exec probes only compare their age with the clock.
-WORKER_HEALTH_DIR = env.str("CELERY_WORKER_HEALTH_DIR", default="") or str(RUNTIME_DIR / "worker-health")
+CELERY_WORKER_HEALTH_DIR = environment.read("CELERY_WORKER_HEALTH_DIR")
 # Seconds between two writes of those files by the worker's event loop.
-WORKER_HEALTH_INTERVAL = env.float("CELERY_WORKER_HEALTH_INTERVAL", default=5.0)
+CELERY_WORKER_HEALTH_INTERVAL = environment.read("CELERY_WORKER_HEALTH_INTERVAL")
 # Beat stores FAILURE (WorkerLostError) for the at-most-once tasks a worker was running once that
 # worker has sent no event for this many seconds (app/lost_tasks.py); 0: never.
-LOST_TASK_AFTER = env.int("LOST_TASK_AFTER", default=60)
+LOST_TASK_AFTER = environment.read("LOST_TASK_AFTER")
 # A worker connected to the broker but not consuming from its queues (celery#10205: it stays
 # connected, answers pings and takes nothing) is not ready at once, and after this many seconds
 # no longer marked alive, so its liveness probe fails and Kubernetes restarts it. 0: never.
-WORKER_STUCK_AFTER = env.int("CELERY_WORKER_STUCK_AFTER", default=120)
+CELERY_WORKER_STUCK_AFTER = environment.read("CELERY_WORKER_STUCK_AFTER")
 # The Consumer also marks the worker alive while it waits to reconnect to the broker.
 CELERY_WORKER_CONSUMER = "app.monitoring.worker_health:Consumer"
-# Canary: beat sends health_check to each of these queues every CANARY_INTERVAL seconds
+# Canary: beat sends health_check to each of these queues every CELERY_CANARY_INTERVAL seconds
 # (expiring after one interval); a worker with free slots whose last successful canary is
-# older than CANARY_STALE_AFTER seconds stops being ready (0: no canary is awaited, e.g. without beat).
-CANARY_QUEUES = env.list("CELERY_CANARY_QUEUES", default=[CELERY_TASK_DEFAULT_QUEUE, CELERY_LONG_QUEUE])
-CANARY_INTERVAL = env.int("CELERY_CANARY_INTERVAL", default=60)
-CANARY_STALE_AFTER = env.int("CELERY_CANARY_STALE_AFTER", default=3 * CANARY_INTERVAL)
+# older than CELERY_CANARY_STALE_AFTER seconds stops being ready (0: no canary is awaited, e.g. without beat).
+CELERY_CANARY_QUEUES = environment.read("CELERY_CANARY_QUEUES", default=[CELERY_TASK_DEFAULT_QUEUE, CELERY_LONG_QUEUE])
+CELERY_CANARY_INTERVAL = environment.read("CELERY_CANARY_INTERVAL")
+CELERY_CANARY_STALE_AFTER = environment.read("CELERY_CANARY_STALE_AFTER", default=3 * CELERY_CANARY_INTERVAL)
 
 # RabbitMQ task queues (app/rabbitmq_queues.py): quorum queues, replicated and counting each
 # message's deliveries; a message returned more than RABBITMQ_DELIVERY_LIMIT times (its workers
@@ -545,9 +544,9 @@ CANARY_STALE_AFTER = env.int("CELERY_CANARY_STALE_AFTER", default=3 * CANARY_INT
 # every canary queue (the chart names every pool's queues there) are declared so. classic:
 # Celery's classic queues, no delivery limit (an existing classic queue cannot become a quorum
 # queue in place: README, "Delivery guarantees").
-RABBITMQ_QUEUE_TYPE = env.str("RABBITMQ_QUEUE_TYPE", default="quorum")
-RABBITMQ_DELIVERY_LIMIT = env.int("RABBITMQ_DELIVERY_LIMIT", default=20)
-TASK_QUEUE_NAMES = list(dict.fromkeys([CELERY_TASK_DEFAULT_QUEUE, CELERY_LONG_QUEUE, *CANARY_QUEUES]))
+RABBITMQ_QUEUE_TYPE = environment.read("RABBITMQ_QUEUE_TYPE")
+RABBITMQ_DELIVERY_LIMIT = environment.read("RABBITMQ_DELIVERY_LIMIT")
+TASK_QUEUE_NAMES = list(dict.fromkeys([CELERY_TASK_DEFAULT_QUEUE, CELERY_LONG_QUEUE, *CELERY_CANARY_QUEUES]))
 if BROKER_IS_RABBITMQ:
     from app import rabbitmq_queues
 
@@ -561,46 +560,46 @@ if BROKER_IS_RABBITMQ:
         raise ImproperlyConfigured(str(exc)) from exc
     globals().update({f"CELERY_{name.upper()}": value for name, value in _rabbitmq_settings.items()})
 # Seconds a web process reuses its last readiness result, so probes cannot stampede the database.
-HEALTH_READY_CACHE_SECONDS = env.float("HEALTH_READY_CACHE_SECONDS", default=5.0)
+HEALTH_READY_CACHE_SECONDS = environment.read("HEALTH_READY_CACHE_SECONDS")
 # Seconds a readiness request waits for the checks (they run in a thread of their own): a
 # database that hangs makes web not ready, never ties up a gunicorn worker for longer.
-HEALTH_READY_TIMEOUT_SECONDS = env.float("HEALTH_READY_TIMEOUT_SECONDS", default=3.0)
+HEALTH_READY_TIMEOUT_SECONDS = environment.read("HEALTH_READY_TIMEOUT_SECONDS")
 
 # --- API ----------------------------------------------------------------------
 # How long an enqueue answer is kept for a retry with the same Idempotency-Key (app/idempotency.py).
-IDEMPOTENCY_KEY_TTL_SECONDS = env.int("IDEMPOTENCY_KEY_TTL_SECONDS", default=86_400)
+IDEMPOTENCY_KEY_TTL_SECONDS = environment.read("IDEMPOTENCY_KEY_TTL_SECONDS")
 if IDEMPOTENCY_KEY_TTL_SECONDS < 60:
     raise ImproperlyConfigured(f"IDEMPOTENCY_KEY_TTL_SECONDS must be 60 or more, not {IDEMPOTENCY_KEY_TTL_SECONDS}.")
 
 # --- Web and beat metrics (app/monitoring/web_metrics.py, app/monitoring/beat_scheduler.py) -------------------------
 # gunicorn's second listener, serving only /metrics (project/gunicorn_conf.py); 0: none.
 # The public port answers /metrics with 404.
-WEB_METRICS_PORT = env.int("WEB_METRICS_PORT", default=9808)
+WEB_METRICS_PORT = environment.read("WEB_METRICS_PORT")
 # Touched by beat on every scheduler tick; beat's liveness probe reads its modification time.
-BEAT_HEARTBEAT_FILE = env.str("CELERY_BEAT_HEARTBEAT_FILE", default="") or str(RUNTIME_DIR / "beat-heartbeat")
+CELERY_BEAT_HEARTBEAT_FILE = environment.read("CELERY_BEAT_HEARTBEAT_FILE")
 
 # --- Cluster metrics (beat) ------------------------------------------------------------------
 # Queue lengths and worker up/down come from beat alone (app/monitoring/cluster_metrics.py), served on
 # CELERY_METRICS_PORT. Seconds between two reads of the queue lengths:
-CLUSTER_METRICS_QUEUE_INTERVAL = env.float("CELERY_EXPORTER_QUEUE_INTERVAL", default=5.0)
+CELERY_EXPORTER_QUEUE_INTERVAL = environment.read("CELERY_EXPORTER_QUEUE_INTERVAL")
 # Queues to measure besides the default queue, CELERY_TASK_QUEUES and those named by routes.
-CLUSTER_METRICS_QUEUES = env.list("CELERY_EXPORTER_QUEUES", default=[])
+CELERY_EXPORTER_QUEUES = environment.read("CELERY_EXPORTER_QUEUES")
 # Seconds without a heartbeat after which celery_worker_up is 0; 0: Celery's own rule, the one
 # Flower uses (celery.events.state: twice the worker's heartbeat interval, 4 s by default).
-CLUSTER_METRICS_WORKER_TIMEOUT = env.float("CELERY_EXPORTER_WORKER_TIMEOUT", default=0.0) or None
+CELERY_EXPORTER_WORKER_TIMEOUT = environment.read("CELERY_EXPORTER_WORKER_TIMEOUT") or None
 # Seconds a down worker's 0 stays before its series is removed.
-CLUSTER_METRICS_OFFLINE_WORKER_TTL = env.float("CELERY_EXPORTER_OFFLINE_WORKER_TTL", default=3600.0)
+CELERY_EXPORTER_OFFLINE_WORKER_TTL = environment.read("CELERY_EXPORTER_OFFLINE_WORKER_TTL")
 
 # --- Logging ----------------------------------------------------------------
 
 # One configuration for Django, gunicorn (project/gunicorn_conf.py) and Celery (worker and beat
 # apply it through app/task_logging.py): JSON lines, or readable text with LOG_FORMAT=console.
-LOG_LEVEL = env.str("DJANGO_LOG_LEVEL", default="INFO")
+DJANGO_LOG_LEVEL = environment.read("DJANGO_LOG_LEVEL")
 LOG_FORMAT = logging_config.log_format_from_environment()
 # One line per task run (task_finished: state, duration, ids, queue, retries) unless this is on:
 # then also Celery's own received/succeeded/retry lines and a task_started line per run.
-LOG_CELERY_TASK_LINES = env.bool("LOG_CELERY_TASK_LINES", default=False)
-LOGGING = logging_config.build(log_format=LOG_FORMAT, level=LOG_LEVEL, celery_task_lines=LOG_CELERY_TASK_LINES)
+LOG_CELERY_TASK_LINES = environment.read("LOG_CELERY_TASK_LINES")
+LOGGING = logging_config.build(log_format=LOG_FORMAT, level=DJANGO_LOG_LEVEL, celery_task_lines=LOG_CELERY_TASK_LINES)
 logging_config.configure_structlog()
 # Python warnings (deprecations, Celery's running-as-root warning) as log lines, not raw stderr.
 logging.captureWarnings(True)
@@ -618,11 +617,11 @@ DJANGO_STRUCTLOG_CELERY_TASK_START_LOG_LEVEL = logging.INFO if LOG_CELERY_TASK_L
 
 # --- Sentry (project/sentry.py) -----------------------------------------------
 # Errors from web, worker and beat (with beat's schedules as cron monitors); off without a DSN.
-SENTRY_DSN = env.str("SENTRY_DSN", default="")
-SENTRY_ENVIRONMENT = env.str("SENTRY_ENVIRONMENT", default="production")
-SENTRY_RELEASE = env.str("SENTRY_RELEASE", default="") or project.__version__
+SENTRY_DSN = environment.read("SENTRY_DSN")
+SENTRY_ENVIRONMENT = environment.read("SENTRY_ENVIRONMENT")
+SENTRY_RELEASE = environment.read("SENTRY_RELEASE", default=project.__version__)
 # Share of requests and tasks traced for Sentry's performance view; 0: errors only.
-SENTRY_TRACES_SAMPLE_RATE = env.float("SENTRY_TRACES_SAMPLE_RATE", default=0.0)
+SENTRY_TRACES_SAMPLE_RATE = environment.read("SENTRY_TRACES_SAMPLE_RATE")
 sentry.init_sentry(
     dsn=SENTRY_DSN,
     environment=SENTRY_ENVIRONMENT,

@@ -37,6 +37,9 @@ def pytest_load_initial_conftests(early_config, parser, args):
     os.environ.setdefault("DJANGO_SECRET_KEY", "test-only-secret-key")
     os.environ["DJANGO_DEBUG"] = "false"
     os.environ["TESTS_SCRATCH_DIR"] = str(scratch)
+    # The servers the tests start keep their metrics and probe files here, not in the checkout's
+    # var/runtime, where a `make run` of the same checkout keeps its own.
+    os.environ["APP_RUNTIME_DIR"] = str(scratch / "runtime")
     (scratch / "static").mkdir()
     os.environ["DJANGO_STATIC_ROOT"] = str(scratch / "static")
 

@@ -32,7 +32,7 @@ def sample(metric: str, **labels) -> float:
 
 @pytest.fixture
 def heartbeat(tmp_path, settings):
-    settings.BEAT_HEARTBEAT_FILE = str(tmp_path / "run" / "beat-heartbeat")
+    settings.CELERY_BEAT_HEARTBEAT_FILE = str(tmp_path / "run" / "beat-heartbeat")
     return tmp_path / "run" / "beat-heartbeat"
 
 

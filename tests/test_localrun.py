@@ -147,7 +147,8 @@ def test_localrun_serves_runs_a_task_and_stops_cleanly_on_ctrl_c(tmp_path):
         "CELERY_BROKER_URL": "",
         "CACHE_URL": "",
     }
-    for name in ("DJANGO_DEBUG", "FLOWER_BASIC_AUTH"):
+    # Without the suite's APP_RUNTIME_DIR, make run keeps its runtime files in LOCAL_VAR_DIR/runtime.
+    for name in ("DJANGO_DEBUG", "FLOWER_BASIC_AUTH", "APP_RUNTIME_DIR"):
         env.pop(name, None)
     process = subprocess.Popen(
         [sys.executable, "-m", "project.localrun"],

@@ -110,7 +110,7 @@ def test_a_primary_failover_while_tasks_run_stops_nothing_for_good_and_loses_not
         "CELERY_CANARY_INTERVAL": "1",
     }
     token = make_api_token(scope="enqueue")
-    monkeypatch.setattr(settings, "CANARY_INTERVAL", 1)
+    monkeypatch.setattr(settings, "CELERY_CANARY_INTERVAL", 1)
     call_command("ensure_default_schedules")
     app = celery_app_for(
         sentinels.url(0),

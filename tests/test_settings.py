@@ -300,3 +300,57 @@ def test_no_word_about_a_missing_env_file_at_start_up():
     assert result.returncode == 0, result.stderr
     assert not (REPO_ROOT / ".env").exists()
     assert "/.env" not in result.stderr
+
+
+SHOW_RUNTIME_FILES = (
+    "import django, json; django.setup(); from django.conf import settings as s; "
+    "print(json.dumps([s.PROMETHEUS_MULTIPROC_BASE_DIR, s.CELERY_WORKER_HEALTH_DIR, s.CELERY_BEAT_HEARTBEAT_FILE]))"
+)
+
+
+def runtime_files(**env) -> list[str]:
+    import json
+
+    clean = {key: value for key, value in os.environ.items() if key != "APP_RUNTIME_DIR"}
+    result = subprocess.run(
+        [sys.executable, "-c", SHOW_RUNTIME_FILES],
+        cwd=REPO_ROOT,
+        env={**clean, "DJANGO_SETTINGS_MODULE": "project.settings", "DJANGO_DEBUG": "true", **env},
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_runtime_files_default_inside_the_checkout_not_the_shared_temp_folder():
+    runtime = REPO_ROOT / "var" / "runtime"
+
+    assert runtime_files() == [
+        str(runtime / "prometheus-multiproc"),
+        str(runtime / "worker-health"),
+        str(runtime / "beat-heartbeat"),
+    ]
+
+
+def test_the_images_runtime_dir_holds_every_runtime_file():
+    assert runtime_files(APP_RUNTIME_DIR="/tmp") == [  # the image sets /tmp (Dockerfile)
+        "/tmp/prometheus-multiproc",
+        "/tmp/worker-health",
+        "/tmp/beat-heartbeat",
+    ]
+
+
+def test_gunicorn_keeps_the_web_metrics_under_the_same_base_as_the_settings(tmp_path):
+    env = {key: value for key, value in os.environ.items() if key != "PROMETHEUS_MULTIPROC_BASE_DIR"}
+    result = subprocess.run(
+        [sys.executable, "-c", "from project import gunicorn_conf; print(gunicorn_conf.WEB_METRICS_DIR)"],
+        cwd=REPO_ROOT,
+        env={**env, "APP_RUNTIME_DIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(tmp_path / "prometheus-multiproc" / "web")
+    assert runtime_files(APP_RUNTIME_DIR=str(tmp_path))[0] == str(tmp_path / "prometheus-multiproc")

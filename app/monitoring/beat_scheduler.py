@@ -18,7 +18,7 @@ from app.monitoring import metrics
 class DatabaseScheduler(BaseDatabaseScheduler):
     def tick(self, *args, **kwargs):
         interval = super().tick(*args, **kwargs)
-        heartbeat = Path(settings.BEAT_HEARTBEAT_FILE)
+        heartbeat = Path(settings.CELERY_BEAT_HEARTBEAT_FILE)
         heartbeat.parent.mkdir(parents=True, exist_ok=True)
         heartbeat.touch()
         metrics.beat().last_tick.set(time.time())

@@ -48,19 +48,19 @@ def start(app) -> None:
     workers = WorkerEvents(
         app,
         WorkerStates(
-            timeout=settings.CLUSTER_METRICS_WORKER_TIMEOUT, offline_ttl=settings.CLUSTER_METRICS_OFFLINE_WORKER_TTL
+            timeout=settings.CELERY_EXPORTER_WORKER_TIMEOUT, offline_ttl=settings.CELERY_EXPORTER_OFFLINE_WORKER_TTL
         ),
         lost_runs=LostRuns(app.backend, lost_after=settings.LOST_TASK_AFTER) if settings.LOST_TASK_AFTER else None,
     )
     threading.Thread(target=workers.run, name="worker-events", daemon=True).start()
-    port = settings.WORKER_METRICS_PORT
+    port = settings.CELERY_METRICS_PORT
     if not port:
         logger.info("Beat metrics off (CELERY_METRICS_PORT=0): no queue lengths, no worker up/down series")
         return
     start_http_server(port)
     logger.info("Beat metrics on port %s", port)
     queues = QueueLengths(
-        app, queue_names(app, settings.CLUSTER_METRICS_QUEUES), settings.CLUSTER_METRICS_QUEUE_INTERVAL
+        app, queue_names(app, settings.CELERY_EXPORTER_QUEUES), settings.CELERY_EXPORTER_QUEUE_INTERVAL
     )
     threading.Thread(target=queues.run, name="queue-lengths", daemon=True).start()
 

@@ -40,8 +40,8 @@ def metrics_worker_ready(sender=None, **_):
 
     # No celery_worker_up here: a process cannot report its own death. Beat does, from heartbeats.
     metrics.initialize_task_series(sender.app)
-    if settings.WORKER_METRICS_PORT:
-        metrics.serve_worker(settings.WORKER_METRICS_PORT)
+    if settings.CELERY_METRICS_PORT:
+        metrics.serve_worker(settings.CELERY_METRICS_PORT)
 
 
 @signals.beat_init.connect

@@ -1,18 +1,18 @@
 """The files a Celery worker keeps for its Kubernetes probes, so the probes are a `stat`, not a
 `celery inspect ping` (no Django import, no broker round trip).
 
-In ``settings.WORKER_HEALTH_DIR``:
+In ``settings.CELERY_WORKER_HEALTH_DIR``:
 
-- ``alive``: touched by the main process's event loop every WORKER_HEALTH_INTERVAL seconds,
+- ``alive``: touched by the main process's event loop every CELERY_WORKER_HEALTH_INTERVAL seconds,
   every second while it waits to reconnect to the broker, and by a thread during a shutdown. Stale: the main loop is stuck
   or gone, or the worker has been connected without consuming from its queues for
-  WORKER_STUCK_AFTER seconds (a restart is what heals that). Busy pool processes do not
+  CELERY_WORKER_STUCK_AFTER seconds (a restart is what heals that). Busy pool processes do not
   matter: they are other processes.
 - ``ready``: touched on the same tick while the worker is connected, consuming from every one
   of its queues, and its canary is fresh or every pool slot is busy; removed otherwise. Its
   content says which ("free" or "busy").
 - ``canary``: touched by a pool process each time the health_check task succeeds; set to the
-  start time when the worker starts, so a new worker gets CANARY_STALE_AFTER seconds to
+  start time when the worker starts, so a new worker gets CELERY_CANARY_STALE_AFTER seconds to
   receive its first one.
 """
 
@@ -33,7 +33,7 @@ ALIVE, READY, CANARY = "alive", "ready", "canary"
 def health_dir() -> Path:
     from django.conf import settings
 
-    return Path(settings.WORKER_HEALTH_DIR)
+    return Path(settings.CELERY_WORKER_HEALTH_DIR)
 
 
 def touch(name: str, content: str | None = None) -> None:
@@ -103,7 +103,7 @@ class HealthFiles(bootsteps.StartStopStep):
         health_dir().mkdir(parents=True, exist_ok=True)
         touch(ALIVE)
         # The first tick runs once the event loop has started consuming.
-        self.timer_entry = c.timer.call_repeatedly(settings.WORKER_HEALTH_INTERVAL, self.tick, (c,), priority=10)
+        self.timer_entry = c.timer.call_repeatedly(settings.CELERY_WORKER_HEALTH_INTERVAL, self.tick, (c,), priority=10)
 
     def tick(self, c) -> None:
         from django.conf import settings
@@ -121,7 +121,7 @@ class HealthFiles(bootsteps.StartStopStep):
                 consuming=consuming,
                 busy=len(state.active_requests) >= (c.pool.num_processes or 1),
                 canary_age=age(CANARY),
-                stale_after=settings.CANARY_STALE_AFTER,
+                stale_after=settings.CELERY_CANARY_STALE_AFTER,
             )
             if verdict is None:
                 remove(READY)
@@ -141,7 +141,7 @@ class HealthFiles(bootsteps.StartStopStep):
             logger.exception("Could not update the worker's probe files")
 
     def still_alive(self, *, connected: bool, consuming: bool, queues) -> bool:
-        """False once the worker has been connected without consuming for WORKER_STUCK_AFTER
+        """False once the worker has been connected without consuming for CELERY_WORKER_STUCK_AFTER
         seconds: nothing but a restart brings it back then. A broker outage (not connected) never
         counts: a restart would not help, and the reconnect loop keeps the worker alive."""
         from django.conf import settings
@@ -155,9 +155,11 @@ class HealthFiles(bootsteps.StartStopStep):
         if self.stuck_since is None:
             self.stuck_since = now
         stuck_for = now - self.stuck_since
-        if settings.WORKER_STUCK_AFTER <= 0 or stuck_for < settings.WORKER_STUCK_AFTER:
+        if settings.CELERY_WORKER_STUCK_AFTER <= 0 or stuck_for < settings.CELERY_WORKER_STUCK_AFTER:
             return True
-        if stuck_for - settings.WORKER_STUCK_AFTER < settings.WORKER_HEALTH_INTERVAL:  # once, on the first tick past it
+        if (
+            stuck_for - settings.CELERY_WORKER_STUCK_AFTER < settings.CELERY_WORKER_HEALTH_INTERVAL
+        ):  # once, on the first tick past it
             logger.error(
                 "Worker connected but not consuming from all of its queues (%s) for %d s: no longer marked "
                 "alive, so its liveness probe fails and it is restarted",
@@ -190,7 +192,7 @@ def keep_alive_while_shutting_down(**_) -> None:
 
     if _shutdown_keepalive is not None:
         return
-    interval = settings.WORKER_HEALTH_INTERVAL
+    interval = settings.CELERY_WORKER_HEALTH_INTERVAL
 
     def touch_until_exit():
         while True:
