@@ -133,6 +133,12 @@ class QoS(kombu_redis.QoS):
 
 class Channel(kombu_redis.Channel):
     QoS = QoS
+    # The lock a worker takes for its restore sweep expires after this many seconds if the worker
+    # dies holding it (SIGKILL mid-sweep; a Sentinel failover that replicated the lock and not its
+    # release). kombu's 5 minutes stopped every redelivery for that long; a sweep takes
+    # milliseconds, and two overlapping sweeps restore nothing twice (each restore is a WATCH
+    # transaction on the unacknowledged set).
+    unacked_mutex_expire = 30
 
     def _get_pool(self, asynchronous=False):
         """A lost connection, not an AttributeError, for a channel whose connection is gone.
@@ -224,7 +230,8 @@ class SentinelChannel(Channel, kombu_redis.SentinelChannel):
     """The same outbox, on the primary a Sentinel names (a sentinel:// broker URL, app/redis_sentinel.py).
     The outbox, the lists and the unacknowledged set all live on the primary and reach its
     replicas in the order they were written, so a promoted replica holds them as consistently as
-    the primary did (a write the primary took in the instant before it died may be missing)."""
+    the primary did (a write the primary took in the instant before it died may be missing:
+    Redis replicates after it answers)."""
 
 
 class SentinelTransport(kombu_redis.SentinelTransport):

@@ -120,6 +120,16 @@ def test_a_message_restored_from_the_unacknowledged_set_is_in_the_outbox_again(c
     assert json.loads(payload)["headers"]["redelivered"] is True
 
 
+def test_a_restore_lock_its_sweeper_died_holding_stops_redelivery_for_seconds_not_minutes(connection, client):
+    """A worker SIGKILLed mid-sweep (or a failover that replicated the lock, not its release)
+    leaves kombu's restore lock behind; every worker's restore waits until it expires."""
+    qos = connection.default_channel.qos
+    held = client.lock(qos.unacked_mutex_key, timeout=qos.unacked_mutex_expire)
+    assert held.acquire(blocking=False)  # taken as a sweep takes it, and never released
+
+    assert 0 < client.ttl(qos.unacked_mutex_key) <= 30  # kombu's own: 300 s
+
+
 def test_a_channel_whose_connection_is_gone_keeps_its_messages_and_fails_as_a_lost_connection(connection, client):
     """What Celery's consumer does after a lost broker (a Sentinel failover): collect() releases the
     transport's connection parameters while the channel's own close failed midway, the

@@ -17,7 +17,8 @@ import redis
 from django.conf import settings
 from django.core.management import call_command
 
-from tests.chaos.run import SHORT_LIMITS, Ledger, report, runs_by_attempt, settle
+from project.celery import app as celery_app
+from tests.chaos.run import SHORT_LIMITS, Ledger, report, runs_by_attempt, settle, settle_seconds
 from tests.conftest import (
     FIGURES,
     REPO_ROOT,
@@ -126,6 +127,7 @@ def test_a_primary_failover_while_tasks_run_stops_nothing_for_good_and_loses_not
             broker_url=sentinels.url(0),
             log_dir=service_log_dir,
             app_module="tests.apps.chaos_tasks",
+            queues="default",  # the API's canvases; its visibility timeout is the short one
             CHAOS_LEDGER_URL=ledger_url,
             CELERY_WORKER_HEALTH_DIR=str(health_dir),
             **{name: value for name, value in env.items() if name != "CELERY_BROKER_URL"},
@@ -146,11 +148,12 @@ def test_a_primary_failover_while_tasks_run_stops_nothing_for_good_and_loses_not
             stop.set()
             publisher.join()
 
-            # A message the worker had taken when the primary died comes back after its pool's
-            # visibility timeout and a restore sweep, or, taken and never written down, after
-            # the outbox sweep (two sweeps 20 s apart, 30 s after its push): as the chaos run
-            # waits (tests/chaos/run.py), a minute and more. settle returns once all are final.
-            found = settle(client.ledger, time.monotonic() + 90, app.backend)
+            # The worker's connection died with the primary: the messages it had taken and not
+            # acknowledged (prefetched, or running) come back after its visibility timeout and a
+            # restore sweep, as a dead worker's do; one taken and never written down, after the
+            # outbox sweep. settle waits as the chaos run does, and returns once all are final.
+            deadline = time.monotonic() + settle_seconds(celery_app, {"default"}, redis_broker=True)
+            found = settle(client.ledger, deadline, app.backend)
             runs = runs_by_attempt(ledger_url)
             figures, passed = report(client.ledger, found, runs, [(killed_at, "primary failover")])
             wait_until(

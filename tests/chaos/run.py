@@ -332,6 +332,24 @@ def states(task_ids: list[str], backend=None) -> dict[str, dict]:
     return {task_id: backend.decode_result(raw) if raw else {} for task_id, raw in zip(task_ids, raws, strict=True)}
 
 
+def settle_seconds(celery_app, queues: set[str], *, redis_broker: bool) -> float:
+    """How long after the last fault every accepted task must be final. On Redis a message a dead
+    or disconnected worker held comes back after its queues' visibility timeout (or, had a worker
+    died holding kombu's restore lock, after the lock expires) and a restore sweep; RabbitMQ gives
+    a lost consumer's messages back at once. An at-most-once task of a lost worker is failed
+    LOST_TASK_AFTER after it was seen running. Then a minute for the runs themselves."""
+    from django.conf import settings
+
+    from app import lost_tasks, redelivery, redis_transport
+
+    redelivery_wait = 0.0
+    if redis_broker:
+        visibility, _task = redelivery.needed_seconds(celery_app, queues)
+        lock = redis_transport.Channel.unacked_mutex_expire
+        redelivery_wait = max(visibility + redelivery.MARGIN_SECONDS, lock) + 3 * settings.REDIS_RESTORE_INTERVAL
+    return max(redelivery_wait, settings.LOST_TASK_AFTER + 3 * lost_tasks.SWEEP_INTERVAL) + 60
+
+
 def settle(ledger: Ledger, deadline: float, backend=None) -> dict[str, dict]:
     """Waits until every task that ran or was ever stored is final, or the deadline."""
     while True:
@@ -439,13 +457,10 @@ def main(argv: list[str] | None = None) -> int:
     from project.celery import app as celery_app
 
     if args.broker == "redis":
-        # A task held by a killed worker comes back one visibility timeout and one sweep later.
         visibility, _task = redelivery.needed_seconds(celery_app, {"default"})
-        redelivery_wait = visibility + redelivery.MARGIN_SECONDS + 3 * settings.REDIS_RESTORE_INTERVAL
         log(f"broker and results redis :{broker.port} (AOF), ledger redis :{ledger_server.port}, "
             f"visibility timeout {visibility + redelivery.MARGIN_SECONDS:g} s")  # fmt: skip
     else:
-        redelivery_wait = 0  # RabbitMQ gives a dead consumer's messages back at once
         log(f"broker rabbitmq :{broker.port}, ledger and results redis :{ledger_server.port}")
     # What beat runs: the worker events watcher, failing the at-most-once tasks of a lost worker.
     from app import lost_tasks
@@ -471,8 +486,9 @@ def main(argv: list[str] | None = None) -> int:
         publish(ledger, args.tasks, args.seconds)
         log(f"published {len(ledger.names)} task ids ({ledger.refused} refused while the broker was down)")
         fault_thread.join()
-        wait = max(redelivery_wait, settings.LOST_TASK_AFTER + 3 * lost_tasks.SWEEP_INTERVAL) + 60
-        found = settle(ledger, time.monotonic() + wait)
+        found = settle(
+            ledger, time.monotonic() + settle_seconds(celery_app, {"default"}, redis_broker=args.broker == "redis")
+        )
         log("settled")
         figures, passed = report(ledger, found, runs_by_attempt(ledger_server.url(0)), faults)
     finally:
