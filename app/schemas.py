@@ -4,7 +4,10 @@ flooding the workers; a value out of bounds gets a 422 naming the field.
 Request bodies are strict: a number is a JSON number (not a boolean, not a string; an integer
 where a float is declared is fine), a date a string, an object an object; unknown fields are
 refused (a misspelt field would otherwise fall back to its default and queue a task nobody asked
-for), and no string holds a NUL, which PostgreSQL cannot store."""
+for), and no string holds a NUL, which PostgreSQL cannot store.
+
+Every request field has a default or an example: Swagger UI's "Try it out" fills a body from
+them, and without either it would send the bounds (x = -1e12) or a random string."""
 
 import datetime as dt
 from typing import Annotated, Literal
@@ -14,8 +17,6 @@ from ninja import Body, Field, Path, Schema
 from pydantic import BeforeValidator, ConfigDict, field_validator, model_validator
 
 from app.models import ReportType
-
-FiniteNumber = Field(..., strict=True, allow_inf_nan=False, ge=-1e12, le=1e12)
 
 # Celery's ids (task, group, chain: the last step's) are UUIDs, but a task sent with an id of
 # its own may use any short token: letters, digits and "_.:@+=-", starting with a letter or a
@@ -58,6 +59,7 @@ def _whole_number(value: object) -> object:
 DateTimeString = Annotated[dt.datetime, BeforeValidator(_json_string)]
 Integer = Annotated[int, BeforeValidator(_whole_number), Field(strict=True)]
 StrictFiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+FiniteNumber = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-1e12, le=1e12)]
 
 
 class InputSchema(Schema):
@@ -81,8 +83,8 @@ MAX_CHORD_NUMBERS = 100_000
 
 
 class Operands(InputSchema):
-    x: float = FiniteNumber
-    y: float = FiniteNumber
+    x: FiniteNumber = Field(examples=[2])
+    y: FiniteNumber = Field(examples=[3])
 
 
 class SimpleTaskIn(Operands):
@@ -90,12 +92,14 @@ class SimpleTaskIn(Operands):
 
 
 class ChainIn(InputSchema):
-    value: Integer = Field(..., ge=-1_000_000, le=1_000_000, description="Input of workflow_step_1.")
+    value: Integer = Field(..., ge=-1_000_000, le=1_000_000, description="Input of workflow_step_1.", examples=[10])
 
 
 class GroupIn(InputSchema):
     operation: Literal["add", "multiply"] = "add"
-    pairs: list[Operands] = Field(..., min_length=1, max_length=MAX_GROUP_SIZE)
+    pairs: list[Operands] = Field(
+        ..., min_length=1, max_length=MAX_GROUP_SIZE, examples=[[{"x": 1, "y": 2}, {"x": 3, "y": 4}, {"x": 5, "y": 6}]]
+    )
 
 
 class ChordIn(InputSchema):
@@ -104,6 +108,7 @@ class ChordIn(InputSchema):
         min_length=1,
         max_length=MAX_CHORD_CHUNKS,
         description=f"Each chunk at most {MAX_CHUNK_SIZE} numbers, {MAX_CHORD_NUMBERS} in all.",
+        examples=[[[1, 2, 3], [4, 5, 6], [7, 8, 9]]],
     )
 
     @model_validator(mode="after")
@@ -121,9 +126,12 @@ class LongTaskIn(InputSchema):
     total_steps: Integer = Field(10, ge=1, le=1_000, description="progress: number of steps.")
     step_seconds: float = Field(1.0, strict=True, ge=0, le=10, description="progress: seconds per step.")
     duration: float = Field(5.0, strict=True, gt=0, le=600, description="time_limited: seconds of work to attempt.")
-    soft_time_limit: float | None = Field(None, strict=True, gt=0, le=3_600, description="time_limited: override (s).")
+    # With the default duration (5 s): a partial result at the soft limit, before the hard one.
+    soft_time_limit: float | None = Field(
+        None, strict=True, gt=0, le=3_600, description="time_limited: override (s).", examples=[3]
+    )
     time_limit: float | None = Field(
-        None, strict=True, gt=0, le=3_600, description="time_limited: hard limit override (s)."
+        None, strict=True, gt=0, le=3_600, description="time_limited: hard limit override (s).", examples=[4]
     )
 
     @model_validator(mode="after")
@@ -148,19 +156,22 @@ class RetryTaskIn(InputSchema):
     # The bounds before the validator: after it, or on the union, they would reach the OpenAPI
     # schema as pydantic's own "ge"/"le", not JSON Schema's minimum/maximum.
     fail_times: Annotated[int, Field(strict=True, ge=0, le=5), BeforeValidator(_whole_number)] | None = Field(
-        None, description="Fail exactly this many attempts first."
+        None, description="Fail exactly this many attempts first.", examples=[2]
     )
 
 
 class CreateUsersIn(InputSchema):
-    count: Integer = Field(..., ge=1, le=10_000)
-    prefix: str = Field(..., pattern=r"^[a-z0-9_]{1,20}$", description="Lower-case letters, digits, _.")
+    count: Integer = Field(..., ge=1, le=10_000, examples=[10])
+    prefix: str = Field(
+        ..., pattern=r"^[a-z0-9_]{1,20}$", description="Lower-case letters, digits, _.", examples=["demo"]
+    )
 
 
 class ReportFilters(InputSchema):
-    since: DateTimeString | None = None
-    until: DateTimeString | None = None
-    task_name: str | None = Field(None, max_length=255)
+    # Open-ended by example: one date to show the format; a null bound filters nothing.
+    since: DateTimeString | None = Field(None, examples=["2026-01-01T00:00:00Z"])
+    until: DateTimeString | None = Field(None, examples=[None])
+    task_name: str | None = Field(None, max_length=255, examples=["app.tasks.add"])
 
     @model_validator(mode="after")
     def ordered(self):

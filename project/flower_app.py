@@ -1,6 +1,6 @@
 """Flower for this project: the project's Celery settings without Django's app registry, every
 page behind Flower's authentication (/metrics too), a Content-Security-Policy on every response,
-and Prometheus' /metrics alone on a port of its own.
+Prometheus' /metrics alone on a port of its own, and the workers first inspected once one is online.
 
 Flower talks only to the broker: task events, inspect and control. The project's own app loads
 every Django app and model in each process it runs in (Celery's Django fixup); measured, that was
@@ -21,6 +21,7 @@ import sys
 from functools import cached_property
 
 import prometheus_client
+import tornado.ioloop
 import tornado.web
 from celery import Celery
 from django.conf import settings
@@ -107,6 +108,25 @@ class ProjectFlower(Flower):
         project's Redis transport (app/redis_transport.py) by its class path, a scheme the page
         does not know ("'redis' broker is not supported"). Its TLS options: broker_use_ssl."""
         return settings.CELERY_BROKER_URL
+
+    def start(self):
+        """Flower's start, with its first inspection of the workers (their stats, queues, registered
+        tasks, configuration) held until a worker is online. Flower inspects as it starts; started
+        beside the workers (make run, a rollout) it asked before any could answer, and logged each
+        unanswered method as failed ("Inspect method stats failed"). A broker error still shows:
+        in the inspection, and in Flower's events and enable-events loops before it."""
+        self.events.start()
+        self.started = True
+        self.first_inspection = tornado.ioloop.PeriodicCallback(self.inspect_once_a_worker_is_online, 1000)
+        self.first_inspection.start()
+        self.io_loop.start()
+
+    def inspect_once_a_worker_is_online(self) -> None:
+        # A worker is online from its first event: worker-online, or a heartbeat (every 2 s) from
+        # one already running when Flower starts.
+        if any(worker.alive for worker in self.events.state.workers.values()):
+            self.first_inspection.stop()
+            self.update_workers()
 
     def start_http_server(self):
         port = super().start_http_server()

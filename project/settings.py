@@ -184,7 +184,8 @@ NINJA_DIR = Path(importlib.util.find_spec("ninja").origin).parent
 TEMPLATES = [
     {
         "BACKEND": "django.template.backends.django.DjangoTemplates",
-        "DIRS": [NINJA_DIR / "templates"],
+        # The project's own first: its overrides of the admin's and django-ninja's templates.
+        "DIRS": [BASE_DIR / "project" / "templates", NINJA_DIR / "templates"],
         "APP_DIRS": True,
         "OPTIONS": {
             "context_processors": [
@@ -272,7 +273,8 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATIC_ROOT = Path(environment.read("DJANGO_STATIC_ROOT"))
-STATICFILES_DIRS = [NINJA_DIR / "static"]
+# The project's own (its icon), then django-ninja's Swagger UI files.
+STATICFILES_DIRS = [BASE_DIR / "project" / "static", NINJA_DIR / "static"]
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"},

@@ -138,8 +138,9 @@ def test_human_duration_of_nothing_is_empty():
 # --- Pages render with their data -----------------------------------------------------------------
 
 
-def test_task_log_changelist_shows_badges_short_ids_and_durations(admin_client):
-    succeeded = task_log(state=TaskState.SUCCESS, duration=dt.timedelta(milliseconds=850))
+def test_task_log_changelist_shows_badges_short_ids_names_and_times_and_durations(admin_client):
+    created_at = dt.datetime(2026, 12, 7, 23, 21, 56, tzinfo=dt.UTC)
+    succeeded = task_log(state=TaskState.SUCCESS, duration=dt.timedelta(milliseconds=850), created_at=created_at)
     failed = task_log(state=TaskState.FAILURE, duration=dt.timedelta(minutes=3, seconds=5))
 
     response = admin_client.get(changelist("tasklog"))
@@ -147,8 +148,10 @@ def test_task_log_changelist_shows_badges_short_ids_and_durations(admin_client):
     assert response.status_code == 200
     html = response.content.decode()
     assert f'<code title="{succeeded.task_id}">{succeeded.task_id[:8]}</code>' in html
-    assert re.search(r"background:#2e7d32[^>]*>SUCCESS<", html)
-    assert re.search(r"background:#c62828[^>]*>FAILURE<", html)
+    assert '<span title="app.tasks.add">add</span>' in html
+    assert '<span title="2026-12-07 23:21:56 UTC">Dec 7, 23:21:56</span>' in html
+    assert '<span class="badge badge-success">SUCCESS</span>' in html
+    assert '<span class="badge badge-failure">FAILURE</span>' in html
     assert "850 ms" in html
     assert "3 min 5 s" in html
     assert failed.task_id[:8] in html
@@ -190,8 +193,8 @@ def test_report_pages_show_status_badge_and_pretty_printed_data(admin_client):
     detail = admin_client.get(change_page(done))
 
     assert listing.status_code == 200
-    assert re.search(r"background:#2e7d32[^>]*>Completed<", listing.content.decode())
-    assert re.search(r"background:#c62828[^>]*>Failed<", listing.content.decode())
+    assert '<span class="badge badge-completed">Completed</span>' in listing.content.decode()
+    assert '<span class="badge badge-failed">Failed</span>' in listing.content.decode()
     assert detail.status_code == 200
     html = detail.content.decode()
     assert (
@@ -219,8 +222,8 @@ def test_scheduled_task_changelist_shows_schedule_enabled_badge_and_runs(admin_c
     html = response.content.decode()
     assert "cron 30 3 * * *" in html
     assert "every 60 s" in html
-    assert re.search(r"background:#2e7d32[^>]*>Yes<", html)
-    assert re.search(r"background:#757575[^>]*>No<", html)
+    assert '<span class="badge badge-yes">Yes</span>' in html
+    assert '<span class="badge badge-no">No</span>' in html
     assert '<td class="field-runs">7</td>' in html
 
 

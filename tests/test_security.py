@@ -8,7 +8,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ from types import SimpleNamespace
 import pytest
 
 from project.embedded import free_port, wait_for_port
+from tests.browser import launch_chromium, needs_chromium
 from tests.conftest import REPO_ROOT, Service, http, subprocess_env
 from tests.deploy.conftest import COMPONENT_LABEL as COMPONENT
 from tests.deploy.conftest import deep_merge, load_values, main_container, render_chart, workloads
@@ -516,10 +516,8 @@ def test_flowers_inline_scripts_and_styles_are_exactly_the_hashed_ones(flower):
 
 # --- In a real browser: no CSP violation on the admin, the API docs and Flower -----------------
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
-
-@pytest.mark.skipif(CHROMIUM is None, reason="needs chromium (apt-get install -y chromium)")
+@needs_chromium
 @pytest.mark.django_db(transaction=True)
 def test_admin_api_docs_and_flower_work_in_chromium_without_csp_violations(
     tmp_path, static_root, start_role, flower, redis_worker, django_user_model
@@ -535,7 +533,7 @@ def test_admin_api_docs_and_flower_work_in_chromium_without_csp_violations(
 
     violations, errors = [], []
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        browser = launch_chromium(playwright)
         context = browser.new_context(http_credentials={"username": FLOWER_USER, "password": FLOWER_PASSWORD})
         context.add_init_script(
             "document.addEventListener('securitypolicyviolation', e => "
