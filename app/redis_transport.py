@@ -157,29 +157,34 @@ class Channel(kombu_redis.Channel):
             return super()._put(queue, message, **kwargs)
         key = self._q_for_pri(queue, self._get_message_priority(message, reverse=False))
         payload, tag = dumps(message), message["properties"]["delivery_tag"]
-        commands = [
-            ("hset", OUTBOX, tag, _record(key, payload)),
-            ("zadd", OUTBOX_INDEX, {tag: time.time()}),
-            ("lpush", key, payload),
+        commands = [  # Redis's own commands, as sent
+            ("HSET", OUTBOX, tag, _record(key, payload)),
+            ("ZADD", OUTBOX_INDEX, time.time(), tag),
+            ("LPUSH", key, payload),
         ]
         if self._expires and queue in self._expires:
-            commands += [("pexpire", self._q_for_pri(queue, p), self._expires[queue]) for p in self.priority_steps]
+            commands += [("PEXPIRE", self._q_for_pri(queue, p), self._expires[queue]) for p in self.priority_steps]
         publish_batch = kwargs.pop("_publish_batch", None)
         if publish_batch is not None:
-            for name, *args in commands:
-                publish_batch.add(name, *args)
+            for command in commands:
+                publish_batch.add("execute_command", *command)
             return
         task_id = message["headers"].get("id")
         record = None if self.global_keyprefix else queued_records.command_for_publish(task_id, self.pool)
-        with self.conn_or_acquire() as client, client.pipeline() as pipe:  # MULTI ... EXEC
-            for name, *args in commands if record is None else [*commands, record]:
-                getattr(pipe, name)(*args)
-            results = pipe.execute(raise_on_error=False)
+        with self.conn_or_acquire() as client:
+            results = self._publish_transaction(client, commands if record is None else [*commands, record])
         for result in results[: len(commands)]:
             if isinstance(result, Exception):
                 raise result
         if record is not None and not isinstance(results[-1], Exception):
             queued_records.recorded(task_id)
+
+    def _publish_transaction(self, client, commands: list[tuple]) -> list:
+        """The commands in one MULTI ... EXEC; each one's result or error."""
+        with client.pipeline() as pipe:
+            for command in commands:
+                pipe.execute_command(*command)
+            return pipe.execute(raise_on_error=False)
 
     @contextmanager
     def conn_or_acquire(self, client=None):
@@ -228,10 +233,71 @@ class Transport(kombu_redis.Transport):
 
 class SentinelChannel(Channel, kombu_redis.SentinelChannel):
     """The same outbox, on the primary a Sentinel names (a sentinel:// broker URL, app/redis_sentinel.py).
-    The outbox, the lists and the unacknowledged set all live on the primary and reach its
-    replicas in the order they were written, so a promoted replica holds them as consistently as
-    the primary did (a write the primary took in the instant before it died may be missing:
-    Redis replicates after it answers)."""
+
+    Redis replicates after it answers: a task message the primary took in the instant before it
+    died would be missing on the promoted replica, though the API had answered 202 for it (a
+    failover test found one such message in about ten runs). So a task publish returns only once
+    ``wait_for_replicas`` replicas have it: Redis's WAIT, sent on the transaction's own connection
+    right behind its EXEC (one round trip still; on a healthy replica the wait is well under a
+    millisecond). A primary that dies meanwhile fails the publish, and its retry reaches the new
+    primary. A replica that does not answer within ``wait_for_replicas_timeout`` seconds (it is
+    down) does not stop publishing: the message is sent with a warning, and for the next
+    ``REPLICAS_MISSING_BACKOFF`` seconds publishes do not wait, as Redis itself accepts writes
+    without replicas unless its ``min-replicas-to-write`` says otherwise."""
+
+    REPLICAS_MISSING_BACKOFF = 5.0
+
+    from_transport_options = (
+        *kombu_redis.SentinelChannel.from_transport_options,
+        "wait_for_replicas",
+        "wait_for_replicas_timeout",
+    )
+    wait_for_replicas = 1
+    wait_for_replicas_timeout = 1.0
+    _replicas_missing_until = 0.0
+
+    def _publish_transaction(self, client, commands: list[tuple]) -> list:
+        if not self.wait_for_replicas or time.monotonic() < self._replicas_missing_until:
+            return super()._publish_transaction(client, commands)
+        pool = client.connection_pool
+        connection = pool.get_connection()
+        try:
+            wait = ("WAIT", self.wait_for_replicas, int(self.wait_for_replicas_timeout * 1000))
+            connection.send_packed_command(connection.pack_commands([("MULTI",), *commands, ("EXEC",), wait]))
+            replies = [connection.read_response() for _ in range(len(commands) + 3)]
+        except BaseException:
+            connection.disconnect()  # replies may be left unread: never hand this connection out again
+            raise
+        finally:
+            pool.release(connection)
+        results, acknowledged = replies[-2], replies[-1]
+        if acknowledged < self.wait_for_replicas:
+            self._replicas_missing_until = time.monotonic() + self.REPLICAS_MISSING_BACKOFF
+            kombu_redis.logger.warning(
+                "A task message reached %d of %d replica(s) within %g s: it is lost if the primary fails "
+                "before it replicates; publishes do not wait for replicas for the next %g s",
+                acknowledged,
+                self.wait_for_replicas,
+                self.wait_for_replicas_timeout,
+                self.REPLICAS_MISSING_BACKOFF,
+            )
+        return results
+
+    def create_publish_batch(self, max_size):
+        return ReplicatedPublishBatch(self, max_size)
+
+
+class ReplicatedPublishBatch(kombu_redis.PublishBatch):
+    """kombu's publish batch (one pipeline of many messages' commands) on a SentinelChannel:
+    WAIT behind the batch, on the pipeline's own connection."""
+
+    def flush(self):
+        channel = self.channel
+        if self._buffered and channel.wait_for_replicas and time.monotonic() >= channel._replicas_missing_until:
+            self.pipeline.execute_command(
+                "WAIT", channel.wait_for_replicas, int(channel.wait_for_replicas_timeout * 1000)
+            )
+        super().flush()
 
 
 class SentinelTransport(kombu_redis.SentinelTransport):

@@ -397,6 +397,20 @@ SECTIONS = (
                 "The Sentinels' own password, only when they have `requirepass` (the primary's goes in the URLs).",
             ),
             Variable(
+                "REDIS_SENTINEL_WAIT_REPLICAS",
+                "int",
+                1,
+                "A task publish through Sentinel (the API's 202, a chain's next step) returns once this many "
+                "replicas have the message (Redis's WAIT), so a failover right after it loses nothing; 0: never wait.",
+            ),
+            Variable(
+                "REDIS_SENTINEL_WAIT_TIMEOUT",
+                "float",
+                1.0,
+                "Seconds a publish waits for those replicas; past it (a replica is down) the message is sent with a "
+                "warning and publishes stop waiting for 5 s.",
+            ),
+            Variable(
                 "CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS",
                 "bool",
                 Derived("`true` on RabbitMQ, `false` on Redis"),

@@ -241,6 +241,10 @@ REDIS_SOCKET_TIMEOUT = environment.read("REDIS_SOCKET_TIMEOUT")
 SENTINEL_TRANSPORT_OPTIONS = redis_sentinel.transport_options(
     master_name=REDIS_SENTINEL_MASTER_NAME, password=REDIS_SENTINEL_PASSWORD, socket_timeout=REDIS_SOCKET_TIMEOUT
 )
+# A task publish through Sentinel returns once this many replicas have the message (Redis
+# replicates after it answers; app/redis_transport.py: SentinelChannel).
+REDIS_SENTINEL_WAIT_REPLICAS = environment.read("REDIS_SENTINEL_WAIT_REPLICAS")
+REDIS_SENTINEL_WAIT_TIMEOUT = environment.read("REDIS_SENTINEL_WAIT_TIMEOUT")
 
 # --- Cache ----------------------------------------------------------------
 
@@ -463,8 +467,13 @@ if BROKER_IS_REDIS:
         "retry_on_timeout": True,
         "unacked_restore_interval": REDIS_RESTORE_INTERVAL,
         "unacked_restore_throttle": 1,
-        **(SENTINEL_TRANSPORT_OPTIONS if BROKER_IS_SENTINEL else {}),
     }
+    if BROKER_IS_SENTINEL:
+        CELERY_BROKER_TRANSPORT_OPTIONS.update(
+            SENTINEL_TRANSPORT_OPTIONS,
+            wait_for_replicas=REDIS_SENTINEL_WAIT_REPLICAS,
+            wait_for_replicas_timeout=REDIS_SENTINEL_WAIT_TIMEOUT,
+        )
     if CELERY_BROKER_VISIBILITY_TIMEOUT is not None:
         CELERY_BROKER_TRANSPORT_OPTIONS["visibility_timeout"] = CELERY_BROKER_VISIBILITY_TIMEOUT
     if WORKER_POOL_NAME:

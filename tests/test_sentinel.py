@@ -6,6 +6,7 @@ SIGKILLed while tasks run) without a restart, with nothing lost by the chaos run
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -18,7 +19,7 @@ from django.conf import settings
 from django.core.management import call_command
 
 from project.celery import app as celery_app
-from tests.chaos.run import SHORT_LIMITS, Ledger, report, runs_by_attempt, settle, settle_seconds
+from tests.chaos.run import FINAL, SHORT_LIMITS, Ledger, report, runs_by_attempt, settle, settle_seconds
 from tests.conftest import (
     FIGURES,
     REPO_ROOT,
@@ -99,6 +100,55 @@ def test_broker_results_and_cache_reach_the_primary_through_sentinel(sentinels):
     assert primary[2].get("django-celery-k8s:api-tokens:generation") is not None  # the token cache's own client
 
 
+@pytest.fixture
+def own_sentinels(tmp_path):
+    """A primary, replica and Sentinels for one test that fails the primary over."""
+    servers = SentinelSet(tmp_path)
+    try:
+        yield servers.start()
+    finally:
+        servers.stop()
+
+
+def test_a_publish_returns_once_the_replica_has_the_message_so_a_failover_right_after_loses_nothing(own_sentinels):
+    sentinels = own_sentinels
+    app = celery_app_for(
+        sentinels.url(0),
+        broker_transport="app.redis_transport:SentinelTransport",
+        broker_transport_options={**settings.SENTINEL_TRANSPORT_OPTIONS, "wait_for_replicas_timeout": 10},
+    )
+    queue, replica = "replicated-publish-test", sentinels.replica()
+    app.send_task("app.tasks.add", args=(1, 2), queue=queue)
+    assert replica.llen(queue) == 1  # there as the publish returned: the replica had acknowledged it
+
+    # The replica cut off (stopped, and its link dropped by the primary): what the primary takes
+    # now never reaches it, and a publish waits. The primary dies while it waits, the replica
+    # comes back and is promoted: the publish fails on the dead primary and its retry lands on
+    # the new one. Without the wait, the publish would have returned at once (a 202) and its
+    # message died with the old primary.
+    replica_process = sentinels.processes[sentinels.replica_port]
+    os.kill(replica_process.pid, signal.SIGSTOP)
+    sentinels.primary().client_kill_filter(_type="replica")
+    published = {}
+    retry_policy = {"max_retries": 40, "interval_start": 0.25, "interval_step": 0.25, "interval_max": 0.25}
+
+    def publish():
+        published["id"] = app.send_task("app.tasks.add", args=(3, 4), queue=queue, retry_policy=retry_policy).id
+
+    publisher = threading.Thread(target=publish)
+    publisher.start()
+    try:
+        SentinelSet.wait_until(lambda: sentinels.primary().llen(queue) == 2, "the publish to reach the primary")
+        sentinels.kill_primary()
+    finally:
+        os.kill(replica_process.pid, signal.SIGCONT)
+    sentinels.wait_for_promotion()
+    publisher.join(timeout=30)
+    assert not publisher.is_alive()
+    messages = [json.loads(raw)["headers"]["id"] for raw in sentinels.primary().lrange(queue, 0, -1)]
+    assert published["id"] in messages
+
+
 @pytest.mark.timeout(240)
 def test_a_primary_failover_while_tasks_run_stops_nothing_for_good_and_loses_nothing(
     sentinels, transactional_db, start_web, start_beat, service_log_dir, tmp_path, monkeypatch
@@ -156,6 +206,9 @@ def test_a_primary_failover_while_tasks_run_stops_nothing_for_good_and_loses_not
             found = settle(client.ledger, deadline, app.backend)
             runs = runs_by_attempt(ledger_url)
             figures, passed = report(client.ledger, found, runs, [(killed_at, "primary failover")])
+            if not passed:
+                lost = [t for t, name in client.ledger.names.items() if found[t].get("status") not in FINAL]
+                figures["where the lost tasks' messages are"] = where_on_the_broker(sentinels.primary(), lost)
             wait_until(
                 lambda: canary_touched_after(health_dir, promoted_at), timeout=15, message="a canary after the failover"
             )
@@ -179,6 +232,22 @@ def test_a_primary_failover_while_tasks_run_stops_nothing_for_good_and_loses_not
     assert pause < promoted_at - killed_at + 10, (pause, figures)
     assert web_pause < promoted_at - killed_at + 5, (web_pause, client.ledger.refused)
     assert ready == 200  # web's cache, broker and result backend: all on the new primary
+
+
+def where_on_the_broker(primary: redis.Redis, task_ids: list[str]) -> dict:
+    """For a failed accounting: the broker keys holding each lost task's message (a list, the
+    unacknowledged set, the outbox), and kombu's restore lock."""
+    found = {task_id: [] for task_id in task_ids}
+    for key in primary.scan_iter():
+        kind = primary.type(key)
+        values = primary.lrange(key, 0, -1) if kind == b"list" else primary.hvals(key) if kind == b"hash" else []
+        for task_id in task_ids:
+            found[task_id] += [key.decode() for value in values if task_id.encode() in value]
+    lock_ttl = primary.ttl("unacked_mutex")
+    unacked_ages = [
+        round(time.time() - score) for _tag, score in primary.zrange("unacked_index", 0, -1, withscores=True)
+    ]
+    return {"lost": found, "restore lock ttl": lock_ttl, "unacknowledged ages (s)": unacked_ages}
 
 
 class Client:
