@@ -596,7 +596,7 @@ def test_a_real_server_answers_hostile_bodies_with_json_and_queues_nothing(start
 @pytest.mark.integration
 @pytest.mark.django_db(transaction=True)
 def test_an_unreachable_database_is_a_json_503_and_queues_nothing(start_web, api_token):
-    from project.embedded import free_port
+    from tests.resources import free_port
 
     base = start_web(DATABASE_URL=f"postgres://postgres@127.0.0.1:{free_port()}/unreachable")
     headers = {"Authorization": f"Bearer {api_token}", "Content-Type": "application/json"}

@@ -16,11 +16,13 @@ from types import SimpleNamespace
 
 import pytest
 
-from project.embedded import free_port, wait_for_port
-from tests.conftest import REPO_ROOT, Service, http, subprocess_env
+from project.embedded import wait_for_port
+from tests.conftest import http
 from tests.deploy.conftest import COMPONENT_LABEL as COMPONENT
 from tests.deploy.conftest import deep_merge, load_values, main_container, render_chart, workloads
 from tests.deploy.test_chart_invariants import effective_env
+from tests.processes import REPO_ROOT, Service, subprocess_env
+from tests.resources import free_port
 
 ENTRYPOINT = REPO_ROOT / "deploy" / "image" / "entrypoint.sh"
 VENV_BIN = Path(sys.executable).parent
@@ -45,6 +47,7 @@ def manage(env: dict, *args: str) -> subprocess.CompletedProcess:
 # --- manage.py check --deploy with the chart's environment -------------------------------------
 
 
+@pytest.mark.subprocess
 def test_check_deploy_reports_nothing_with_the_charts_production_environment():
     env = chart_env(load_values("production-values.yaml"))
 
@@ -54,6 +57,7 @@ def test_check_deploy_reports_nothing_with_the_charts_production_environment():
     assert "System check identified no issues (0 silenced)." in run.stdout
 
 
+@pytest.mark.subprocess
 def test_check_deploy_flags_the_plain_http_settings_the_chart_gives_without_tls():
     # The same check fails where it should: the minimal values have no TLS ingress.
     env = chart_env(load_values("minimal-values.yaml"))
@@ -86,6 +90,7 @@ def security_settings(env: dict) -> dict:
     return json.loads(run.stdout)
 
 
+@pytest.mark.subprocess
 def test_https_settings_are_off_for_make_run():
     values = security_settings({"DJANGO_DEBUG": "true"})
 
@@ -99,6 +104,7 @@ def test_https_settings_are_off_for_make_run():
     }
 
 
+@pytest.mark.subprocess
 def test_the_charts_production_environment_turns_https_on_and_trusts_x_forwarded_proto():
     env = chart_env(load_values("production-values.yaml"))
 
@@ -226,6 +232,7 @@ def kubelet_get(port: int, probe: dict) -> int:
     return fetch(port, get["path"], headers).status
 
 
+@pytest.mark.integration
 @pytest.mark.django_db(transaction=True)
 def test_behind_tls_the_probes_still_answer_200_over_plain_http_and_everything_else_redirects(
     tmp_path, static_root, start_role
@@ -252,6 +259,7 @@ def test_behind_tls_the_probes_still_answer_200_over_plain_http_and_everything_e
     assert response.status == 301
 
 
+@pytest.mark.integration
 @pytest.mark.django_db(transaction=True)
 def test_behind_the_trusted_proxy_pages_get_hsts_secure_cookies_and_a_csp(tmp_path, static_root, start_role):
     (tmp_path / "prometheus").mkdir()
@@ -437,6 +445,7 @@ def flower(tmp_path_factory):
 FLOWER_PAGES = ("/", "/workers", "/tasks", "/broker", "/worker/nobody", "/task/unknown", "/metrics", "/api/workers")
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("path", FLOWER_PAGES)
 def test_every_flower_page_and_its_metrics_need_credentials(flower, path):
     assert http("GET", flower.url + path)[0] == 401
@@ -444,6 +453,7 @@ def test_every_flower_page_and_its_metrics_need_credentials(flower, path):
     assert http("GET", flower.url + path, headers=FLOWER_AUTH)[0] != 401
 
 
+@pytest.mark.integration
 def test_flower_under_a_url_prefix_asks_for_credentials_on_metrics_too(tmp_path):
     # The chart's ingress routes /flower there, with FLOWER_URL_PREFIX=flower.
     port = free_port()
@@ -462,10 +472,12 @@ def test_flower_under_a_url_prefix_asks_for_credentials_on_metrics_too(tmp_path)
         service.stop()
 
 
+@pytest.mark.integration
 def test_flowers_probe_path_stays_open(flower):
     assert http("GET", flower.url + "/healthcheck") == (200, b"OK")
 
 
+@pytest.mark.integration
 def test_flowers_metrics_port_serves_metrics_without_credentials_and_nothing_else(flower):
     status, body = http("GET", flower.metrics_url + "/metrics")
 
@@ -475,6 +487,7 @@ def test_flowers_metrics_port_serves_metrics_without_credentials_and_nothing_els
     assert http("GET", flower.metrics_url + "/workers")[0] == 404
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("path", ["/", "/tasks", "/static/js/flower.js", "/nothing-here", "/healthcheck"])
 def test_flower_sends_its_content_security_policy_on_every_response(flower, path):
     import urllib.error
@@ -497,6 +510,7 @@ def sha256_source(text: str) -> str:
     return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
 
 
+@pytest.mark.integration
 def test_flowers_inline_scripts_and_styles_are_exactly_the_hashed_ones(flower):
     # A Flower upgrade that changes them fails here (the browser test below would show the block).
     from project.flower_app import INLINE_SCRIPT_HASHES, INLINE_STYLE_HASHES
@@ -519,6 +533,7 @@ def test_flowers_inline_scripts_and_styles_are_exactly_the_hashed_ones(flower):
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(CHROMIUM is None, reason="needs chromium (apt-get install -y chromium)")
 @pytest.mark.django_db(transaction=True)
 def test_admin_api_docs_and_flower_work_in_chromium_without_csp_violations(
