@@ -70,6 +70,22 @@ def pytest_configure(config):
     processes.refuse_unmarked_subprocesses()
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """make test's --dist loadgroup sends the tests of one xdist_group to one process because the
+    group's name ends their node ids. pytest-xdist 3.8 appends it to `item._nodeid`, which pytest 9
+    no longer reads (a node id is `item._id` now): without this, every group is silently split."""
+    if not getattr(config.option, "loadgroup", False):  # set in xdist's processes only
+        return
+    from _pytest.nodeid import NodeId
+
+    for item in items:
+        groups = sorted({str(mark.args[0]) for mark in item.iter_markers("xdist_group")})
+        suffix = "@" + "_".join(groups)
+        if groups and not item.nodeid.endswith(suffix):
+            item._id = NodeId.parse(item.nodeid + suffix)
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     """The marker checks (tests/processes.py) know the test whose fixtures, body and teardown run."""
@@ -143,8 +159,10 @@ def amqp_app():
     return celery_app_for(url, broker_transport_options={})
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def amqp_worker(amqp_app, django_db_setup, django_db_blocker, service_log_dir):
+    """A worker on the shared RabbitMQ's task queues; stopped with its module, so the RabbitMQ
+    tests of another module (one xdist group, one process) never share the queues with it."""
     with django_db_blocker.unblock():
         service = processes.start_worker(amqp_app, broker_url=amqp_app.broker_url_for_workers, log_dir=service_log_dir)
     yield service

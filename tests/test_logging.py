@@ -22,7 +22,8 @@ from tests.conftest import celery_app_for, make_api_token, wait_until
 from tests.processes import REPO_ROOT, Service
 from tests.resources import empty_redis_db
 
-pytestmark = pytest.mark.integration
+# In a parallel run this module stays in one process: its workers are started once for the module.
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("logging")]
 
 
 def json_lines(text: str) -> list[dict]:

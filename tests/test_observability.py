@@ -35,7 +35,10 @@ from tests.processes import (
 from tests.prometheus_server import PrometheusServer, ScrapeTarget, prometheus_binary
 from tests.resources import empty_redis_db, free_port
 
+# In a parallel run this module stays in one process: the system under watch is started once for the module.
 pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.xdist_group("observability"),
     pytest.mark.skipif(prometheus_binary() is None, reason="prometheus is not installed (Debian package)"),
     pytest.mark.django_db(transaction=True),
 ]

@@ -35,6 +35,9 @@ from tests.deploy.test_chart_invariants import effective_env
 from tests.processes import Service
 from tests.resources import free_port
 
+# In a parallel run this module stays in one process: the chart's roles are started once for the module.
+pytestmark = pytest.mark.xdist_group("probes")
+
 # --- Unit: the readiness rule ------------------------------------------------------------
 
 

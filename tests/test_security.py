@@ -24,6 +24,9 @@ from tests.deploy.test_chart_invariants import effective_env
 from tests.processes import REPO_ROOT, Service, subprocess_env
 from tests.resources import free_port
 
+# In a parallel run this module stays in one process: collectstatic and Flower run once for the module.
+pytestmark = pytest.mark.xdist_group("security")
+
 ENTRYPOINT = REPO_ROOT / "deploy" / "image" / "entrypoint.sh"
 VENV_BIN = Path(sys.executable).parent
 FLOWER_USER, FLOWER_PASSWORD = "ops", "flower-test-password"

@@ -23,7 +23,8 @@ from tests.processes import REPO_ROOT, start_worker
 from tests.resources import empty_redis_db
 from tests.sentinel_servers import MASTER_NAME, SentinelSet, server_binary
 
-pytestmark = pytest.mark.integration
+# In a parallel run this module stays in one process: its Redis servers and Sentinels are started once for the module.
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("sentinel")]
 
 # (path, body) the web takes while the primary fails over: every canvas of the API, at least once.
 STARTS = [

@@ -31,6 +31,9 @@ from tests.processes import REPO_ROOT, Service
 from tests.resources import free_port
 from tests.tls_servers import TlsRabbitMQ, TlsRedis, Unavailable, make_certificates
 
+# In a parallel run this module stays in one process: its certificates, servers and roles are started once for the module.
+pytestmark = pytest.mark.xdist_group("tls")
+
 ROLES = ("web", "worker-default", "beat", "flower")
 
 # --- Unit: half a setting ---------------------------------------------------------------------

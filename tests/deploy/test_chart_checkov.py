@@ -7,6 +7,9 @@ import pytest
 
 from tests.deploy.conftest import name, run_checkov
 
+# In a parallel run this module stays in one process: checkov scans the chart once for the module.
+pytestmark = pytest.mark.xdist_group("chart-checkov")
+
 SKIP_ANNOTATION = re.compile(r"^checkov\.io/skip\d*$")
 SKIP_VALUE = re.compile(r"^(CKV2?_K8S_\d+)\s*=\s*(.*)$", re.DOTALL)
 

@@ -28,6 +28,9 @@ from tests.deploy.conftest import (
 )
 from tests.processes import REPO_ROOT
 
+# In a parallel run this module stays in one process: checkov scans the production overlay once for the module.
+pytestmark = pytest.mark.xdist_group("kustomize")
+
 KUSTOMIZE_DIR = REPO_ROOT / "deploy" / "kustomize"
 GENERATOR = KUSTOMIZE_DIR / "generate_base.py"
 GENERATED = ("base", "components")
