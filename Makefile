@@ -34,11 +34,13 @@ run: $(STAMP) ## Run web, worker, beat and flower locally (embedded Redis, SQLit
 
 # Two processes (pytest-xdist): tests that share one resource (RabbitMQ's queues, the podman image)
 # carry the same xdist_group and run in one process. tests/resources.py shares out Redis and ports.
+PARALLEL := -n 2 --dist loadgroup
+
 test: $(STAMP) $(CHECKOV_STAMP) ## Run the whole suite in 2 processes (embedded PostgreSQL/Redis unless DATABASE_URL/REDIS_URL are set)
-	$(PY) -m pytest -n 2 --dist loadgroup
+	$(PY) -m pytest $(PARALLEL)
 
 test-fast: $(STAMP) ## Only the tests that start no process, server or container (under a minute)
-	$(PY) -m pytest -m "not integration and not container and not subprocess"
+	$(PY) -m pytest $(PARALLEL) -m "not integration and not container and not subprocess"
 
 check: $(STAMP) ## Django system checks (includes the broker visibility-timeout check)
 	DJANGO_DEBUG=true $(PY) manage.py check

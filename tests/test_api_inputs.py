@@ -363,10 +363,17 @@ def test_an_invalid_task_id_is_a_422_on_revoke(send, nothing_queued, task_id):
     assert detail[0]["loc"] == ["path", "task_id"]
 
 
-REAL_IDS = [str(uuid.uuid4()), uuid.uuid4().hex, "report:42", "celery@host.example", "a_b-c.d+e=f"]
+REAL_IDS = {
+    "uuid": str(uuid.uuid4()),
+    "uuid-hex": uuid.uuid4().hex,
+    "report": "report:42",
+    "celery-host": "celery@host.example",
+    "punctuation": "a_b-c.d+e=f",
+}
 
 
-@pytest.mark.parametrize("task_id", REAL_IDS)
+# Named, not listed: each pytest-xdist process collects the same test ids.
+@pytest.mark.parametrize("task_id", REAL_IDS.values(), ids=REAL_IDS.keys())
 def test_ids_of_the_accepted_form_are_looked_up(client, api_token, task_id):
     TaskLog.objects.create(task_id=task_id, task_name="app.tasks.add", state="SUCCESS", result=1)
 
