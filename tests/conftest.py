@@ -25,10 +25,19 @@ def _plain_static_storage(settings):
 
 
 @pytest.fixture(autouse=True)
-def _fast_password_hashing(settings):
+def _fast_password_hashing(request, settings):
     # PBKDF2 is slow by design (about 0.3 s a password here): every admin_client paid for it.
-    # Which hasher stores a password is Django's business, not a behaviour of this project.
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+    # Which hasher stores a password is Django's business, not a behaviour of this project; but a
+    # process a test starts checks passwords with the real settings, so those tests keep them.
+    if not any(request.node.get_closest_marker(marker) for marker in processes.SUBPROCESS_MARKERS):
+        settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+@pytest.fixture(autouse=True)
+def _project_app_is_current():
+    # Shared tasks publish through the current app, and importing project.flower_app (as a test
+    # of its constants does) makes Flower's app current for good: each test starts from ours.
+    celery_app.set_current()
 
 
 def make_api_token(scope: str = "manage", **fields) -> str:
@@ -108,9 +117,11 @@ def service_log_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("services")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def redis_worker(django_db_setup, django_db_blocker, service_log_dir):
-    """A real prefork worker (concurrency 2) on the Redis broker, consuming default and long."""
+    """A real prefork worker (concurrency 2) on this process's Redis broker, consuming default and
+    long. It empties them as it starts and stops with its module: tasks other tests queued
+    without a worker never run against the test database behind their back."""
     with django_db_blocker.unblock():
         service = processes.start_worker(
             celery_app, broker_url=os.environ["CELERY_BROKER_URL"], log_dir=service_log_dir

@@ -200,7 +200,7 @@ def start_worker(
         options=options,
     )
     service = Service(
-        f"worker-{hostname.split('@')[0]}", command, subprocess_env(CELERY_BROKER_URL=broker_url, **env), log_dir
+        f"worker-{hostname.split('@')[0]}", command, subprocess_env(**{"CELERY_BROKER_URL": broker_url, **env}), log_dir
     )
     service.hostname = hostname
     if not wait:
@@ -225,13 +225,13 @@ def start_web(
 ) -> Service:
     """gunicorn as the image runs it on `port` (a free one by default), answering: `.port`, `.url`."""
     port = port or free_port()
-    env = subprocess_env(
-        PORT=port,
-        WEB_METRICS_PORT=metrics_port,
-        WEB_CONCURRENCY=concurrency,
-        GUNICORN_WORKER_TMP_DIR=workdir,
-        **env,
-    )
+    defaults = {
+        "PORT": port,
+        "WEB_METRICS_PORT": metrics_port,
+        "WEB_CONCURRENCY": concurrency,
+        "GUNICORN_WORKER_TMP_DIR": workdir,
+    }
+    env = subprocess_env(**{**defaults, **env})
     service = Service(f"web-{port}", web_command(), env, log_dir)
     service.port, service.url = port, f"http://127.0.0.1:{port}"
     try:

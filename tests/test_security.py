@@ -289,9 +289,13 @@ def test_behind_the_trusted_proxy_pages_get_hsts_secure_cookies_and_a_csp(tmp_pa
     )
 
 
-def test_gunicorn_drops_forwarded_headers_from_peers_outside_forwarded_allow_ips():
+def test_gunicorn_drops_forwarded_headers_from_peers_outside_forwarded_allow_ips(monkeypatch, tmp_path):
     from gunicorn.config import Config
 
+    # Importing the config points prometheus-client at a multiprocess folder (its own, emptied):
+    # a scratch one, forgotten after this test, or this process's /metrics reads it from then on.
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_BASE_DIR", str(tmp_path))
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "web"))
     from project import gunicorn_conf
 
     cfg = Config()
