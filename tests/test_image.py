@@ -99,6 +99,11 @@ def role_env(container_app):
             "CACHE_URL": os.environ["CACHE_URL"],
             "DJANGO_SECRET_KEY": "container-tests-only",
             "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost",
+            # The containers share the host's network: no metrics server on the chart's fixed port,
+            # which a parallel test's process or another container may hold.
+            "CELERY_METRICS_PORT": "0",
+            "WEB_METRICS_PORT": "0",
+            "FLOWER_METRICS_PORT": "0",
             **{key: str(value) for key, value in extra.items()},
         }
 
