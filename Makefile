@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv run test bench chaos image lint fmt check kind-up kind-down kind-load deploy dev undeploy helm-docs kustomize-base settings-docs
+.PHONY: help venv run test bench chaos image lint fmt check kind-up kind-down kind-load deploy dev undeploy helm-docs kustomize-base settings-docs test-fast
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -32,8 +32,15 @@ venv: $(STAMP) ## Create .venv and install the pinned requirements
 run: $(STAMP) ## Run web, worker, beat and flower locally (embedded Redis, SQLite); Ctrl-C stops all
 	$(PY) -m project.localrun
 
-test: $(STAMP) $(CHECKOV_STAMP) ## Run the test suite (embedded PostgreSQL/Redis unless DATABASE_URL/REDIS_URL are set)
-	$(PY) -m pytest
+# Two processes (pytest-xdist): tests that share one resource (RabbitMQ's queues, the podman image)
+# carry the same xdist_group and run in one process. tests/resources.py shares out Redis and ports.
+PARALLEL := -n 2 --dist loadgroup
+
+test: $(STAMP) $(CHECKOV_STAMP) ## Run the whole suite in 2 processes (embedded PostgreSQL/Redis unless DATABASE_URL/REDIS_URL are set)
+	$(PY) -m pytest $(PARALLEL)
+
+test-fast: $(STAMP) ## Only the tests that start no process, server or container (under a minute)
+	$(PY) -m pytest $(PARALLEL) -m "not integration and not container and not subprocess"
 
 check: $(STAMP) ## Django system checks (includes the broker visibility-timeout check)
 	DJANGO_DEBUG=true $(PY) manage.py check

@@ -13,10 +13,12 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from project.embedded import EmbeddedPostgres, EmbeddedRedis, free_port, wait_for_port
-from tests.conftest import REPO_ROOT, Service, http, wait_until
+from project.embedded import EmbeddedPostgres, EmbeddedRedis, wait_for_port
+from tests.conftest import http, wait_until
 from tests.deploy.conftest import containers, labels, load_values, of_kind, render_chart
 from tests.deploy.test_chart_invariants import effective_env
+from tests.processes import REPO_ROOT, Service, require_process_marker
+from tests.resources import free_port
 
 ENTRYPOINT = REPO_ROOT / "deploy" / "image" / "entrypoint.sh"
 VENV_BIN = Path(sys.executable).parent
@@ -87,6 +89,7 @@ class Stack:
         services: dict | None = None,
         postgres: EmbeddedPostgres | None = None,
     ):
+        require_process_marker("the chart's roles")
         self.scratch = scratch
         self.redis = None if services else EmbeddedRedis(workdir=scratch).start()
         self.postgres_dir = None

@@ -1,25 +1,18 @@
 """Shared fixtures: API tokens and clients, and real Celery workers, beat and web servers
-started as subprocesses against the test database and the real broker."""
+started as subprocesses (tests/processes.py) against the test database and the real broker."""
 
 import os
-import signal
-import subprocess
-import sys
 import time
 import urllib.request
 import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
-from django.db import connection
 
 from project.celery import app as celery_app
-from project.embedded import free_port, wait_for_port
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from tests import processes, resources
 
 
 @pytest.fixture(autouse=True)
@@ -29,6 +22,22 @@ def _plain_static_storage(settings):
         **settings.STORAGES,
         "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
     }
+
+
+@pytest.fixture(autouse=True)
+def _fast_password_hashing(request, settings):
+    # PBKDF2 is slow by design (about 0.3 s a password here): every admin_client paid for it.
+    # Which hasher stores a password is Django's business, not a behaviour of this project; but a
+    # process a test starts checks passwords with the real settings, so those tests keep them.
+    if not any(request.node.get_closest_marker(marker) for marker in processes.SUBPROCESS_MARKERS):
+        settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+@pytest.fixture(autouse=True)
+def _project_app_is_current():
+    # Shared tasks publish through the current app, and importing project.flower_app (as a test
+    # of its constants does) makes Flower's app current for good: each test starts from ours.
+    celery_app.set_current()
 
 
 def make_api_token(scope: str = "manage", **fields) -> str:
@@ -63,77 +72,45 @@ def api(client, api_token):
     return ApiClient()
 
 
-# --- Subprocesses against the test database ---------------------------------------------
+# --- Real workers, beat and web (tests/processes.py) ------------------------------------
 
 
-def database_url_for_subprocess() -> str:
-    """DATABASE_URL with the database name pytest-django created for this run."""
-    parts = urlsplit(os.environ["DATABASE_URL"])
-    return urlunsplit(parts._replace(path="/" + connection.settings_dict["NAME"]))
+def pytest_configure(config):
+    processes.refuse_unmarked_subprocesses()
 
 
-def subprocess_env(**overrides) -> dict:
-    """The test process's environment for a child: the test database, and this process's result
-    backend (a worker on another broker still stores states where the tests read them)."""
-    from django.conf import settings
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """make test's --dist loadgroup sends the tests of one xdist_group to one process because the
+    group's name ends their node ids. pytest-xdist 3.8 appends it to `item._nodeid`, which pytest 9
+    no longer reads (a node id is `item._id` now): without this, every group is silently split."""
+    if not getattr(config.option, "loadgroup", False):  # set in xdist's processes only
+        return
+    from _pytest.nodeid import NodeId
 
-    env = {
-        **os.environ,
-        "DATABASE_URL": database_url_for_subprocess(),
-        "RESULT_BACKEND_URL": settings.RESULT_BACKEND_URL,
-        "PYTHONUNBUFFERED": "1",
-    }
-    env.update({key: str(value) for key, value in overrides.items()})
-    return env
-
-
-class Service:
-    """A child process with its output in a log file; stopped with SIGTERM, then SIGKILL."""
-
-    def __init__(self, name: str, command: list[str], env: dict, log_dir: Path):
-        self.name = name
-        self.log_path = log_dir / f"{name}.log"
-        self._log = open(self.log_path, "wb")
-        self.process = subprocess.Popen(
-            command, cwd=REPO_ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, timeout: float = 20) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-        self._log.close()
+    for item in items:
+        marks = item.iter_markers("xdist_group")
+        groups = sorted({str(mark.args[0] if mark.args else mark.kwargs.get("name", "default")) for mark in marks})
+        suffix = "@" + "_".join(groups)
+        if groups and not item.nodeid.endswith(suffix):
+            item._id = NodeId.parse(item.nodeid + suffix)
 
 
-@contextmanager
-def empty_redis_db(db: int):
-    """The URL of database `db` of the suite's Redis, emptied before and after: a test's own keys."""
-    import redis
-
-    url = f"{os.environ['REDIS_URL'].rstrip('/')}/{db}"
-    client = redis.Redis.from_url(url)
-    client.flushdb()
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """The marker checks (tests/processes.py) know the test whose fixtures, body and teardown run."""
+    processes.running_test = item
     try:
-        yield url
+        return (yield)
     finally:
-        client.flushdb()
+        processes.running_test = None
 
 
-def wait_for_worker(app, hostname: str, service: Service, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if service.process.poll() is not None:
-            raise RuntimeError(f"worker exited early:\n{service.log()[-3000:]}")
-        if app.control.ping(destination=[hostname], timeout=0.5):
-            return
-    raise TimeoutError(f"worker {hostname} not ready after {timeout} s:\n{service.log()[-3000:]}")
+@pytest.fixture
+def redis_url() -> str:
+    """A database of the suite's Redis of this test's own, emptied before and after (tests/resources.py)."""
+    with resources.empty_redis_db() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
@@ -141,45 +118,15 @@ def service_log_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("services")
 
 
-def start_worker(
-    app,
-    *,
-    broker_url: str,
-    log_dir: Path,
-    concurrency: int = 2,
-    app_module: str = "project",
-    queues: str = "default,long",
-    purge: bool = True,
-    wait: bool = True,
-    **env,
-) -> Service:
-    """A prefork worker on `broker_url` consuming `queues`, ready to take tasks (without `wait`:
-    just started); with `purge`, it empties them as it starts (tasks of earlier tests are not its)."""
-    hostname = f"test-{uuid.uuid4().hex[:8]}@localhost"
-    command = [
-        sys.executable, "-m", "celery", "-A", app_module, "worker",
-        "-Q", queues, "-c", str(concurrency), "--pool", "prefork",
-        "-n", hostname, "--without-mingle", "--without-gossip", "-E", "-l", "info", *(["--purge"] if purge else []),
-    ]  # fmt: skip
-    service = Service(
-        f"worker-{hostname.split('@')[0]}", command, subprocess_env(CELERY_BROKER_URL=broker_url, **env), log_dir
-    )
-    service.hostname = hostname
-    if not wait:
-        return service
-    try:
-        wait_for_worker(app, hostname, service)
-    except BaseException:
-        service.stop()  # not left behind to take the next tests' tasks
-        raise
-    return service
-
-
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def redis_worker(django_db_setup, django_db_blocker, service_log_dir):
-    """A real prefork worker (concurrency 2) on the Redis broker, consuming default and long."""
+    """A real prefork worker (concurrency 2) on this process's Redis broker, consuming default and
+    long. It empties them as it starts and stops with its module: tasks other tests queued
+    without a worker never run against the test database behind their back."""
     with django_db_blocker.unblock():
-        service = start_worker(celery_app, broker_url=os.environ["CELERY_BROKER_URL"], log_dir=service_log_dir)
+        service = processes.start_worker(
+            celery_app, broker_url=os.environ["CELERY_BROKER_URL"], log_dir=service_log_dir
+        )
     yield service
     service.stop()
 
@@ -224,10 +171,12 @@ def amqp_app():
     return celery_app_for(url, broker_transport_options={})
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def amqp_worker(amqp_app, django_db_setup, django_db_blocker, service_log_dir):
+    """A worker on the shared RabbitMQ's task queues; stopped with its module, so the RabbitMQ
+    tests of another module (one xdist group, one process) never share the queues with it."""
     with django_db_blocker.unblock():
-        service = start_worker(amqp_app, broker_url=amqp_app.broker_url_for_workers, log_dir=service_log_dir)
+        service = processes.start_worker(amqp_app, broker_url=amqp_app.broker_url_for_workers, log_dir=service_log_dir)
     yield service
     service.stop()
 
@@ -262,7 +211,12 @@ class BrokerUnderTest:
     worker_hostname: str
 
 
-@pytest.fixture(params=["redis", "amqp"])
+# Every worker on the shared RabbitMQ consumes the same queues: a parallel run keeps the tests that
+# use one in a single pytest-xdist process (--dist loadgroup), or one would take another's tasks.
+RABBITMQ_GROUP = pytest.mark.xdist_group("rabbitmq")
+
+
+@pytest.fixture(params=["redis", pytest.param("amqp", marks=RABBITMQ_GROUP)])
 def broker(request):
     """Run a pattern test once per broker: the same code, only the broker URL differs.
 
@@ -282,16 +236,12 @@ def broker(request):
 
 @pytest.fixture
 def start_beat(service_log_dir, tmp_path):
+    """Start beat with environment overrides (tests/processes.py); stopped after the test."""
     started = []
 
-    def start(**env_overrides) -> Service:
-        command = [
-            sys.executable, "-m", "celery", "-A", "project", "beat", "-l", "info",
-            "-s", str(tmp_path / "celerybeat-schedule"),
-        ]  # fmt: skip
-        service = Service(f"beat-{uuid.uuid4().hex[:6]}", command, subprocess_env(**env_overrides), service_log_dir)
-        started.append(service)
-        return service
+    def start(**env_overrides) -> processes.Service:
+        started.append(processes.start_beat(log_dir=service_log_dir, workdir=tmp_path, **env_overrides))
+        return started[-1]
 
     yield start
     for service in started:
@@ -299,20 +249,14 @@ def start_beat(service_log_dir, tmp_path):
 
 
 @pytest.fixture
-def start_web(service_log_dir):
-    """Start gunicorn on a free loopback port with environment overrides; returns its base URL."""
+def start_web(service_log_dir, tmp_path):
+    """Start gunicorn (tests/processes.py) with environment overrides, stopped after the test;
+    returns its base URL."""
     started = []
 
     def start(**env_overrides) -> str:
-        port = free_port()
-        command = [
-            sys.executable, "-m", "gunicorn", "project.wsgi", "--bind", f"127.0.0.1:{port}",
-            "--workers", "1", "--no-control-socket",
-        ]  # fmt: skip
-        service = Service(f"web-{port}", command, subprocess_env(**env_overrides), service_log_dir)
-        started.append(service)
-        wait_for_port(port, timeout=30, process=service.process)
-        return f"http://127.0.0.1:{port}"
+        started.append(processes.start_web(log_dir=service_log_dir, workdir=tmp_path, **env_overrides))
+        return started[-1].url
 
     yield start
     for service in started:

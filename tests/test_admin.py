@@ -22,8 +22,8 @@ from app import admin as admin_module
 from app import selectors, services, workflows
 from app.models import ApiToken, Report, ReportStatus, ReportType, ScheduledTask, ScheduleType, TaskLog, TaskState
 from project.celery import app as celery_app
-from project.embedded import free_port
 from tests.conftest import wait_until
+from tests.resources import free_port
 
 pytestmark = pytest.mark.django_db
 

@@ -419,7 +419,7 @@ def test_docs_page_uses_local_static_files(api):
 @pytest.mark.integration
 @pytest.mark.django_db(transaction=True)
 def test_unreachable_broker_is_a_fast_503_and_queues_nothing(start_web, api_token):
-    from project.embedded import free_port
+    from tests.resources import free_port
 
     base = start_web(CELERY_BROKER_URL=f"redis://127.0.0.1:{free_port()}/0")
     headers = {"Authorization": f"Bearer {api_token}", "Content-Type": "application/json"}
@@ -452,18 +452,10 @@ def test_an_enqueue_makes_no_database_query(api, django_assert_num_queries):
 
 @pytest.mark.integration
 @pytest.mark.django_db(transaction=True)
-def test_a_disabled_or_deleted_token_is_refused_by_every_web_process_on_the_next_request(service_log_dir):
-    import sys
+def test_a_disabled_or_deleted_token_is_refused_by_every_web_process_on_the_next_request(start_web):
+    from django.contrib.auth import get_user_model
 
     from app import services
-    from project.embedded import free_port, wait_for_port
-    from tests.conftest import Service, subprocess_env
-
-    port = free_port()
-    command = [sys.executable, "-m", "gunicorn", "-c", "python:project.gunicorn_conf", "project.wsgi"]
-    env = subprocess_env(PORT=port, WEB_METRICS_PORT=0, WEB_CONCURRENCY=2, GUNICORN_WORKER_TMP_DIR="/tmp")
-    web = Service(f"web-tokens-{port}", command, env, service_log_dir)
-    from django.contrib.auth import get_user_model
 
     owner = get_user_model().objects.create_user("rotating")
     token, secret = services.create_api_token(name="rotating", owner=owner)
@@ -472,34 +464,31 @@ def test_a_disabled_or_deleted_token_is_refused_by_every_web_process_on_the_next
         # New connections, spread over both gunicorn workers.
         body, headers = json.dumps({"x": 1, "y": 2}).encode(), {"Authorization": f"Bearer {secret}"}
         headers["Content-Type"] = "application/json"
-        return {http("POST", f"http://127.0.0.1:{port}/api/simple-task/", body, headers)[0] for _ in range(8)}
+        return {http("POST", f"{base}/api/simple-task/", body, headers)[0] for _ in range(8)}
 
-    try:
-        wait_for_port(port, timeout=30, process=web.process)
-        assert statuses() == {202}
+    base = start_web(concurrency=2)
+    assert statuses() == {202}
 
-        token.is_active = False  # as the admin saves it
-        token.save()
-        assert statuses() == {401}
+    token.is_active = False  # as the admin saves it
+    token.save()
+    assert statuses() == {401}
 
-        token.is_active = True
-        token.save()
-        assert statuses() == {202}
+    token.is_active = True
+    token.save()
+    assert statuses() == {202}
 
-        token.scope = "read"
-        token.save()
-        assert statuses() == {403}
+    token.scope = "read"
+    token.save()
+    assert statuses() == {403}
 
-        token.delete()
-        assert statuses() == {401}
-    finally:
-        web.stop()
+    token.delete()
+    assert statuses() == {401}
 
 
 @pytest.mark.integration
 @pytest.mark.django_db(transaction=True)
 def test_an_unreachable_result_backend_is_a_503_for_reads_and_never_fails_an_enqueue(start_web, api_token):
-    from project.embedded import free_port
+    from tests.resources import free_port
 
     base = start_web(RESULT_BACKEND_URL=f"redis://127.0.0.1:{free_port()}/0")
     headers = {"Authorization": f"Bearer {api_token}", "Content-Type": "application/json"}

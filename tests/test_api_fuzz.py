@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT, empty_redis_db
+from tests.processes import REPO_ROOT
+from tests.resources import empty_redis_db
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
@@ -21,7 +22,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 MAX_EXAMPLES = 25
 # The broker and result backend of the web under test: the tasks valid data queues (hundreds,
 # some of them minutes long) stay out of the suite's queues, where a running worker would take them.
-FUZZ_TEST_DB = 10  # the suite's broker and results use 13 (tests/embedded_services.py)
 CONFIG = REPO_ROOT / "tests" / "schemathesis.toml"
 HOOKS = REPO_ROOT / "tests" / "schemathesis_hooks.py"
 
@@ -39,7 +39,7 @@ def schemathesis_run(base: str, token: str, scratch: Path) -> subprocess.Complet
 
 
 def test_schemathesis_finds_no_failure_against_a_live_server(start_web, api_token, tmp_path):
-    with empty_redis_db(FUZZ_TEST_DB) as redis_url:
+    with empty_redis_db() as redis_url:
         base = start_web(CELERY_BROKER_URL=redis_url, RESULT_BACKEND_URL=redis_url)
         run = schemathesis_run(base, api_token, tmp_path)
 

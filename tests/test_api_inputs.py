@@ -363,10 +363,17 @@ def test_an_invalid_task_id_is_a_422_on_revoke(send, nothing_queued, task_id):
     assert detail[0]["loc"] == ["path", "task_id"]
 
 
-REAL_IDS = [str(uuid.uuid4()), uuid.uuid4().hex, "report:42", "celery@host.example", "a_b-c.d+e=f"]
+REAL_IDS = {
+    "uuid": str(uuid.uuid4()),
+    "uuid-hex": uuid.uuid4().hex,
+    "report": "report:42",
+    "celery-host": "celery@host.example",
+    "punctuation": "a_b-c.d+e=f",
+}
 
 
-@pytest.mark.parametrize("task_id", REAL_IDS)
+# Named, not listed: each pytest-xdist process collects the same test ids.
+@pytest.mark.parametrize("task_id", REAL_IDS.values(), ids=REAL_IDS.keys())
 def test_ids_of_the_accepted_form_are_looked_up(client, api_token, task_id):
     TaskLog.objects.create(task_id=task_id, task_name="app.tasks.add", state="SUCCESS", result=1)
 
@@ -596,7 +603,7 @@ def test_a_real_server_answers_hostile_bodies_with_json_and_queues_nothing(start
 @pytest.mark.integration
 @pytest.mark.django_db(transaction=True)
 def test_an_unreachable_database_is_a_json_503_and_queues_nothing(start_web, api_token):
-    from project.embedded import free_port
+    from tests.resources import free_port
 
     base = start_web(DATABASE_URL=f"postgres://postgres@127.0.0.1:{free_port()}/unreachable")
     headers = {"Authorization": f"Bearer {api_token}", "Content-Type": "application/json"}

@@ -2,7 +2,6 @@
 (or error) counted per schedule entry sent (or not sent)."""
 
 import os
-import sys
 import time
 import uuid
 
@@ -15,8 +14,9 @@ from prometheus_client import REGISTRY
 
 from app.monitoring.beat_scheduler import DatabaseScheduler
 from project.celery import app as celery_app
-from project.embedded import free_port, wait_for_port
-from tests.conftest import Service, http, subprocess_env, wait_until
+from project.embedded import wait_for_port
+from tests.conftest import http, wait_until
+from tests.resources import free_port
 from tests.test_web_metrics import samples, total
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -111,7 +111,7 @@ def test_an_entry_that_cannot_be_sent_counts_as_an_error(scheduler, unconsumed_q
 
 
 @pytest.mark.integration
-def test_real_beat_heartbeat_and_run_count(tmp_path, service_log_dir, unconsumed_queue):
+def test_real_beat_heartbeat_and_run_count(tmp_path, start_beat, unconsumed_queue):
     queue, broker = unconsumed_queue
     PeriodicTask.objects.create(
         name=f"every-second-{queue}",
@@ -121,33 +121,25 @@ def test_real_beat_heartbeat_and_run_count(tmp_path, service_log_dir, unconsumed
         interval=IntervalSchedule.objects.create(every=1, period=IntervalSchedule.SECONDS),
     )
     heartbeat, metrics_port = tmp_path / "beat-heartbeat", free_port()
-    command = [
-        sys.executable, "-m", "celery", "-A", "project", "beat", "-l", "info",
-        "-s", str(tmp_path / "celerybeat-schedule"),
-    ]  # fmt: skip
-    env = subprocess_env(CELERY_BEAT_HEARTBEAT_FILE=heartbeat, CELERY_METRICS_PORT=metrics_port)
-    beat = Service(f"beat-{queue}", command, env, service_log_dir)
-    try:
-        wait_for_port(metrics_port, timeout=60, process=beat.process)
-        wait_until(heartbeat.exists, timeout=30, message=f"the heartbeat file:\n{beat.log()[-2000:]}")
-        first = heartbeat.stat().st_mtime
-        wait_until(lambda: heartbeat.stat().st_mtime > first, timeout=10, message="the heartbeat to advance")
-        wait_until(lambda: broker.llen(queue) >= 3, timeout=30, message=f"3 sends:\n{beat.log()[-2000:]}")
+    beat = start_beat(CELERY_BEAT_HEARTBEAT_FILE=heartbeat, CELERY_METRICS_PORT=metrics_port)
+    wait_for_port(metrics_port, timeout=60, process=beat.process)
+    wait_until(heartbeat.exists, timeout=30, message=f"the heartbeat file:\n{beat.log()[-2000:]}")
+    first = heartbeat.stat().st_mtime
+    wait_until(lambda: heartbeat.stat().st_mtime > first, timeout=10, message="the heartbeat to advance")
+    wait_until(lambda: broker.llen(queue) >= 3, timeout=30, message=f"3 sends:\n{beat.log()[-2000:]}")
 
-        def runs_match_messages():
-            before = scrape(metrics_port)
-            messages = broker.llen(queue)
-            after = scrape(metrics_port)
-            counted = total(before, RUNS, name="app.tasks.multiply")
-            return counted == messages == total(after, RUNS, name="app.tasks.multiply") and (counted, after)
+    def runs_match_messages():
+        before = scrape(metrics_port)
+        messages = broker.llen(queue)
+        after = scrape(metrics_port)
+        counted = total(before, RUNS, name="app.tasks.multiply")
+        return counted == messages == total(after, RUNS, name="app.tasks.multiply") and (counted, after)
 
-        counted, found = wait_until(runs_match_messages, timeout=10, interval=0.05, message="a quiet moment")
-        assert counted >= 3
-        assert total(found, ERRORS) == 0
-        assert total(found, LAST_TICK) == pytest.approx(time.time(), abs=10)
-        assert "app.monitoring.beat_scheduler.DatabaseScheduler" in beat.log()
-    finally:
-        beat.stop()
+    counted, found = wait_until(runs_match_messages, timeout=10, interval=0.05, message="a quiet moment")
+    assert counted >= 3
+    assert total(found, ERRORS) == 0
+    assert total(found, LAST_TICK) == pytest.approx(time.time(), abs=10)
+    assert "app.monitoring.beat_scheduler.DatabaseScheduler" in beat.log()
 
 
 def scrape(port: int) -> list:

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from tests.chaos.run import RABBITMQ_SERVER
-from tests.conftest import REPO_ROOT
+from tests.processes import REPO_ROOT
 
 pytestmark = pytest.mark.integration
 

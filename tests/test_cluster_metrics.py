@@ -12,20 +12,20 @@ from prometheus_client import CollectorRegistry, Gauge
 
 from app import rabbitmq_queues
 from app.monitoring import cluster_metrics
-from project.embedded import EmbeddedRedis, free_port, wait_for_port
-from tests.conftest import FIGURES, celery_app_for, start_worker, wait_until
+from project.embedded import EmbeddedRedis, wait_for_port
+from tests.conftest import FIGURES, RABBITMQ_GROUP, celery_app_for, wait_until
+from tests.processes import start_worker
+from tests.resources import free_port
 from tests.test_metrics import scrape, value
-
-# Its own broker database: no other test's worker consumes or purges these queues.
-CLUSTER_BROKER_DB = 9  # the suite uses 13, test_metrics 11, the benchmark 12, the cache 14
 
 # kombu's Redis transport: a message of priority p waits in the list of the highest step <= p.
 PRIORITY_SEP = "\x06\x16"
 
 
 @pytest.fixture
-def broker_url() -> str:
-    return f"{os.environ['REDIS_URL'].rstrip('/')}/{CLUSTER_BROKER_DB}"
+def broker_url(redis_url) -> str:
+    """A Redis database of this test's own: no other test's worker consumes or purges its queues."""
+    return redis_url
 
 
 @pytest.fixture
@@ -147,6 +147,7 @@ def test_worker_up_goes_to_0_when_killed_and_away_on_warm_shutdown(
 
 
 @pytest.mark.integration
+@RABBITMQ_GROUP
 @pytest.mark.django_db(transaction=True)
 def test_rabbitmq_queue_length_is_the_passive_declare_count(start_beat, amqp_app):
     queue = f"nobody-{uuid.uuid4().hex[:8]}"

@@ -8,21 +8,22 @@ from celery.result import AsyncResult
 
 from app import workflows
 from app.models import TaskLog, TaskState
-from tests.conftest import celery_app_for, start_worker
+from tests.conftest import RABBITMQ_GROUP, celery_app_for
+from tests.processes import start_worker
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
 DATABASE_BACKEND = "app.result_backend:UpsertDatabaseBackend"
 
 
-@pytest.fixture(params=["rabbitmq", "redis"])
+@pytest.fixture(params=[pytest.param("rabbitmq", marks=RABBITMQ_GROUP), "redis"])
 def database_results_app(request, service_log_dir):
     if request.param == "rabbitmq":
         broker_url = os.environ.get("RABBITMQ_URL")
         if not broker_url:
             pytest.skip("RABBITMQ_URL not set: the RabbitMQ broker tests need a running RabbitMQ")
     else:
-        broker_url = f"{os.environ['REDIS_URL'].rstrip('/')}/5"
+        broker_url = request.getfixturevalue("redis_url")
     app = celery_app_for(broker_url, result_backend=DATABASE_BACKEND, broker_transport_options={})
     worker = start_worker(app, broker_url=broker_url, log_dir=service_log_dir, RESULT_BACKEND_URL="django-db")
     app.set_current()

@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 
@@ -17,17 +16,10 @@ from celery import chord
 
 from app.lost_tasks import LostRuns
 from app.result_backend import RedisStateBackend
-from tests.conftest import REPO_ROOT, celery_app_for, empty_redis_db, start_worker, subprocess_env, wait_until
+from tests.conftest import celery_app_for, wait_until
+from tests.processes import REPO_ROOT, new_hostname, start_worker, subprocess_env, worker_command
 
 pytestmark = pytest.mark.integration
-
-DELIVERY_TEST_DB = 7  # the suite's broker and results use 13 (tests/embedded_services.py)
-
-
-@pytest.fixture
-def redis_url() -> str:
-    with empty_redis_db(DELIVERY_TEST_DB) as url:
-        yield url
 
 
 @pytest.fixture
@@ -248,7 +240,7 @@ def test_a_short_pool_never_redelivers_a_long_pools_running_task(redis_url, serv
 
 def test_a_worker_refuses_a_visibility_timeout_set_shorter_than_its_tasks_need(redis_url):
     run = subprocess.run(
-        [sys.executable, "-m", "celery", "-A", "project", "worker", "-Q", "default", "--pool", "solo"],
+        worker_command(hostname=new_hostname(), queues="default", pool="solo", purge=False),
         cwd=REPO_ROOT,
         env=subprocess_env(CELERY_BROKER_URL=redis_url, CELERY_BROKER_VISIBILITY_TIMEOUT="20"),
         capture_output=True,

@@ -6,12 +6,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import REPO_ROOT
+import pytest
+
+from tests.processes import REPO_ROOT
 
 DOCKERFILE = REPO_ROOT / "Dockerfile"
 CHECKOV = REPO_ROOT / ".venv" / "checkov" / "bin" / "checkov"
 
 
+@pytest.mark.subprocess
 def test_hadolint_reports_nothing():
     hadolint = Path(sys.executable).parent / "hadolint"
 
@@ -21,6 +24,7 @@ def test_hadolint_reports_nothing():
     assert run.stdout.strip() == ""
 
 
+@pytest.mark.subprocess
 def test_checkov_finds_no_failed_check_and_every_skip_is_justified():
     run = subprocess.run(
         [str(CHECKOV), "-f", str(DOCKERFILE), "--framework", "dockerfile", "--skip-download", "--output", "json"],

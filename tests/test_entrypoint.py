@@ -12,10 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from project.embedded import free_port, wait_for_port
-from tests.conftest import REPO_ROOT, http
+from project.embedded import wait_for_port
+from tests.conftest import http
+from tests.processes import REPO_ROOT
+from tests.resources import free_port
 
 ENTRYPOINT = REPO_ROOT / "deploy" / "image" / "entrypoint.sh"
+
+# Every test runs the entrypoint script: a role started, or refused at its start.
+pytestmark = pytest.mark.integration
 
 
 def role_env(**overrides) -> dict:
@@ -139,7 +144,8 @@ def test_an_unknown_role_is_refused():
 
 @pytest.mark.django_db(transaction=True)
 def test_web_role_writes_one_json_access_log_line_per_request(tmp_path):
-    from tests.conftest import make_api_token, subprocess_env
+    from tests.conftest import make_api_token
+    from tests.processes import subprocess_env
 
     token = make_api_token("read")
     port = free_port()

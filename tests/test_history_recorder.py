@@ -19,17 +19,10 @@ from app.history_recorder import GROUP, HistoryRecorder, RecorderSettings
 from app.models import TaskLog, TaskState
 from app.result_backend import HISTORY_STREAM, RedisStateBackend
 from tests.apps.dies_after_storing import DIE_AFTER_STORING
-from tests.conftest import Service, celery_app_for, empty_redis_db, start_worker, subprocess_env, wait_until
+from tests.conftest import celery_app_for, wait_until
+from tests.processes import Service, start_worker, subprocess_env
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-RECORDER_TEST_DB = 6  # the suite's broker and results use 13 (tests/embedded_services.py)
-
-
-@pytest.fixture
-def redis_url() -> str:
-    with empty_redis_db(RECORDER_TEST_DB) as url:
-        yield url
 
 
 @pytest.fixture

@@ -22,15 +22,22 @@ from django.conf import settings
 import project
 from app import workflows
 from app.models import TaskLog, TaskState
-from project.embedded import free_port, wait_for_port
-from tests.conftest import FIGURES, REPO_ROOT, celery_app_for, database_url_for_subprocess, http, wait_until
+from project.embedded import wait_for_port
+from tests.conftest import FIGURES, celery_app_for, http, wait_until
 from tests.container import podman
+from tests.processes import REPO_ROOT, database_url_for_subprocess
+from tests.resources import empty_redis_db, free_port
 
-# The first test also builds the image (cold: about two minutes with the stand-in base).
-pytestmark = [pytest.mark.container, pytest.mark.django_db(transaction=True), pytest.mark.timeout(900)]
+# The first test also builds the image (cold: about two minutes with the stand-in base); in a
+# parallel run every test here runs in one pytest-xdist process, so the image is built once.
+pytestmark = [
+    pytest.mark.container,
+    pytest.mark.xdist_group("podman"),
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.timeout(900),
+]
 
 IMAGE = f"localhost/django-celery-k8s:{project.__version__}-test"
-CONTAINER_BROKER_DB = 10  # not the suite's broker database, so its own worker never takes these tasks
 
 
 def tcp_url(url: str) -> bool:
@@ -59,10 +66,11 @@ def image() -> str:
     return IMAGE
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def container_app():
-    broker = f"{os.environ['REDIS_URL'].rstrip('/')}/{CONTAINER_BROKER_DB}"
-    return celery_app_for(broker)
+    """On a broker database of its own, so the suite's worker never takes the containers' tasks."""
+    with empty_redis_db() as broker:
+        yield celery_app_for(broker)
 
 
 @pytest.fixture
@@ -91,6 +99,11 @@ def role_env(container_app):
             "CACHE_URL": os.environ["CACHE_URL"],
             "DJANGO_SECRET_KEY": "container-tests-only",
             "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost",
+            # The containers share the host's network: no metrics server on the chart's fixed port,
+            # which a parallel test's process or another container may hold.
+            "CELERY_METRICS_PORT": "0",
+            "WEB_METRICS_PORT": "0",
+            "FLOWER_METRICS_PORT": "0",
             **{key: str(value) for key, value in extra.items()},
         }
 

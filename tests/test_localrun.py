@@ -20,7 +20,7 @@ from django.contrib.auth import get_user_model
 from django.core.management import call_command
 
 from app import selectors
-from project.embedded import free_port
+from tests.resources import free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -17,21 +17,13 @@ from billiard.exceptions import WorkerLostError
 from celery.exceptions import TimeLimitExceeded
 
 from project import logging_config
-from project.embedded import free_port, wait_for_port
-from tests.conftest import (
-    REPO_ROOT,
-    Service,
-    celery_app_for,
-    make_api_token,
-    subprocess_env,
-    wait_for_worker,
-    wait_until,
-)
+from tests import processes
+from tests.conftest import celery_app_for, make_api_token, wait_until
+from tests.processes import REPO_ROOT, Service
+from tests.resources import empty_redis_db
 
-pytestmark = pytest.mark.integration
-
-# A broker database of this module's own, so no other test's worker takes these tasks.
-LOGGING_BROKER_DB = 11
+# In a parallel run this module stays in one process: its workers are started once for the module.
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("logging")]
 
 
 def json_lines(text: str) -> list[dict]:
@@ -55,32 +47,25 @@ def post_json(url: str, body: dict, headers: dict) -> tuple[int, dict]:
 
 @pytest.fixture(scope="module")
 def broker_url() -> str:
-    return f"{os.environ['REDIS_URL'].rstrip('/')}/{LOGGING_BROKER_DB}"
+    with empty_redis_db() as url:
+        yield url
 
 
 def start_json_worker(broker_url, log_dir, metrics_dir, *, name: str, queues: str, concurrency: int, **env) -> Service:
     """A real prefork worker logging JSON, started as the image starts it. --quiet: no start-up
     banner, which Celery prints rather than logs, so every line of its output is a log line."""
-    hostname = f"{name}-{uuid.uuid4().hex[:8]}@localhost"
-    command = [
-        sys.executable, "-m", "project.celery_command", "--quiet", "worker",
-        "-Q", queues, "-c", str(concurrency), "--pool", "prefork", "-n", hostname,
-        "--without-mingle", "--without-gossip", "--purge", "-l", "info",
-    ]  # fmt: skip
-    env = subprocess_env(
-        CELERY_BROKER_URL=broker_url,
+    return processes.start_worker(
+        celery_app_for(broker_url),
+        broker_url=broker_url,
+        log_dir=log_dir,
+        name=name,
+        queues=queues,
+        concurrency=concurrency,
+        quiet=True,
         LOG_FORMAT="json",
-        CELERY_METRICS_PORT=0,
         PROMETHEUS_MULTIPROC_BASE_DIR=metrics_dir,
         **env,
     )
-    service = Service(f"worker-{hostname.split('@')[0]}", command, env, log_dir)
-    try:
-        wait_for_worker(celery_app_for(broker_url), hostname, service)
-    except Exception:
-        service.stop()
-        raise
-    return service
 
 
 @pytest.fixture(scope="module")
@@ -101,23 +86,11 @@ def json_worker(broker_url, django_db_setup, django_db_blocker, service_log_dir,
 @pytest.fixture
 def json_web(broker_url, service_log_dir, tmp_path):
     """gunicorn as the web role runs it (project/gunicorn_conf.py), logging JSON."""
-    port = free_port()
-    command = [sys.executable, "-m", "gunicorn", "-c", "python:project.gunicorn_conf", "project.wsgi"]
-    env = subprocess_env(
-        PORT=port,
-        WEB_METRICS_PORT=0,
-        WEB_CONCURRENCY=1,
-        CELERY_BROKER_URL=broker_url,
-        LOG_FORMAT="json",
-        PROMETHEUS_MULTIPROC_BASE_DIR=tmp_path / "metrics",
+    service = processes.start_web(
+        log_dir=service_log_dir, workdir=tmp_path, CELERY_BROKER_URL=broker_url, LOG_FORMAT="json"
     )
-    service = Service(f"web-json-{port}", command, env, service_log_dir)
-    try:
-        wait_for_port(port, timeout=30, process=service.process)
-        service.url = f"http://127.0.0.1:{port}"
-        yield service
-    finally:
-        service.stop()
+    yield service
+    service.stop()
 
 
 def lines_with(lines: list[dict], **fields) -> list[dict]:
@@ -333,7 +306,7 @@ def test_with_celery_task_lines_on_every_task_also_logs_received_started_and_suc
 def test_with_debug_on_the_logs_are_readable_text_not_json(start_web, service_log_dir):
     url = start_web(DJANGO_DEBUG="true")
     get(f"{url}/api/task-overview/", {"X-Request-ID": "req-console-1", "Authorization": f"Bearer {make_api_token()}"})
-    log_path = service_log_dir / f"web-{url.rsplit(':', 1)[1]}.log"  # start_web's Service log
+    log_path = service_log_dir / f"web-{url.rsplit(':', 1)[1]}.log"  # tests/processes.py start_web's log
 
     line = wait_until(
         lambda: next((li for li in log_path.read_text().splitlines() if "request_finished" in li), None),

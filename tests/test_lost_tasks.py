@@ -10,11 +10,10 @@ import pytest
 from app.lost_tasks import SWEEP_INTERVAL, LostRuns
 from app.result_backend import RedisStateBackend, UpsertDatabaseBackend
 from project.celery import app as celery_app
-from tests.conftest import empty_redis_db
+from tests.resources import empty_redis_db
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-LOST_TASKS_TEST_DB = 8  # the suite's broker and results use 13 (tests/embedded_services.py)
 LOST_AFTER = 60
 
 
@@ -34,7 +33,7 @@ def backend(request):
     if request.param == "database":
         yield UpsertDatabaseBackend(app=celery_app)
         return
-    with empty_redis_db(LOST_TASKS_TEST_DB) as url:
+    with empty_redis_db() as url:
         yield RedisStateBackend(app=celery_app, url=url)
 
 

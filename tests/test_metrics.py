@@ -1,11 +1,8 @@
 """Worker metrics: exact sums over a real prefork worker (multiprocess mode), and metrics that
 can never fail a task."""
 
-import os
-import sys
 import time
 import urllib.request
-import uuid
 
 import pytest
 from prometheus_client import REGISTRY
@@ -15,11 +12,9 @@ from app import tasks
 from app.models import TaskLog
 from app.monitoring import metrics
 from project.celery import app as celery_app
-from project.embedded import free_port
-from tests.conftest import Service, celery_app_for, subprocess_env, wait_for_worker, wait_until
-
-# Its own broker database: the suite's session worker must not take this workload.
-METRICS_BROKER_DB = 11  # the suite uses 13 (tests/embedded_services.py), the benchmark 12, the cache 14
+from tests.conftest import celery_app_for, wait_until
+from tests.processes import start_worker
+from tests.resources import free_port
 
 
 def scrape(port: int) -> dict[tuple[str, frozenset], float]:
@@ -39,26 +34,22 @@ def value(samples, metric: str, /, **labels) -> float:
 
 
 @pytest.fixture
-def metrics_worker(django_db_blocker, service_log_dir, tmp_path):
-    broker_url = f"{os.environ['REDIS_URL'].rstrip('/')}/{METRICS_BROKER_DB}"
-    app = celery_app_for(broker_url)
+def metrics_worker(redis_url, django_db_blocker, service_log_dir, tmp_path):
+    app = celery_app_for(redis_url)
     port = free_port()
-    hostname = f"metrics-{uuid.uuid4().hex[:8]}@localhost"
     multiproc_dir = tmp_path / "multiproc"
-    command = [
-        sys.executable, "-m", "celery", "-A", "project", "worker",
-        "-Q", "default,long", "-c", "2", "--pool", "prefork",
-        "-n", hostname, "--without-mingle", "--without-gossip", "--purge", "-l", "info",
-    ]  # fmt: skip
     with django_db_blocker.unblock():
-        env = subprocess_env(
-            CELERY_BROKER_URL=broker_url, CELERY_METRICS_PORT=port, PROMETHEUS_MULTIPROC_BASE_DIR=multiproc_dir
+        service = start_worker(
+            app,
+            broker_url=redis_url,
+            log_dir=service_log_dir,
+            name="metrics",
+            CELERY_METRICS_PORT=port,
+            PROMETHEUS_MULTIPROC_BASE_DIR=multiproc_dir,
         )
-    service = Service(f"worker-{hostname.split('@')[0]}", command, env, service_log_dir)
     try:
-        wait_for_worker(app, hostname, service)
         app.set_current()
-        yield app, port, hostname, multiproc_dir, service
+        yield app, port, service.hostname, multiproc_dir, service
     finally:
         celery_app.set_current()
         service.stop()

@@ -20,26 +20,29 @@ import pytest
 import yaml
 from django_celery_beat.models import IntervalSchedule, PeriodicTask
 
-from project.embedded import EmbeddedRedis, free_port, wait_for_port
-from tests.conftest import (
+from project.embedded import EmbeddedRedis, wait_for_port
+from tests.conftest import celery_app_for, http, make_api_token, wait_until
+from tests.deploy.monitoring_queries import MIXIN_DIR, all_queries, chart_rule_groups
+from tests.processes import (
     Service,
-    celery_app_for,
-    http,
-    make_api_token,
+    beat_command,
+    new_hostname,
     subprocess_env,
     wait_for_worker,
-    wait_until,
+    web_command,
+    worker_command,
 )
-from tests.deploy.monitoring_queries import MIXIN_DIR, all_queries, chart_rule_groups
 from tests.prometheus_server import PrometheusServer, ScrapeTarget, prometheus_binary
+from tests.resources import empty_redis_db, free_port
 
+# In a parallel run this module stays in one process: the system under watch is started once for the module.
 pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.xdist_group("observability"),
     pytest.mark.skipif(prometheus_binary() is None, reason="prometheus is not installed (Debian package)"),
     pytest.mark.django_db(transaction=True),
 ]
 
-# Its own broker database: no other test's worker takes this workload (see tests/embedded_services.py).
-OBSERVABILITY_BROKER_DB = 8
 FLOWER_AUTH = ("observer", "observer-password")
 
 # The workload: exactly what Prometheus must count.
@@ -65,10 +68,10 @@ def short_for(rule_file: Path, out: Path) -> Path:
 class System:
     """web, worker, beat, flower and Prometheus, started once for this module."""
 
-    def __init__(self, workdir: Path, log_dir: Path):
+    def __init__(self, workdir: Path, log_dir: Path, broker_url: str):
         self.workdir = workdir
         self.log_dir = log_dir
-        self.broker_url = f"{os.environ['REDIS_URL'].rstrip('/')}/{OBSERVABILITY_BROKER_DB}"
+        self.broker_url = broker_url
         self.app = celery_app_for(self.broker_url)
         self.services: list[Service] = []
         self.ports = {
@@ -100,10 +103,9 @@ class System:
             name="observability: multiply",
             defaults={"task": "app.tasks.multiply", "args": "[2, 3]", "interval": every_second},
         )
-        celery = [sys.executable, "-m", "celery", "-A", "project"]
         self.web = self._start(
             "web",
-            [sys.executable, "-m", "gunicorn", "-c", "python:project.gunicorn_conf", "project.wsgi"],
+            web_command(),
             self.env(
                 PORT=self.ports["web"],
                 WEB_METRICS_PORT=self.ports["web_metrics"],
@@ -111,20 +113,15 @@ class System:
                 GUNICORN_WORKER_TMP_DIR=self.workdir,
             ),
         )
-        self.worker_hostname = f"obs-{uuid.uuid4().hex[:6]}@localhost"
-        worker_command = [
-            *celery, "worker", "-Q", "default,long", "-c", "2", "--pool", "prefork",
-            "-n", self.worker_hostname, "--without-mingle", "--without-gossip", "--purge", "-E",
-            "--heartbeat-interval", "1", "-l", "info",
-        ]  # fmt: skip
+        self.worker_hostname = new_hostname("obs")
         self.worker = self._start(
             "worker",
-            worker_command,
+            worker_command(hostname=self.worker_hostname, options=("--heartbeat-interval", "1")),
             self.env(CELERY_METRICS_PORT=self.ports["worker"]),
         )
         self.beat = self._start(
             "beat",
-            [*celery, "beat", "-l", "info", "-s", str(self.workdir / "celerybeat-schedule")],
+            beat_command(self.workdir / "celerybeat-schedule"),
             self.env(
                 CELERY_METRICS_PORT=self.ports["beat"],
                 CELERY_EXPORTER_QUEUE_INTERVAL=1,
@@ -184,8 +181,8 @@ class System:
 
 @pytest.fixture(scope="module")
 def system(django_db_setup, django_db_blocker, service_log_dir, tmp_path_factory):
-    with django_db_blocker.unblock():
-        observed = System(tmp_path_factory.mktemp("observability"), service_log_dir)
+    with django_db_blocker.unblock(), empty_redis_db() as broker_url:
+        observed = System(tmp_path_factory.mktemp("observability"), service_log_dir, broker_url)
         try:
             yield observed.start()
         finally:

@@ -9,9 +9,15 @@ from celery.result import AsyncResult
 
 from app import workflows
 from app.models import TaskLog, TaskState
-from tests.conftest import wait_until
+from tests.conftest import RABBITMQ_GROUP, wait_until
 
-pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("task_history")]
+# One process runs the module (with the other RabbitMQ tests): its workers start once.
+pytestmark = [
+    pytest.mark.integration,
+    RABBITMQ_GROUP,
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.usefixtures("task_history"),
+]
 
 
 def task_log_state(task_id: str, *states: str) -> TaskLog | None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from project.embedded import free_port, wait_for_port
+from project.embedded import wait_for_port
 from tests.chart_roles import (
     CANARY_INTERVAL,
     CANARY_STALE_AFTER,
@@ -29,9 +29,14 @@ from tests.chart_roles import (
     Stack,
     moved_to,
 )
-from tests.conftest import Service, celery_app_for, http, wait_until
+from tests.conftest import celery_app_for, http, wait_until
 from tests.deploy.conftest import containers, deep_merge, labels, load_values, of_kind, render_chart
 from tests.deploy.test_chart_invariants import effective_env
+from tests.processes import Service
+from tests.resources import free_port
+
+# In a parallel run this module stays in one process: the chart's roles are started once for the module.
+pytestmark = pytest.mark.xdist_group("probes")
 
 # --- Unit: the readiness rule ------------------------------------------------------------
 
@@ -93,11 +98,13 @@ def first_change(probe: Probe, *, to: bool, within: float, also_passing: tuple[P
 # --- Healthy -----------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_every_probe_passes_on_a_healthy_system(stack):
     failing = [f"{role} {kind}" for role in ROLES for kind in KINDS if not stack.probe(role, kind).passes()]
     assert not failing
 
 
+@pytest.mark.integration
 def test_probes_are_cheap_commands_and_unauthenticated_urls(stack):
     worker = stack.roles["worker-long"].container
     for kind in KINDS:
@@ -111,6 +118,7 @@ def test_probes_are_cheap_commands_and_unauthenticated_urls(stack):
     assert http("GET", f"http://127.0.0.1:{stack.ports['flower']}/")[0] == 401
 
 
+@pytest.mark.integration
 def test_web_readiness_runs_the_health_checks_and_liveness_touches_nothing(stack):
     ready = stack.probe("web", "readinessProbe").spec["httpGet"]["path"]
     live = stack.probe("web", "livenessProbe").spec["httpGet"]["path"]
@@ -124,6 +132,7 @@ def test_web_readiness_runs_the_health_checks_and_liveness_touches_nothing(stack
     assert b"database" not in body
 
 
+@pytest.mark.integration
 def test_the_canary_ran_on_the_worker_and_is_recorded(stack):
     canary = Path(stack.roles["worker-long"].env["CELERY_WORKER_HEALTH_DIR"]) / "canary"
 
@@ -181,6 +190,7 @@ def test_web_readiness_waits_for_hanging_checks_only_up_to_its_timeout(monkeypat
     assert health.run_checks_cached()["healthy"]  # the round finished meanwhile
 
 
+@pytest.mark.integration
 def test_flower_probes_pass_under_a_url_prefix_with_authentication_on(stack):
     docs = render_chart(deep_merge(load_values("minimal-values.yaml"), {"flower": {"urlPrefix": "ops/flower"}}))
     (workload,) = [w for w in of_kind(docs, "Deployment") if labels(w).get("app.kubernetes.io/component") == "flower"]
@@ -204,6 +214,7 @@ def test_flower_probes_pass_under_a_url_prefix_with_authentication_on(stack):
 # --- Faults ------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_broker_outage_makes_worker_and_web_unready_keeps_them_alive_and_both_recover(stack):
     worker_ready, web_ready = stack.probe("worker-long", "readinessProbe"), stack.probe("web", "readinessProbe")
     alive = (stack.probe("worker-long", "livenessProbe"), stack.probe("web", "livenessProbe"))
@@ -222,6 +233,7 @@ def test_broker_outage_makes_worker_and_web_unready_keeps_them_alive_and_both_re
     first_change(web_ready, to=True, within=30, also_passing=alive)
 
 
+@pytest.mark.integration
 def test_database_outage_makes_web_unready_until_it_returns(stack):
     web_ready, web_alive = stack.probe("web", "readinessProbe"), stack.probe("web", "livenessProbe")
     stack.postgres.stop()
@@ -240,6 +252,7 @@ def postgres_processes(stack: Stack) -> list[int]:
     return [postmaster.pid, *(child.pid for child in postmaster.children(recursive=True))]
 
 
+@pytest.mark.integration
 def test_a_hanging_database_makes_web_unready_without_tying_up_its_workers(stack):
     web_ready, web_alive = stack.probe("web", "readinessProbe"), stack.probe("web", "livenessProbe")
     # SIGSTOP: connections open but nothing answers, like a database behind a dead network path.
@@ -279,6 +292,7 @@ def start_long_task(stack: Stack, seconds: int) -> None:
     wait_until(started, timeout=30, message=f"long task {task_id} started\n{stack.log_tail('worker-long')}")
 
 
+@pytest.mark.integration
 def test_a_worker_busy_with_a_long_task_on_its_only_slot_stays_alive_and_ready(stack):
     start_long_task(stack, CANARY_STALE_AFTER * 3)
     ready_file = Path(stack.roles["worker-long"].env["CELERY_WORKER_HEALTH_DIR"]) / "ready"
@@ -297,6 +311,7 @@ def test_a_worker_busy_with_a_long_task_on_its_only_slot_stays_alive_and_ready(s
     wait_until(lambda: ready_file.exists() and ready_file.read_text() == "free", timeout=CANARY_STALE_AFTER * 3)
 
 
+@pytest.mark.integration
 def test_beat_stopped_ticking_fails_beat_liveness_and_starves_the_worker_canary(stack):
     beat = stack.roles["beat"].service.process
     beat_alive = stack.probe("beat", "livenessProbe")
@@ -319,6 +334,7 @@ def test_beat_stopped_ticking_fails_beat_liveness_and_starves_the_worker_canary(
     first_change(worker_ready, to=True, within=CANARY_INTERVAL * 4 + worker_ready.window)
 
 
+@pytest.mark.integration
 def test_a_stopped_worker_main_loop_fails_liveness_within_its_window(stack):
     worker = stack.roles["worker-long"].service.process
     alive = stack.probe("worker-long", "livenessProbe")
@@ -331,6 +347,7 @@ def test_a_stopped_worker_main_loop_fails_liveness_within_its_window(stack):
     first_change(alive, to=True, within=30)
 
 
+@pytest.mark.integration
 def test_a_worker_connected_but_not_consuming_turns_unready_then_fails_liveness(stack):
     """celery#10205: a worker stays connected and answers pings but takes nothing. Here its
     consumer is cancelled through remote control; readiness fails within its window, liveness
@@ -353,6 +370,7 @@ def test_a_worker_connected_but_not_consuming_turns_unready_then_fails_liveness(
     first_change(ready, to=True, within=CANARY_INTERVAL * 4 + ready.window)
 
 
+@pytest.mark.integration
 def test_a_warm_shutdown_keeps_the_worker_alive_while_its_task_finishes(stack):
     worker = stack.roles["worker-long"]
     start_long_task(stack, 45)

@@ -10,21 +10,19 @@ import redis
 from celery.utils import uuid
 
 from app import queued_records, result_backend, workflows
-from tests.conftest import celery_app_for, empty_redis_db
-
-BROKER_DB = 2  # the suite's other databases: tests/embedded_services.py and the *_TEST_DB constants
-OTHER_RESULTS_DB = 1
+from tests.conftest import celery_app_for
+from tests.resources import empty_redis_db
 
 
 @pytest.fixture
 def broker_url():
-    with empty_redis_db(BROKER_DB) as url:
+    with empty_redis_db() as url:
         yield url
 
 
 @pytest.fixture
 def other_results_url():
-    with empty_redis_db(OTHER_RESULTS_DB) as url:
+    with empty_redis_db() as url:
         yield url
 
 
@@ -48,8 +46,9 @@ def assert_recorded_as_queued(results_url: str, *task_ids: str) -> None:
 
 
 def commands_seen_by_the_server(results_url: str, action) -> list[str]:
-    """The commands the Redis server ran on database BROKER_DB while `action` ran (MONITOR)."""
+    """The commands the Redis server ran on the database of `results_url` while `action` ran (MONITOR)."""
     monitor_client = redis.Redis.from_url(results_url)
+    database = monitor_client.connection_pool.connection_kwargs["db"]
     seen, ready, done = [], threading.Event(), threading.Event()
 
     def watch():
@@ -59,7 +58,7 @@ def commands_seen_by_the_server(results_url: str, action) -> list[str]:
                 command = line["command"].split()[0].upper()
                 if command == "ECHO" and "end-of-test" in line["command"]:
                     break
-                if line["db"] == BROKER_DB and command != "SELECT":  # SELECT: a connection set up
+                if line["db"] == database and command != "SELECT":  # SELECT: a connection set up
                     seen.append(command)
         done.set()
 

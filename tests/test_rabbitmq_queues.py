@@ -17,11 +17,10 @@ import redis
 from kombu import Connection, Queue
 
 from app import rabbitmq_queues
-from tests.conftest import REPO_ROOT, celery_app_for, empty_redis_db, start_worker, subprocess_env, wait_until
+from tests.conftest import celery_app_for, wait_until
+from tests.processes import REPO_ROOT, new_hostname, start_worker, subprocess_env, worker_command
 
 pytestmark = pytest.mark.integration
-
-RABBITMQ_QUEUES_TEST_DB = 5  # the suite's broker and results use 13 (tests/embedded_services.py)
 
 
 @pytest.fixture
@@ -30,12 +29,6 @@ def rabbitmq_url() -> str:
     if not url:
         pytest.skip("RABBITMQ_URL not set: the RabbitMQ queue tests need a running RabbitMQ")
     return url
-
-
-@pytest.fixture
-def redis_url() -> str:
-    with empty_redis_db(RABBITMQ_QUEUES_TEST_DB) as url:
-        yield url
 
 
 @pytest.fixture
@@ -193,7 +186,7 @@ def test_a_classic_queue_of_the_same_name_is_refused_with_what_to_do(rabbitmq_ur
         Queue(queue, durable=True).bind(channel).declare()  # as Celery's classic queues were
 
     run = subprocess.run(
-        [sys.executable, "-m", "celery", "-A", "project", "worker", "-Q", queue, "--pool", "solo", "--without-mingle"],
+        worker_command(hostname=new_hostname(), queues=queue, pool="solo", purge=False),
         cwd=REPO_ROOT,
         env=subprocess_env(
             CELERY_BROKER_URL=rabbitmq_url,

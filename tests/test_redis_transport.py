@@ -9,16 +9,8 @@ import redis
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 
 from app import redis_transport
-from tests.conftest import empty_redis_db
 
-OUTBOX_TEST_DB = 9  # the suite's broker and results use 13 (tests/embedded_services.py)
 QUEUE = Queue("outbox-test", Exchange("outbox-test"), "outbox-test")
-
-
-@pytest.fixture
-def redis_url():
-    with empty_redis_db(OUTBOX_TEST_DB) as url:
-        yield url
 
 
 @pytest.fixture

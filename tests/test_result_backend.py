@@ -17,14 +17,13 @@ from app.models import TaskLog, TaskState
 from app.result_backend import HISTORY_STREAM, RedisStateBackend, UpsertDatabaseBackend
 from app.signals import RUN_STARTED_AT, RUN_STARTED_WALL, SENT_AT_HEADER
 from project.celery import app as celery_app
-from tests.conftest import REPO_ROOT, empty_redis_db
-
-BACKEND_TEST_DB = 7  # the suite's broker and results use 13 (tests/embedded_services.py)
+from tests.processes import REPO_ROOT
+from tests.resources import empty_redis_db
 
 
 @pytest.fixture
 def backend():
-    with empty_redis_db(BACKEND_TEST_DB) as url:
+    with empty_redis_db() as url:
         yield RedisStateBackend(app=celery_app, url=url)
 
 
@@ -212,6 +211,7 @@ def backend_for(**env) -> subprocess.CompletedProcess:
         ({"CELERY_BROKER_URL": "redis://cache:6379/2", "RESULT_BACKEND_URL": "django-db"}, "UpsertDatabaseBackend"),
     ],
 )
+@pytest.mark.subprocess
 def test_the_result_backend_follows_the_broker_unless_set(env, expected):
     result = backend_for(**env)
 
@@ -219,6 +219,7 @@ def test_the_result_backend_follows_the_broker_unless_set(env, expected):
     assert result.stdout.splitlines()[0].endswith(expected)
 
 
+@pytest.mark.subprocess
 def test_celery_result_backend_in_the_environment_is_refused_with_a_clear_error():
     result = backend_for(CELERY_RESULT_BACKEND="redis://cache:6379/0")
 
@@ -226,6 +227,7 @@ def test_celery_result_backend_in_the_environment_is_refused_with_a_clear_error(
     assert "Set RESULT_BACKEND_URL, not CELERY_RESULT_BACKEND" in result.stderr
 
 
+@pytest.mark.subprocess
 def test_an_unknown_result_backend_is_refused_with_a_clear_error():
     result = backend_for(RESULT_BACKEND_URL="memcached://x")
 

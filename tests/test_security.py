@@ -15,12 +15,17 @@ from types import SimpleNamespace
 
 import pytest
 
-from project.embedded import free_port, wait_for_port
+from project.embedded import wait_for_port
 from tests.browser import launch_chromium, needs_chromium
-from tests.conftest import REPO_ROOT, Service, http, subprocess_env
+from tests.conftest import http
 from tests.deploy.conftest import COMPONENT_LABEL as COMPONENT
 from tests.deploy.conftest import deep_merge, load_values, main_container, render_chart, workloads
 from tests.deploy.test_chart_invariants import effective_env
+from tests.processes import REPO_ROOT, Service, subprocess_env
+from tests.resources import free_port
+
+# In a parallel run this module stays in one process: collectstatic and Flower run once for the module.
+pytestmark = pytest.mark.xdist_group("security")
 
 ENTRYPOINT = REPO_ROOT / "deploy" / "image" / "entrypoint.sh"
 VENV_BIN = Path(sys.executable).parent
@@ -45,6 +50,7 @@ def manage(env: dict, *args: str) -> subprocess.CompletedProcess:
 # --- manage.py check --deploy with the chart's environment -------------------------------------
 
 
+@pytest.mark.subprocess
 def test_check_deploy_reports_nothing_with_the_charts_production_environment():
     env = chart_env(load_values("production-values.yaml"))
 
@@ -54,6 +60,7 @@ def test_check_deploy_reports_nothing_with_the_charts_production_environment():
     assert "System check identified no issues (0 silenced)." in run.stdout
 
 
+@pytest.mark.subprocess
 def test_check_deploy_flags_the_plain_http_settings_the_chart_gives_without_tls():
     # The same check fails where it should: the minimal values have no TLS ingress.
     env = chart_env(load_values("minimal-values.yaml"))
@@ -86,6 +93,7 @@ def security_settings(env: dict) -> dict:
     return json.loads(run.stdout)
 
 
+@pytest.mark.subprocess
 def test_https_settings_are_off_for_make_run():
     values = security_settings({"DJANGO_DEBUG": "true"})
 
@@ -99,6 +107,7 @@ def test_https_settings_are_off_for_make_run():
     }
 
 
+@pytest.mark.subprocess
 def test_the_charts_production_environment_turns_https_on_and_trusts_x_forwarded_proto():
     env = chart_env(load_values("production-values.yaml"))
 
@@ -226,6 +235,7 @@ def kubelet_get(port: int, probe: dict) -> int:
     return fetch(port, get["path"], headers).status
 
 
+@pytest.mark.integration
 @pytest.mark.django_db(transaction=True)
 def test_behind_tls_the_probes_still_answer_200_over_plain_http_and_everything_else_redirects(
     tmp_path, static_root, start_role
@@ -252,6 +262,7 @@ def test_behind_tls_the_probes_still_answer_200_over_plain_http_and_everything_e
     assert response.status == 301
 
 
+@pytest.mark.integration
 @pytest.mark.django_db(transaction=True)
 def test_behind_the_trusted_proxy_pages_get_hsts_secure_cookies_and_a_csp(tmp_path, static_root, start_role):
     (tmp_path / "prometheus").mkdir()
@@ -278,9 +289,13 @@ def test_behind_the_trusted_proxy_pages_get_hsts_secure_cookies_and_a_csp(tmp_pa
     )
 
 
-def test_gunicorn_drops_forwarded_headers_from_peers_outside_forwarded_allow_ips():
+def test_gunicorn_drops_forwarded_headers_from_peers_outside_forwarded_allow_ips(monkeypatch, tmp_path):
     from gunicorn.config import Config
 
+    # Importing the config points prometheus-client at a multiprocess folder (its own, emptied):
+    # a scratch one, forgotten after this test, or this process's /metrics reads it from then on.
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_BASE_DIR", str(tmp_path))
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "web"))
     from project import gunicorn_conf
 
     cfg = Config()
@@ -437,6 +452,7 @@ def flower(tmp_path_factory):
 FLOWER_PAGES = ("/", "/workers", "/tasks", "/broker", "/worker/nobody", "/task/unknown", "/metrics", "/api/workers")
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("path", FLOWER_PAGES)
 def test_every_flower_page_and_its_metrics_need_credentials(flower, path):
     assert http("GET", flower.url + path)[0] == 401
@@ -444,6 +460,7 @@ def test_every_flower_page_and_its_metrics_need_credentials(flower, path):
     assert http("GET", flower.url + path, headers=FLOWER_AUTH)[0] != 401
 
 
+@pytest.mark.integration
 def test_flower_under_a_url_prefix_asks_for_credentials_on_metrics_too(tmp_path):
     # The chart's ingress routes /flower there, with FLOWER_URL_PREFIX=flower.
     port = free_port()
@@ -462,10 +479,12 @@ def test_flower_under_a_url_prefix_asks_for_credentials_on_metrics_too(tmp_path)
         service.stop()
 
 
+@pytest.mark.integration
 def test_flowers_probe_path_stays_open(flower):
     assert http("GET", flower.url + "/healthcheck") == (200, b"OK")
 
 
+@pytest.mark.integration
 def test_flowers_metrics_port_serves_metrics_without_credentials_and_nothing_else(flower):
     status, body = http("GET", flower.metrics_url + "/metrics")
 
@@ -475,6 +494,7 @@ def test_flowers_metrics_port_serves_metrics_without_credentials_and_nothing_els
     assert http("GET", flower.metrics_url + "/workers")[0] == 404
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("path", ["/", "/tasks", "/static/js/flower.js", "/nothing-here", "/healthcheck"])
 def test_flower_sends_its_content_security_policy_on_every_response(flower, path):
     import urllib.error
@@ -497,6 +517,7 @@ def sha256_source(text: str) -> str:
     return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
 
 
+@pytest.mark.integration
 def test_flowers_inline_scripts_and_styles_are_exactly_the_hashed_ones(flower):
     # A Flower upgrade that changes them fails here (the browser test below would show the block).
     from project.flower_app import INLINE_SCRIPT_HASHES, INLINE_STYLE_HASHES
@@ -517,6 +538,7 @@ def test_flowers_inline_scripts_and_styles_are_exactly_the_hashed_ones(flower):
 # --- In a real browser: no CSP violation on the admin, the API docs and Flower -----------------
 
 
+@pytest.mark.integration
 @needs_chromium
 @pytest.mark.django_db(transaction=True)
 def test_admin_api_docs_and_flower_work_in_chromium_without_csp_violations(

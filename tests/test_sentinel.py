@@ -20,21 +20,13 @@ from django.core.management import call_command
 
 from project.celery import app as celery_app
 from tests.chaos.run import FINAL, SHORT_LIMITS, Ledger, report, runs_by_attempt, settle, settle_seconds
-from tests.conftest import (
-    FIGURES,
-    REPO_ROOT,
-    celery_app_for,
-    empty_redis_db,
-    http,
-    make_api_token,
-    start_worker,
-    wait_until,
-)
+from tests.conftest import FIGURES, celery_app_for, http, make_api_token, wait_until
+from tests.processes import REPO_ROOT, start_worker
+from tests.resources import empty_redis_db
 from tests.sentinel_servers import MASTER_NAME, SentinelSet, server_binary
 
-pytestmark = pytest.mark.integration
-
-LEDGER_DB = 11  # the suite's broker and results use 13 (tests/embedded_services.py)
+# In a parallel run this module stays in one process: its Redis servers and Sentinels are started once for the module.
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("sentinel")]
 
 # (path, body) the web takes while the primary fails over: every canvas of the API, at least once.
 STARTS = [
@@ -171,7 +163,7 @@ def test_a_primary_failover_while_tasks_run_stops_nothing_for_good_and_loses_not
         result_backend_transport_options=settings.SENTINEL_TRANSPORT_OPTIONS,
     )
     health_dir = tmp_path / "worker-health"
-    with empty_redis_db(LEDGER_DB) as ledger_url:
+    with empty_redis_db() as ledger_url:
         worker = start_worker(
             app,
             broker_url=sentinels.url(0),

@@ -7,23 +7,21 @@ import os
 import subprocess
 import sys
 import threading
-import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 import project
-from project.embedded import free_port
-from tests.conftest import REPO_ROOT, Service, celery_app_for, subprocess_env, wait_for_worker, wait_until
-
-# A broker database of this module's own, so no other test's worker takes these tasks.
-SENTRY_BROKER_DB = 12
+from tests.conftest import celery_app_for, wait_until
+from tests.processes import REPO_ROOT, require_process_marker, start_worker
+from tests.resources import free_port
 
 
 class SentrySink:
     """Records the envelopes POSTed to /api/<project>/envelope/ (gzip or plain), item by item."""
 
     def __init__(self):
+        require_process_marker("a Sentry stand-in")
         self.items: list[tuple[dict, dict]] = []  # (item header, payload)
         sink = self
 
@@ -73,26 +71,20 @@ def sentry_sink():
 
 @pytest.mark.integration
 @pytest.mark.django_db(transaction=True)
-def test_a_failing_task_sends_an_event_with_its_name_and_exception(
-    sentry_sink, service_log_dir, tmp_path, django_db_blocker
-):
-    broker_url = f"{os.environ['REDIS_URL'].rstrip('/')}/{SENTRY_BROKER_DB}"
-    app = celery_app_for(broker_url)
-    hostname = f"sentry-{uuid.uuid4().hex[:8]}@localhost"
-    command = [
-        sys.executable, "-m", "celery", "-A", "project", "worker", "-Q", "default", "-c", "1",
-        "--pool", "prefork", "-n", hostname, "--without-mingle", "--without-gossip", "--purge", "-l", "info",
-    ]  # fmt: skip
-    env = subprocess_env(
-        CELERY_BROKER_URL=broker_url,
+def test_a_failing_task_sends_an_event_with_its_name_and_exception(sentry_sink, redis_url, service_log_dir, tmp_path):
+    app = celery_app_for(redis_url)
+    worker = start_worker(
+        app,
+        broker_url=redis_url,
+        log_dir=service_log_dir,
+        name="sentry",
+        queues="default",
+        concurrency=1,
         SENTRY_DSN=sentry_sink.dsn,
         SENTRY_ENVIRONMENT="test-sink",
-        CELERY_METRICS_PORT=0,
         PROMETHEUS_MULTIPROC_BASE_DIR=tmp_path / "metrics",
     )
-    worker = Service(f"worker-{hostname.split('@')[0]}", command, env, service_log_dir)
     try:
-        wait_for_worker(app, hostname, worker)
         # add(1, "one"): a TypeError inside the task, raised in the pool process.
         result = app.send_task("app.tasks.add", args=[1, "one"])
 
@@ -126,9 +118,11 @@ def sentry_initialised(**env) -> bool:
     return run.stdout.strip().splitlines()[-1] == "True"
 
 
+@pytest.mark.subprocess
 def test_sentry_is_not_started_without_a_dsn():
     assert sentry_initialised() is False
 
 
+@pytest.mark.integration
 def test_sentry_is_started_with_a_dsn(sentry_sink):
     assert sentry_initialised(SENTRY_DSN=sentry_sink.dsn) is True

@@ -4,7 +4,9 @@ import os
 import subprocess
 import sys
 
-from tests.conftest import REPO_ROOT
+import pytest
+
+from tests.processes import REPO_ROOT
 
 SHOW_SETTINGS = (
     "import django, json; django.setup(); from django.conf import settings as s; "
@@ -23,6 +25,7 @@ def run_settings(**env):
     )
 
 
+@pytest.mark.subprocess
 def test_secret_key_is_required_when_debug_is_off():
     result = run_settings()
 
@@ -30,6 +33,7 @@ def test_secret_key_is_required_when_debug_is_off():
     assert "DJANGO_SECRET_KEY is required when DJANGO_DEBUG is off" in result.stderr
 
 
+@pytest.mark.subprocess
 def test_debug_runs_without_a_secret_key_on_local_defaults():
     import json
 
@@ -43,6 +47,7 @@ def test_debug_runs_without_a_secret_key_on_local_defaults():
     assert values["conn_max_age"] == 600
 
 
+@pytest.mark.subprocess
 def test_every_backend_is_chosen_by_url():
     import json
 
@@ -79,6 +84,7 @@ SHOW_SENTINEL_SETTINGS = (
 )
 
 
+@pytest.mark.subprocess
 def test_sentinel_urls_choose_the_sentinel_transport_results_and_cache_with_the_master_name():
     import json
 
@@ -115,6 +121,7 @@ def test_sentinel_urls_choose_the_sentinel_transport_results_and_cache_with_the_
     assert values["cache"]["OPTIONS"]["master_name"] == "tasks"
 
 
+@pytest.mark.subprocess
 def test_a_malformed_sentinel_cache_url_fails_at_start_up():
     result = run_settings(DJANGO_SECRET_KEY="s", CACHE_URL="sentinel://;redis://other:6379/1")
 
@@ -122,6 +129,7 @@ def test_a_malformed_sentinel_cache_url_fails_at_start_up():
     assert "not a sentinel://host:port[/db];sentinel://... URL" in result.stderr
 
 
+@pytest.mark.subprocess
 def test_soft_limit_must_be_below_hard_limit():
     result = run_settings(DJANGO_SECRET_KEY="s", CELERY_TASK_SOFT_TIME_LIMIT="400", CELERY_TASK_TIME_LIMIT="300")
 
@@ -149,6 +157,7 @@ def delivery_settings(**env) -> dict:
     return json.loads(result.stdout)
 
 
+@pytest.mark.subprocess
 def test_delivery_safety_settings_follow_the_broker():
     on_redis = delivery_settings(CELERY_BROKER_URL="redis://127.0.0.1:6390/0")
     assert (on_redis["cancel"], on_redis["no_prefetch"]) == (False, True)
@@ -206,6 +215,7 @@ def queue_settings(**env):
     )
 
 
+@pytest.mark.subprocess
 def test_rabbitmq_task_queues_are_quorum_queues_with_a_delivery_limit_unless_classic_is_chosen():
     import json
 
@@ -253,6 +263,7 @@ def test_celery_reads_the_settings_under_its_own_names_and_the_fixup_its_connect
     assert DjangoWorkerFixup(app).db_reuse_max == settings.CELERY_DB_REUSE_MAX == 10_000
 
 
+@pytest.mark.subprocess
 def test_the_request_body_limit_comes_from_api_max_body_bytes():
     show = "import django; django.setup(); from django.conf import settings as s; "
     show += "print(s.API_MAX_BODY_BYTES, s.DATA_UPLOAD_MAX_MEMORY_SIZE)"
@@ -270,6 +281,7 @@ def test_the_request_body_limit_comes_from_api_max_body_bytes():
     assert "API_MAX_BODY_BYTES must be a positive number of bytes; got 0." in refused.stderr
 
 
+@pytest.mark.subprocess
 def test_a_rotated_secret_key_still_accepts_what_the_old_one_signed_while_it_is_a_fallback():
     def run(code: str, **env) -> subprocess.CompletedProcess:
         clean = {key: value for key, value in os.environ.items() if not key.startswith("DJANGO_")}
@@ -290,6 +302,7 @@ def test_a_rotated_secret_key_still_accepts_what_the_old_one_signed_while_it_is_
     assert "BadSignature" in dropped.stderr
 
 
+@pytest.mark.subprocess
 def test_no_word_about_a_missing_env_file_at_start_up():
     """A checkout without .env (as in the image): every process used to log that it found none."""
     code = "import logging; logging.basicConfig(level=logging.INFO); import django; django.setup()"

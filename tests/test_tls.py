@@ -23,11 +23,16 @@ import pytest
 import redis
 
 from project import tls
-from project.embedded import EmbeddedPostgres, free_port
+from project.embedded import EmbeddedPostgres
 from tests.chart_roles import ENTRYPOINT, FLOWER_AUTH, KINDS, VENV_BIN, Stack
-from tests.conftest import REPO_ROOT, Service, http, wait_until
+from tests.conftest import http, wait_until
 from tests.deploy.conftest import deep_merge, load_values
+from tests.processes import REPO_ROOT, Service
+from tests.resources import free_port
 from tests.tls_servers import TlsRabbitMQ, TlsRedis, Unavailable, make_certificates
+
+# In a parallel run this module stays in one process: its certificates, servers and roles are started once for the module.
+pytestmark = pytest.mark.xdist_group("tls")
 
 ROLES = ("web", "worker-default", "beat", "flower")
 
@@ -72,6 +77,7 @@ def files(certificates, *, client: bool = True) -> tls.TlsFiles:
         ),
     ],
 )
+@pytest.mark.subprocess
 def test_half_a_tls_setting_is_refused_naming_what_to_fix(certificates, urls, tls_files, message):
     ca, cert, key = str(certificates.ca), str(certificates.client_cert), str(certificates.client_key)
     given = {
@@ -87,6 +93,7 @@ def test_half_a_tls_setting_is_refused_naming_what_to_fix(certificates, urls, tl
         tls.clients_for(urls, given)
 
 
+@pytest.mark.subprocess
 def test_every_client_of_a_tls_url_gets_the_same_checked_options(certificates):
     clients = tls.clients_for(
         {
@@ -122,6 +129,7 @@ def test_a_rediss_url_without_a_ca_verifies_against_the_system_cas():
     assert client.redis_options() == {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_check_hostname": True}
 
 
+@pytest.mark.subprocess
 def test_settings_refuse_half_a_tls_setting_at_start_up(certificates):
     env = {
         "PATH": f"{VENV_BIN}:/usr/bin:/bin",
@@ -247,12 +255,14 @@ def api(stack: Stack, method: str, path: str, token: str, body: dict | None = No
     return status, json.loads(raw)
 
 
+@pytest.mark.integration
 def test_every_probe_of_every_role_passes(stack):
     failing = [f"{role} {kind}" for role in ROLES for kind in KINDS if not stack.probe(role, kind).passes()]
 
     assert not failing
 
 
+@pytest.mark.integration
 def test_a_chord_runs_through_the_api_and_its_result_and_history_are_stored(stack, certificates, tls_redis):
     token = api_token(stack)
 
@@ -277,6 +287,7 @@ def test_a_chord_runs_through_the_api_and_its_result_and_history_are_stored(stac
     assert cache.get("django-celery-k8s:api-tokens:generation")
 
 
+@pytest.mark.integration
 def test_beat_reads_the_queue_lengths_and_sees_the_worker(stack):
     port = stack.roles["beat"].env["CELERY_METRICS_PORT"]
 
@@ -289,6 +300,7 @@ def test_beat_reads_the_queue_lengths_and_sees_the_worker(stack):
     assert up[0].endswith(" 1.0")
 
 
+@pytest.mark.integration
 def test_flower_reads_the_redis_queue_lengths(stack):
     if stack.broker != "rediss":
         pytest.skip("Flower reads RabbitMQ's queue lengths from its management API, not over amqps://")
@@ -302,6 +314,7 @@ def test_flower_reads_the_redis_queue_lengths(stack):
     assert "default" in {queue["name"] for queue in json.loads(body)["active_queues"]}
 
 
+@pytest.mark.integration
 def test_a_rediss_urls_own_ssl_parameters_serve_every_client_as_well(stack, certificates, tls_redis):
     if stack.broker != "rediss":
         pytest.skip("an amqps:// URL takes no ssl_* parameters")
@@ -324,6 +337,7 @@ def test_a_rediss_urls_own_ssl_parameters_serve_every_client_as_well(stack, cert
     assert report["checks"]["healthy"], report
 
 
+@pytest.mark.integration
 def test_an_untrusted_server_ends_every_role_at_start_with_the_reason(stack, certificates):
     started = {}
     for role in ROLES:
@@ -348,6 +362,7 @@ def test_an_untrusted_server_ends_every_role_at_start_with_the_reason(stack, cer
             service.stop()
 
 
+@pytest.mark.integration
 def test_a_missing_client_certificate_ends_the_worker_at_start(stack, tls_redis):
     if stack.broker != "rediss":
         pytest.skip("once is enough: the TLS Redis asks for the certificate, the RabbitMQ node does not")

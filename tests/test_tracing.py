@@ -3,26 +3,16 @@ export to an OTLP/HTTP receiver on loopback that decodes what it gets; one reque
 holds the request and every task it started, and their log lines carry its ids."""
 
 import json
-import sys
 
 import pytest
 from celery.result import AsyncResult
 
 from project import tracing
-from project.embedded import free_port, wait_for_port
-from tests.conftest import (
-    Service,
-    celery_app_for,
-    empty_redis_db,
-    http,
-    make_api_token,
-    start_worker,
-    subprocess_env,
-    wait_until,
-)
+from tests.conftest import celery_app_for, http, make_api_token, wait_until
 from tests.otlp_receiver import OtlpReceiver
+from tests.processes import start_web, start_worker
+from tests.resources import empty_redis_db
 
-TRACING_BROKER_DB = 4  # the suite's broker and results use 13 (tests/embedded_services.py)
 SERVER_KIND = 2  # opentelemetry.proto.trace.v1.Span.SpanKind.SPAN_KIND_SERVER
 STEPS = [f"app.tasks.workflow_step_{n}" for n in (1, 2, 3)]
 
@@ -55,7 +45,7 @@ def json_lines(text: str) -> list[dict]:
 @pytest.mark.integration
 @pytest.mark.django_db(transaction=True)
 def test_one_trace_holds_a_request_and_each_step_of_the_chain_it_started(service_log_dir, tmp_path):
-    with empty_redis_db(TRACING_BROKER_DB) as broker_url, OtlpReceiver() as receiver:
+    with empty_redis_db() as broker_url, OtlpReceiver() as receiver:
         traced = {
             "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
             "OTEL_BSP_SCHEDULE_DELAY": "100",  # ms: spans leave within a moment
@@ -63,26 +53,17 @@ def test_one_trace_holds_a_request_and_each_step_of_the_chain_it_started(service
         }
         app = celery_app_for(broker_url)
         worker = start_worker(app, broker_url=broker_url, log_dir=service_log_dir, **traced)
-        port = free_port()
-        web = Service(
-            f"web-tracing-{port}",
-            [sys.executable, "-m", "gunicorn", "-c", "python:project.gunicorn_conf", "project.wsgi"],
-            subprocess_env(
-                PORT=port,
-                WEB_METRICS_PORT=0,
-                WEB_CONCURRENCY=1,
-                CELERY_BROKER_URL=broker_url,
-                GUNICORN_WORKER_TMP_DIR=tmp_path,
-                PROMETHEUS_MULTIPROC_BASE_DIR=tmp_path / "metrics",
-                **traced,
-            ),
-            service_log_dir,
+        web = start_web(
+            log_dir=service_log_dir,
+            workdir=tmp_path,
+            CELERY_BROKER_URL=broker_url,
+            PROMETHEUS_MULTIPROC_BASE_DIR=tmp_path / "metrics",
+            **traced,
         )
         try:
-            wait_for_port(port, timeout=30, process=web.process)
             token = make_api_token("enqueue")
             headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
-            status, body = http("POST", f"http://127.0.0.1:{port}/api/chain-tasks/", b'{"value": 3}', headers)
+            status, body = http("POST", f"{web.url}/api/chain-tasks/", b'{"value": 3}', headers)
             assert status == 202, body
             task_ids = json.loads(body)["task_ids"]
             assert AsyncResult(task_ids[-1], app=app).get(timeout=30) == {"input": 16, "result": 256}

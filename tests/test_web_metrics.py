@@ -11,8 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from project.embedded import free_port, wait_for_port
-from tests.conftest import REPO_ROOT, Service, http, make_api_token, subprocess_env
+from tests.conftest import http, make_api_token
+from tests.processes import REPO_ROOT, start_web
+from tests.resources import free_port
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -35,18 +36,15 @@ class Gunicorn:
         self.service = None
 
     def start(self) -> "Gunicorn":
-        command = [sys.executable, "-m", "gunicorn", "-c", "python:project.gunicorn_conf", "project.wsgi"]
-        env = subprocess_env(
-            PORT=self.port,
-            WEB_METRICS_PORT=self.metrics_port,
-            WEB_CONCURRENCY=2,
-            GUNICORN_WORKER_TMP_DIR=self.tmp_path,
+        self.service = start_web(
+            log_dir=self.log_dir,
+            workdir=self.tmp_path,
+            port=self.port,
+            metrics_port=self.metrics_port,
+            concurrency=2,
             PROMETHEUS_MULTIPROC_BASE_DIR=self.multiproc_base,
             **self.extra_env,
         )
-        self.service = Service(f"web-metrics-{self.port}", command, env, self.log_dir)
-        wait_for_port(self.port, timeout=30, process=self.service.process)
-        wait_for_port(self.metrics_port, timeout=30, process=self.service.process)
         return self
 
     def stop(self) -> None:
@@ -206,15 +204,18 @@ def gunicorn_conf(**env):
     )
 
 
+@pytest.mark.subprocess
 def test_gunicorn_binds_the_public_and_the_metrics_port():
     assert json.loads(gunicorn_conf().stdout) == ["0.0.0.0:8000", "0.0.0.0:9808"]
     assert json.loads(gunicorn_conf(PORT="8080", WEB_METRICS_PORT="9100").stdout) == ["0.0.0.0:8080", "0.0.0.0:9100"]
 
 
+@pytest.mark.subprocess
 def test_metrics_port_zero_binds_no_metrics_listener():
     assert json.loads(gunicorn_conf(WEB_METRICS_PORT="0").stdout) == ["0.0.0.0:8000"]
 
 
+@pytest.mark.subprocess
 def test_metrics_port_equal_to_the_public_port_is_refused():
     result = gunicorn_conf(PORT="8000", WEB_METRICS_PORT="8000")
 

@@ -7,8 +7,10 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from project.embedded import free_port, stop_process, wait_for_port
+from project.embedded import stop_process, wait_for_port
 from tests.chaos.run import RABBITMQ_SERVER, RabbitMQServer
+from tests.processes import require_process_marker
+from tests.resources import free_port
 
 REDIS_SERVER = Path("/usr/bin/redis-server")
 
@@ -73,6 +75,7 @@ class TlsRedis:
         return f"rediss://127.0.0.1:{self.port}/{db}"
 
     def start(self) -> "TlsRedis":
+        require_process_marker("a TLS Redis")
         if not REDIS_SERVER.exists():
             raise Unavailable(f"{REDIS_SERVER} is missing: the TLS tests need a redis-server built with TLS")
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -124,6 +127,7 @@ class TlsRabbitMQ(RabbitMQServer):
         return f"amqps://guest:guest@127.0.0.1:{self.port}//"
 
     def start(self) -> "TlsRabbitMQ":
+        require_process_marker("a TLS RabbitMQ")
         if not RABBITMQ_SERVER.exists():
             raise Unavailable(f"{RABBITMQ_SERVER} is missing: install Debian's rabbitmq-server for the amqps:// tests")
         super().start()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO_ROOT
+from tests.processes import REPO_ROOT
 
 CHART_NAME = "django-celery-k8s"
 CHART_DIR = REPO_ROOT / "deploy" / "helm" / CHART_NAME

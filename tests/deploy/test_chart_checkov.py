@@ -7,6 +7,9 @@ import pytest
 
 from tests.deploy.conftest import name, run_checkov
 
+# In a parallel run this module stays in one process: checkov scans the chart once for the module.
+pytestmark = pytest.mark.xdist_group("chart-checkov")
+
 SKIP_ANNOTATION = re.compile(r"^checkov\.io/skip\d*$")
 SKIP_VALUE = re.compile(r"^(CKV2?_K8S_\d+)\s*=\s*(.*)$", re.DOTALL)
 
@@ -33,6 +36,7 @@ def skip_annotations(docs):
     return skips
 
 
+@pytest.mark.subprocess
 def test_checkov_scanned_every_rendered_object(checkov_report, production):
     summary = checkov_report["summary"]
 
@@ -40,6 +44,7 @@ def test_checkov_scanned_every_rendered_object(checkov_report, production):
     assert summary["passed"] > 300, f"checkov passed only {summary['passed']} checks: it scanned less than expected"
 
 
+@pytest.mark.subprocess
 def test_checkov_finds_no_failed_check(checkov_report):
     failed = [
         f"{check['check_id']} {check['resource']}: {check['check_name']}"
@@ -49,6 +54,7 @@ def test_checkov_finds_no_failed_check(checkov_report):
     assert checkov_report["summary"]["failed"] == 0, "\n".join(failed)
 
 
+@pytest.mark.subprocess
 def test_every_skip_comes_from_a_justified_annotation(checkov_report, production):
     skips = skip_annotations(production)
     skipped = checkov_report["results"]["skipped_checks"]

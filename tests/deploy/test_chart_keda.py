@@ -138,7 +138,7 @@ def test_the_query_selects_the_release_namespace_and_the_pod_monitors_job_names(
 def test_the_query_selects_the_worker_names_of_its_own_pool_only(pools_on_redis):
     # celery_worker_tasks_active is labelled with the worker's name, which the image's entrypoint
     # makes ${CELERY_WORKER_NAME}@<pod hostname>; the chart sets CELERY_WORKER_NAME to the pool.
-    from tests.conftest import REPO_ROOT
+    from tests.processes import REPO_ROOT
 
     entrypoint = (REPO_ROOT / "deploy" / "image" / "entrypoint.sh").read_text()
     assert '--hostname "${CELERY_WORKER_NAME:-worker}@%h"' in entrypoint

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO_ROOT
 from tests.deploy import monitoring_queries
 from tests.deploy.conftest import (
     CHART_DIR,
@@ -31,6 +30,7 @@ from tests.deploy.conftest import (
     selector_matches,
     workloads,
 )
+from tests.processes import REPO_ROOT
 
 PROMTOOL = shutil.which("promtool")
 needs_promtool = pytest.mark.skipif(

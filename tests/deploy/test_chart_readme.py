@@ -5,6 +5,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from tests.deploy.conftest import CHART_DIR
@@ -59,12 +60,14 @@ def run_generator(chart_dir, *args):
     )
 
 
+@pytest.mark.subprocess
 def test_readme_values_table_is_up_to_date():
     run = run_generator(CHART_DIR, "--check")
 
     assert run.returncode == 0, run.stdout + run.stderr
 
 
+@pytest.mark.subprocess
 def test_readme_check_fails_on_a_stale_readme(chart_copy):
     readme = chart_copy / "README.md"
     readme.write_text(readme.read_text().replace("| `web.replicas`", "| `web.replicaz`", 1))
@@ -75,6 +78,7 @@ def test_readme_check_fails_on_a_stale_readme(chart_copy):
     assert run.returncode == 1, run.stdout + run.stderr
 
 
+@pytest.mark.subprocess
 def test_readme_check_fails_when_a_value_is_documented_but_not_in_the_readme(chart_copy):
     values = chart_copy / "values.yaml"
     values.write_text(

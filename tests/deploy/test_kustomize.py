@@ -14,7 +14,6 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tests.conftest import REPO_ROOT
 from tests.deploy.conftest import (
     CHECKOV,
     containers,
@@ -27,6 +26,10 @@ from tests.deploy.conftest import (
     selector_matches,
     workloads,
 )
+from tests.processes import REPO_ROOT
+
+# In a parallel run this module stays in one process: checkov scans the production overlay once for the module.
+pytestmark = pytest.mark.xdist_group("kustomize")
 
 KUSTOMIZE_DIR = REPO_ROOT / "deploy" / "kustomize"
 GENERATOR = KUSTOMIZE_DIR / "generate_base.py"
@@ -127,6 +130,7 @@ def test_the_expected_components_exist():
     assert set(COMPONENTS) == EXPECTED_COMPONENTS
 
 
+@pytest.mark.subprocess
 def test_regenerating_base_and_components_from_the_chart_gives_no_diff(tmp_path):
     run = subprocess.run(
         [sys.executable, str(GENERATOR), "--output", str(tmp_path)], capture_output=True, text=True, timeout=120
@@ -173,6 +177,7 @@ def test_base_migrate_job_is_a_plain_job_without_hook_annotations():
 # --- Every overlay and component builds and validates ------------------------------------------
 
 
+@pytest.mark.subprocess
 @needs_kubectl
 @pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
 @pytest.mark.parametrize("overlay_name", OVERLAYS)
@@ -183,6 +188,7 @@ def test_overlay_builds_and_validates_strictly(overlay_name, kube_version):
     assert_strictly_valid(docs, kube_version)
 
 
+@pytest.mark.subprocess
 @needs_kubectl
 @pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
 @pytest.mark.parametrize("component", sorted(EXPECTED_COMPONENTS))
@@ -205,6 +211,7 @@ def test_component_on_base_builds_and_validates_strictly(component, kube_version
         ("network-policies", {"NetworkPolicy"}),
     ],
 )
+@pytest.mark.subprocess
 def test_component_adds_its_feature_targeting_base_workloads(component, kinds, tmp_path):
     base = build(KUSTOMIZE_DIR / "base")
     docs = with_component(component, tmp_path)
@@ -222,6 +229,7 @@ def test_component_adds_its_feature_targeting_base_workloads(component, kinds, t
         ), name(doc)
 
 
+@pytest.mark.subprocess
 @needs_kubectl
 def test_sentinel_component_names_the_primary_in_the_app_config_map_and_rolls_every_pod(tmp_path):
     base = {(doc["kind"], name(doc)): doc for doc in build(KUSTOMIZE_DIR / "base")}
@@ -251,6 +259,7 @@ def test_sentinel_component_names_the_primary_in_the_app_config_map_and_rolls_ev
         ),
     ],
 )
+@pytest.mark.subprocess
 def test_tls_components_mount_the_secret_read_only_where_the_settings_point(component, files, tmp_path):
     docs = with_component(component, tmp_path)
 
@@ -293,6 +302,7 @@ def referenced_names(docs: list[dict]) -> tuple[set[str], set[str]]:
     return secrets, config_maps
 
 
+@pytest.mark.subprocess
 @needs_kubectl
 def test_local_overlay_generates_every_secret_its_pods_reference():
     docs = overlay("local")
@@ -312,6 +322,7 @@ def test_local_overlay_generates_every_secret_its_pods_reference():
     }
 
 
+@pytest.mark.subprocess
 @needs_kubectl
 def test_local_overlay_urls_point_at_the_bundled_services_with_their_passwords():
     import base64
@@ -328,6 +339,7 @@ def test_local_overlay_urls_point_at_the_bundled_services_with_their_passwords()
     assert {"django-celery-k8s-postgresql", "django-celery-k8s-redis"} <= set(services)
 
 
+@pytest.mark.subprocess
 @needs_kubectl
 def test_local_overlay_runs_one_pod_each_and_exposes_web_and_flower_on_node_ports():
     docs = overlay("local")
@@ -341,6 +353,7 @@ def test_local_overlay_runs_one_pod_each_and_exposes_web_and_flower_on_node_port
     assert services["django-celery-k8s-flower"]["ports"][0]["nodePort"] == 30555
 
 
+@pytest.mark.subprocess
 @needs_kubectl
 def test_local_overlay_app_containers_request_little_enough_for_one_node():
     docs = overlay("local")
@@ -351,6 +364,7 @@ def test_local_overlay_app_containers_request_little_enough_for_one_node():
             assert container["resources"]["requests"] == {"cpu": "50m", "memory": "192Mi"}, name(workload)
 
 
+@pytest.mark.subprocess
 @needs_kubectl
 def test_local_overlay_app_image_is_the_one_make_image_builds():
     docs = overlay("local")
@@ -367,6 +381,7 @@ def test_local_overlay_app_image_is_the_one_make_image_builds():
 # --- The production overlay ---------------------------------------------------------------------
 
 
+@pytest.mark.subprocess
 @needs_kubectl
 def test_production_overlay_references_external_secrets_by_name_only():
     docs = overlay("production")
@@ -377,6 +392,7 @@ def test_production_overlay_references_external_secrets_by_name_only():
     assert {doc["metadata"].get("namespace") for doc in docs} == {"django-celery-k8s"}
 
 
+@pytest.mark.subprocess
 @needs_kubectl
 def test_production_overlay_passes_check_deploy_with_its_settings():
     # Its ConfigMap, with the Secret's values a cluster would have: behind TLS, check --deploy is clean.
@@ -402,6 +418,7 @@ def test_production_overlay_passes_check_deploy_with_its_settings():
     assert config["data"]["DJANGO_SECURE_SSL_REDIRECT"] == "true"
 
 
+@pytest.mark.subprocess
 @needs_kubectl
 def test_production_overlay_autoscales_keeps_budgets_and_isolates_pods():
     docs = overlay("production")
@@ -419,6 +436,7 @@ def test_production_overlay_autoscales_keeps_budgets_and_isolates_pods():
     assert web["resources"]["requests"] == {"cpu": "500m", "memory": "512Mi"}
 
 
+@pytest.mark.subprocess
 @needs_kubectl
 def test_production_overlay_pins_the_image_by_digest():
     images = {container["image"] for workload in workloads(overlay("production")) for container in containers(workload)}
@@ -438,6 +456,7 @@ def production_checkov(tmp_path_factory):
     return docs, run_checkov(docs, tmp_path_factory.mktemp("production"))
 
 
+@pytest.mark.subprocess
 def test_checkov_scanned_every_object_of_the_production_overlay(production_checkov):
     docs, report = production_checkov
 
@@ -445,6 +464,7 @@ def test_checkov_scanned_every_object_of_the_production_overlay(production_check
     assert report["summary"]["passed"] > 300, report["summary"]
 
 
+@pytest.mark.subprocess
 def test_checkov_finds_no_failed_check_in_the_production_overlay(production_checkov):
     _, report = production_checkov
     failed = [f"{c['check_id']} {c['resource']}: {c['check_name']}" for c in report["results"]["failed_checks"]]

@@ -9,9 +9,9 @@ import subprocess
 import pytest
 import yaml
 
-from tests.conftest import REPO_ROOT
 from tests.deploy.conftest import CHART_DIR, deep_merge, name, of_kind, parse_manifests
 from tests.deploy.test_kustomize import KUSTOMIZE_DIR, VERSION, needs_kubectl, overlay
+from tests.processes import REPO_ROOT
 
 SKAFFOLD = yaml.safe_load((REPO_ROOT / "skaffold.yaml").read_text())
 KIND_CLUSTER = yaml.safe_load((REPO_ROOT / "deploy" / "kind" / "cluster.yaml").read_text())
@@ -151,6 +151,7 @@ def test_helm_release_runs_the_migrate_job_and_the_deployments_wait_for_it():
         assert "wait-for-migrations" in init, name(deployment)
 
 
+@pytest.mark.subprocess
 @needs_kubectl
 def test_port_forwards_reach_the_same_services_in_the_local_overlay():
     services = {name(doc): doc for doc in of_kind(overlay("local"), "Service")}
@@ -159,6 +160,7 @@ def test_port_forwards_reach_the_same_services_in_the_local_overlay():
         assert forward["port"] in ports
 
 
+@pytest.mark.subprocess
 @needs_kubectl
 def test_kind_cluster_is_ingress_ready_and_maps_the_local_node_ports():
     assert KIND_CLUSTER["apiVersion"] == "kind.x-k8s.io/v1alpha4"
@@ -193,6 +195,7 @@ def test_every_makefile_target_has_a_description_and_is_phony():
     assert {"kind-up", "kind-down", "deploy", "dev", "undeploy", "helm-docs", "kustomize-base"} <= targets
 
 
+@pytest.mark.subprocess
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is missing")
 def test_make_help_lists_every_target():
     run = subprocess.run(
