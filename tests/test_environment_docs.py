@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from project import environment
-from tests.conftest import REPO_ROOT
+from tests.processes import REPO_ROOT
 
 ENTRYPOINT = REPO_ROOT / "deploy" / "image" / "entrypoint.sh"
 # Python expressions that read a variable by its literal name.

@@ -8,8 +8,10 @@ import time
 
 import pytest
 
-from project.embedded import EmbeddedRedis, free_port, wait_for_port
-from tests.conftest import Service, celery_app_for, http, start_worker, subprocess_env, wait_until
+from project.embedded import EmbeddedRedis, wait_for_port
+from tests.conftest import celery_app_for, http, wait_until
+from tests.processes import Service, start_worker, subprocess_env
+from tests.resources import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db]
 
