@@ -64,12 +64,14 @@ def checkout_copy(tmp_path):
     return tmp_path
 
 
+@pytest.mark.subprocess
 def test_readme_tables_and_env_sample_are_up_to_date():
     run = run_generator("--check")
 
     assert run.returncode == 0, run.stderr
 
 
+@pytest.mark.subprocess
 def test_check_fails_on_a_stale_readme_and_names_the_command(checkout_copy):
     readme = checkout_copy / "README.md"
     readme.write_text(
@@ -83,6 +85,7 @@ def test_check_fails_on_a_stale_readme_and_names_the_command(checkout_copy):
     assert "README.md is stale: run `make settings-docs`" in run.stderr
 
 
+@pytest.mark.subprocess
 def test_check_fails_on_a_stale_env_sample(checkout_copy):
     sample = checkout_copy / ".env.sample"
     sample.write_text(sample.read_text().replace("CELERY_TASK_TIME_LIMIT=30\n", ""))
@@ -93,6 +96,7 @@ def test_check_fails_on_a_stale_env_sample(checkout_copy):
     assert ".env.sample is stale" in run.stderr
 
 
+@pytest.mark.subprocess
 def test_generating_rewrites_only_between_the_markers(checkout_copy):
     readme = checkout_copy / "README.md"
     before = readme.read_text()

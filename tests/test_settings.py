@@ -336,6 +336,7 @@ def runtime_files(**env) -> list[str]:
     return json.loads(result.stdout)
 
 
+@pytest.mark.subprocess
 def test_runtime_files_default_inside_the_checkout_not_the_shared_temp_folder():
     runtime = REPO_ROOT / "var" / "runtime"
 
@@ -346,6 +347,7 @@ def test_runtime_files_default_inside_the_checkout_not_the_shared_temp_folder():
     ]
 
 
+@pytest.mark.subprocess
 def test_the_images_runtime_dir_holds_every_runtime_file():
     assert runtime_files(APP_RUNTIME_DIR="/tmp") == [  # the image sets /tmp (Dockerfile)
         "/tmp/prometheus-multiproc",
@@ -354,6 +356,7 @@ def test_the_images_runtime_dir_holds_every_runtime_file():
     ]
 
 
+@pytest.mark.subprocess
 def test_gunicorn_keeps_the_web_metrics_under_the_same_base_as_the_settings(tmp_path):
     env = {key: value for key, value in os.environ.items() if key != "PROMETHEUS_MULTIPROC_BASE_DIR"}
     result = subprocess.run(
