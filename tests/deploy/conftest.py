@@ -219,3 +219,14 @@ def run_checkov(docs: list[dict], directory: Path) -> dict:
     if isinstance(report, list):
         report = next(r for r in report if r.get("check_type") == "kubernetes")
     return report
+
+
+PROMTOOL = shutil.which("promtool")
+
+
+def needs_promtool(test):
+    """A test that runs promtool: marked subprocess, and skipped where it is missing."""
+    missing = pytest.mark.skipif(
+        PROMTOOL is None, reason="promtool is missing: install the Debian package `prometheus` (.ci/run does)"
+    )
+    return pytest.mark.subprocess(missing(test))

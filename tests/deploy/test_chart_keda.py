@@ -6,7 +6,6 @@ sums ready plus unacknowledged messages of the pool's queues. A pod KEDA removes
 tasks: its grace period covers the longest time limit of any task its queues carry."""
 
 import re
-import shutil
 import subprocess
 
 import helm_python
@@ -16,19 +15,20 @@ import yaml
 from tests.deploy.conftest import (
     NAMESPACE,
     POOL_LABEL,
+    PROMTOOL,
     deep_merge,
     labels,
     load_values,
     main_container,
     merged_values,
     name,
+    needs_promtool,
     of_kind,
     pod_labels,
     pod_spec,
     render_chart,
 )
 
-PROMTOOL = shutil.which("promtool")
 KEDA_ON = {"worker": {"keda": {"enabled": True}}}
 RABBITMQ = {
     "secrets": {"brokerUrl": "amqp://celery:broker-password@rabbitmq.example.internal:5672/app"},
@@ -203,7 +203,7 @@ def write_promtool_test(directory, queries: dict[str, str], input_series: list[d
     return path
 
 
-@pytest.mark.skipif(PROMTOOL is None, reason="promtool is missing: install the Debian package `prometheus`")
+@needs_promtool
 def test_promtool_proves_the_number_keda_sees_is_waiting_plus_running_tasks_of_the_pool(tmp_path, pools_on_redis):
     # The series as the PodMonitors label them: beat's queue lengths (already the sum of every
     # priority list of a Redis queue) and each worker's running tasks by its <pool>@<pod> name.

@@ -17,12 +17,14 @@ from tests.deploy.conftest import (
     CHART_DIR,
     COMPONENT_LABEL,
     NAMESPACE,
+    PROMTOOL,
     deep_merge,
     labels,
     load_values,
     main_container,
     merged_values,
     name,
+    needs_promtool,
     of_kind,
     parse_manifests,
     pod_labels,
@@ -32,10 +34,6 @@ from tests.deploy.conftest import (
 )
 from tests.processes import REPO_ROOT
 
-PROMTOOL = shutil.which("promtool")
-needs_promtool = pytest.mark.skipif(
-    PROMTOOL is None, reason="promtool is missing: install the Debian package `prometheus` (.ci/run does)"
-)
 PROMTOOL_DIR = Path(__file__).parent / "promtool"
 RUNBOOKS = CHART_DIR / "RUNBOOKS.md"
 DASHBOARDS = sorted(monitoring_queries.DASHBOARDS_DIR.glob("*.json"))
