@@ -103,6 +103,9 @@ class Service:
         return self.log_path.read_text(errors="replace")
 
     def stop(self, timeout: float = 20) -> None:
+        """Stopped means every process of its group is gone: a gunicorn or Celery child that
+        outlives its parent still holds the listening sockets, and a new server on the same port
+        would answer through them until they close (a reset connection)."""
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
             try:
@@ -110,7 +113,25 @@ class Service:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
+        deadline = time.monotonic() + timeout
+        while _group_alive(self.process.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _group_alive(self.process.pid):
+            os.killpg(self.process.pid, signal.SIGKILL)
         self._log.close()
+
+
+def _group_alive(group: int) -> bool:
+    """A process of this group that has not exited (a zombie has: PID 1 here reaps orphans only
+    every few seconds)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _parent, process_group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, IndexError):
+            continue
+        if int(process_group) == group and state != "Z":
+            return True
+    return False
 
 
 # --- Command lines ---------------------------------------------------------------------------
