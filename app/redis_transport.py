@@ -25,8 +25,8 @@ list. Only task messages (with a ``task`` header) go through the outbox, not con
 import time
 from contextlib import contextmanager
 
+from kombu.transport import TRANSPORT_ALIASES, virtual
 from kombu.transport import redis as kombu_redis
-from kombu.transport import virtual
 from kombu.utils.json import dumps
 
 from app import queued_records
@@ -302,3 +302,13 @@ class ReplicatedPublishBatch(kombu_redis.PublishBatch):
 
 class SentinelTransport(kombu_redis.SentinelTransport):
     Channel = SentinelChannel
+
+
+# kombu picks a transport from the URL's scheme again when it fails over to the next URL of a
+# list (every Sentinel broker URL is one: sentinel://s1;sentinel://s2): Connection.switch() drops
+# the transport it was given (CELERY_BROKER_TRANSPORT), and a worker carried on with kombu's own
+# after its first failover, without the outbox, its sweep, the replica wait or the short restore
+# lock. So the schemes themselves name this module's transports, from the moment kombu loads it.
+TRANSPORT_ALIASES.update(
+    redis=f"{__name__}:Transport", rediss=f"{__name__}:Transport", sentinel=f"{__name__}:SentinelTransport"
+)

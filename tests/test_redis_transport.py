@@ -153,3 +153,22 @@ def test_a_channel_keeps_one_client_per_connection_pool(connection):
         assert after_fork is not first
         assert after_fork.connection_pool is channel.pool
         assert after_fork.ping()
+
+
+@pytest.mark.parametrize(
+    ("urls", "transport"),
+    [
+        ("redis://127.0.0.1:1/0;redis://127.0.0.1:2/0", redis_transport.Transport),
+        ("sentinel://127.0.0.1:1/0;sentinel://127.0.0.1:2/0", redis_transport.SentinelTransport),
+    ],
+)
+def test_a_failover_to_the_next_url_keeps_the_projects_transport(urls, transport):
+    """kombu's Connection.switch() takes the transport from the next URL's scheme (no server is
+    reached here: switching does not connect)."""
+    connection = Connection(urls, transport=transport)
+    assert connection.get_transport_cls() is transport
+
+    connection.maybe_switch_next()
+
+    assert (connection.hostname, connection.port) == ("127.0.0.1", 2)
+    assert connection.get_transport_cls() is transport
