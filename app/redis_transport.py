@@ -235,8 +235,8 @@ class SentinelChannel(Channel, kombu_redis.SentinelChannel):
     """The same outbox, on the primary a Sentinel names (a sentinel:// broker URL, app/redis_sentinel.py).
 
     Redis replicates after it answers: a task message the primary took in the instant before it
-    died would be missing on the promoted replica, though the API had answered 202 for it (a
-    failover test found one such message in about ten runs). So a task publish returns only once
+    died would be missing on the promoted replica, though the API had answered 202 for it
+    (tests/test_sentinel.py opens that window on purpose). So a task publish returns only once
     ``wait_for_replicas`` replicas have it: Redis's WAIT, sent on the transaction's own connection
     right behind its EXEC (one round trip still; on a healthy replica the wait is well under a
     millisecond). A primary that dies meanwhile fails the publish, and its retry reaches the new
