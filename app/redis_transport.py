@@ -238,8 +238,7 @@ class SentinelChannel(Channel, kombu_redis.SentinelChannel):
     died would be missing on the promoted replica, though the API had answered 202 for it
     (tests/test_sentinel.py opens that window on purpose). So a task publish returns only once
     ``wait_for_replicas`` replicas have it: Redis's WAIT, sent on the transaction's own connection
-    right behind its EXEC (one round trip still; on a healthy replica the wait is well under a
-    millisecond). A primary that dies meanwhile fails the publish, and its retry reaches the new
+    right behind its EXEC (one round trip still). A primary that dies meanwhile fails the publish, and its retry reaches the new
     primary. A replica that does not answer within ``wait_for_replicas_timeout`` seconds (it is
     down) does not stop publishing: the message is sent with a warning, and for the next
     ``REPLICAS_MISSING_BACKOFF`` seconds publishes do not wait, as Redis itself accepts writes
@@ -255,6 +254,9 @@ class SentinelChannel(Channel, kombu_redis.SentinelChannel):
     wait_for_replicas = 1
     wait_for_replicas_timeout = 1.0
     _replicas_missing_until = 0.0
+    # kombu's publish batches (many messages in one pipeline) would bypass the wait; Celery does
+    # not use them, and kombu already refuses them with retry_on_timeout (project/settings.py).
+    supports_batch_publish = False
 
     def _publish_transaction(self, client, commands: list[tuple]) -> list:
         if not self.wait_for_replicas or time.monotonic() < self._replicas_missing_until:
@@ -282,22 +284,6 @@ class SentinelChannel(Channel, kombu_redis.SentinelChannel):
                 self.REPLICAS_MISSING_BACKOFF,
             )
         return results
-
-    def create_publish_batch(self, max_size):
-        return ReplicatedPublishBatch(self, max_size)
-
-
-class ReplicatedPublishBatch(kombu_redis.PublishBatch):
-    """kombu's publish batch (one pipeline of many messages' commands) on a SentinelChannel:
-    WAIT behind the batch, on the pipeline's own connection."""
-
-    def flush(self):
-        channel = self.channel
-        if self._buffered and channel.wait_for_replicas and time.monotonic() >= channel._replicas_missing_until:
-            self.pipeline.execute_command(
-                "WAIT", channel.wait_for_replicas, int(channel.wait_for_replicas_timeout * 1000)
-            )
-        super().flush()
 
 
 class SentinelTransport(kombu_redis.SentinelTransport):

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -37,17 +38,24 @@ STARTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def sentinels(tmp_path_factory):
+@contextmanager
+def running_sentinels(workdir):
+    """A primary, its replica and two Sentinels, stopped after; skipped without a redis-server."""
     try:
         server_binary()
     except RuntimeError as exc:
         pytest.skip(f"no redis-server to run a Sentinel with: {exc}")
-    servers = SentinelSet(tmp_path_factory.mktemp("sentinel"))
+    servers = SentinelSet(workdir)
     try:
         yield servers.start()
     finally:
         servers.stop()
+
+
+@pytest.fixture(scope="module")
+def sentinels(tmp_path_factory):
+    with running_sentinels(tmp_path_factory.mktemp("sentinel")) as servers:
+        yield servers
 
 
 def sentinel_env(sentinels: SentinelSet) -> dict:
@@ -94,12 +102,9 @@ def test_broker_results_and_cache_reach_the_primary_through_sentinel(sentinels):
 
 @pytest.fixture
 def own_sentinels(tmp_path):
-    """A primary, replica and Sentinels for one test that fails the primary over."""
-    servers = SentinelSet(tmp_path)
-    try:
-        yield servers.start()
-    finally:
-        servers.stop()
+    """Sentinels of one test's own: it fails the primary over."""
+    with running_sentinels(tmp_path) as servers:
+        yield servers
 
 
 def test_a_publish_returns_once_the_replica_has_the_message_so_a_failover_right_after_loses_nothing(own_sentinels):
